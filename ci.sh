@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs what is missing, then runs every check and test of the workspace:
+# formatting, clippy with -D warnings, and all tests (unit, property, integration, KVM, TCP).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+log() { printf '\n== %s\n' "$*"; }
+
+need_apt=()
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+if ((${#need_apt[@]})); then
+    log "installing ${need_apt[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo is not installed; install a stable Rust toolchain (https://rustup.rs)" >&2
+    exit 1
+fi
+for comp in rustfmt clippy; do
+    if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        log "installing $comp"
+        rustup component add "$comp"
+    fi
+done
+
+# Tests that need KVM must run for real wherever /dev/kvm exists.
+if [ -e /dev/kvm ]; then
+    export LIVEMIG_REQUIRE_KVM=1
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "cargo test (release: the KVM, stress and TCP tests are timing-sensitive)"
+cargo test --workspace --release
+
+log "benchmarks build"
+cargo build --workspace --release --benches
+
+log "all checks passed"

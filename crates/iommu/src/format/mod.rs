@@ -1,0 +1,212 @@
+//! Page-table formats. Each format only says how an entry is encoded; the walker
+//! (`walker.rs`) does everything else once, for all of them.
+//!
+//! Geometry shared by the three formats modelled here: a 4 KiB granule, 512 entries per table,
+//! 4 levels, 48-bit IOVA. Levels are numbered from the leaf table up, as in Linux's
+//! `generic_pt`: level 0 holds 4 KiB entries, level 1 2 MiB, level 2 1 GiB, level 3 is the root.
+
+pub mod amd_v1;
+pub mod arm_lpae_s1;
+pub mod vtd_ss;
+
+pub use amd_v1::AmdV1;
+pub use arm_lpae_s1::ArmLpaeS1;
+pub use vtd_ss::VtdSs;
+
+/// Number of levels in every modelled table.
+pub const LEVELS: usize = 4;
+/// log2 of the granule.
+pub const PAGE_SHIFT: u32 = 12;
+/// The granule: 4 KiB.
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+/// Width of the IOVA space.
+pub const IOVA_BITS: u32 = 48;
+/// Bits 51:12, where all three formats keep the output address.
+pub const OA_MASK: u64 = ((1u64 << 52) - 1) & !(PAGE_SIZE - 1);
+
+/// log2 of the span of one entry in a table at `level`.
+#[inline(always)]
+pub const fn level_shift(level: usize) -> u32 {
+    PAGE_SHIFT + 9 * level as u32
+}
+
+/// The level whose entries span `1 << size_lg2` or the next smaller power of 512.
+#[inline(always)]
+pub const fn level_of_size(size_lg2: u32) -> usize {
+    ((size_lg2 - PAGE_SHIFT) / 9) as usize
+}
+
+/// Access permissions of a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Perm(u8);
+
+impl Perm {
+    pub const NONE: Perm = Perm(0);
+    pub const READ: Perm = Perm(1);
+    pub const WRITE: Perm = Perm(2);
+    pub const RW: Perm = Perm(3);
+
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+    pub const fn from_bits(bits: u8) -> Perm {
+        Perm(bits & 3)
+    }
+    pub const fn read(self) -> bool {
+        self.0 & 1 != 0
+    }
+    pub const fn write(self) -> bool {
+        self.0 & 2 != 0
+    }
+    pub const fn union(self, other: Perm) -> Perm {
+        Perm(self.0 | other.0)
+    }
+}
+
+/// What one entry means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pte {
+    /// Not present.
+    Empty,
+    /// Points to the next-level table at `pa`.
+    Table { pa: u64 },
+    /// Maps `1 << size_lg2` bytes at `pa` (aligned to the size). A leaf larger than one entry's
+    /// span is replicated over `1 << (size_lg2 - level_shift(level))` consecutive entries.
+    Leaf { pa: u64, size_lg2: u32, perm: Perm },
+}
+
+/// Which hardware updates the per-domain enable allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AdEnable {
+    /// Set Accessed bits (leaf and, where the format has them, non-leaf).
+    pub access: bool,
+    /// Set Dirty bits on writes.
+    pub dirty: bool,
+}
+
+/// Why a translation faulted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultReason {
+    /// No valid translation for the IOVA.
+    NotPresent,
+    /// The leaf does not allow the access.
+    Permission,
+    /// The IOVA is above the 48-bit input range.
+    AddressSize,
+}
+
+/// Identifies a format at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FormatKind {
+    AmdV1,
+    VtdSs,
+    ArmLpaeS1,
+}
+
+impl FormatKind {
+    pub const ALL: [FormatKind; 3] = [FormatKind::AmdV1, FormatKind::VtdSs, FormatKind::ArmLpaeS1];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FormatKind::AmdV1 => "amd-v1",
+            FormatKind::VtdSs => "vtd-ss",
+            FormatKind::ArmLpaeS1 => "arm-lpae-s1",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FormatKind> {
+        FormatKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// Whether a table descriptor carries an Accessed bit that hardware sets while tracking,
+    /// which lets the harvest skip untouched subtrees.
+    pub fn has_table_accessed(self) -> bool {
+        match self {
+            FormatKind::AmdV1 => AmdV1::TABLE_ACCESSED,
+            FormatKind::VtdSs => VtdSs::TABLE_ACCESSED,
+            FormatKind::ArmLpaeS1 => ArmLpaeS1::TABLE_ACCESSED,
+        }
+    }
+}
+
+impl std::fmt::Display for FormatKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Encoding of one page-table format, plus its capability and per-domain context registers.
+///
+/// All functions are pure; the walker applies them with atomic operations.
+pub trait Format: Send + Sync + 'static {
+    const KIND: FormatKind;
+    /// Whether non-leaf entries have an Accessed bit set by the walk while tracking.
+    const TABLE_ACCESSED: bool;
+
+    /// log2 of the leaf sizes an entry of a table at `level` can encode, largest first.
+    /// The first one at each level above 0 is the default ("huge") leaf of that level, except
+    /// where replicated encodings give larger sizes.
+    fn leaf_sizes(level: usize) -> &'static [u32];
+    /// Decodes an entry of a table at `level`.
+    fn decode(pte: u64, level: usize) -> Pte;
+    /// An entry of a table at `level` pointing to the table at `pa` (one level down).
+    fn table(pa: u64, level: usize) -> u64;
+    /// Replica number `replica` of a leaf of `1 << size_lg2` bytes at `pa`, in a table at
+    /// `level`. `tracking_domain` is true for domains allocated for dirty tracking (Arm sets DBM).
+    fn leaf(pa: u64, level: usize, size_lg2: u32, perm: Perm, tracking_domain: bool) -> u64;
+    /// The permissions the hardware actually grants for a requested set.
+    fn effective_perm(perm: Perm) -> Perm {
+        perm
+    }
+
+    /// Whether a leaf entry records a write.
+    fn is_dirty(pte: u64) -> bool;
+    /// The entry with its dirty state reset ("write clean").
+    fn clean(pte: u64) -> u64;
+    /// The entry marked dirty, as software does when it splits a dirty leaf.
+    fn dirty(pte: u64) -> u64;
+    /// The accessed-state bits of a leaf (copied to the pieces of a split).
+    fn leaf_accessed_bits(pte: u64) -> u64;
+
+    /// The hardware's update of a leaf on an access: the new value (equal to `pte` when no
+    /// update is needed) or a fault.
+    fn leaf_access(pte: u64, write: bool, ad: AdEnable) -> Result<u64, FaultReason>;
+    /// The hardware's update of a non-leaf entry used by a walk.
+    fn table_access(pte: u64, ad: AdEnable) -> u64;
+    /// Whether a non-leaf entry has its Accessed bit set (always true without `TABLE_ACCESSED`).
+    fn table_accessed(pte: u64) -> bool;
+    /// The non-leaf entry with Accessed cleared.
+    fn table_clear_accessed(pte: u64) -> u64;
+    /// The non-leaf entry with Accessed set (software, when it builds a subtree holding dirt).
+    fn table_set_accessed(pte: u64) -> u64;
+
+    /// Capability register value of an IOMMU of this kind, with or without dirty tracking.
+    fn capability_register(dirty_capable: bool) -> u64;
+    /// Whether the capability register advertises hardware dirty tracking.
+    fn capable_dirty(cap: u64) -> bool;
+    /// The per-domain context word (DTE qword 0, PASID entry qword 0, CD word 0) for a table
+    /// rooted at `root_pa`, as set up at attach time.
+    fn context(root_pa: u64, tracking_domain: bool) -> u64;
+    /// The context word with tracking switched on or off.
+    fn context_set_tracking(ctx: u64, enable: bool) -> u64;
+    /// Which updates the context word enables.
+    fn context_ad(ctx: u64) -> AdEnable;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry() {
+        assert_eq!(level_shift(0), 12);
+        assert_eq!(level_shift(1), 21);
+        assert_eq!(level_shift(2), 30);
+        assert_eq!(level_shift(3), 39);
+        assert_eq!(level_of_size(12), 0);
+        assert_eq!(level_of_size(20), 0);
+        assert_eq!(level_of_size(21), 1);
+        assert_eq!(level_of_size(30), 2);
+        assert_eq!(OA_MASK, 0x000f_ffff_ffff_f000);
+    }
+}
