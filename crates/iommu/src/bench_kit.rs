@@ -94,7 +94,8 @@ impl HarvestBench {
                 gather: Some(&mut gather),
             };
             let r = if naive {
-                self.domain.read_and_clear_dirty_naive(BASE, self.iova_bytes, 0, &mut out)
+                self.domain
+                    .read_and_clear_dirty_naive(BASE, self.iova_bytes, 0, &mut out)
             } else {
                 self.domain.read_and_clear_dirty(BASE, self.iova_bytes, 0, &mut out)
             };

@@ -72,9 +72,7 @@ pub fn harvest(a: &HarvestArgs) -> Result<()> {
         fmt_dur(bw_t),
         gib_per_s((iova >> 12) * 8, bw_t)
     );
-    println!(
-        "| format | dirty | pages | walker | IOVA GiB/s | naive | naive ÷ walker | bandwidth pass ÷ walker |"
-    );
+    println!("| format | dirty | pages | walker | IOVA GiB/s | naive | naive ÷ walker | bandwidth pass ÷ walker |");
     println!("|---|---|---|---|---|---|---|---|");
     for &fmt in &a.formats {
         for &frac in &a.fractions {

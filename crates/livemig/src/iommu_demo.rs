@@ -20,7 +20,9 @@ pub fn run(memory_mib: u64, threads: u32, writes: u64) -> Result<()> {
     let pages = size >> 12;
     let mem = Arc::new(AnonMemory::new(size as usize, true).context("allocating guest memory")?);
     println!("livemig IOMMU demo: {memory_mib} MiB mapped at IOVA {IOVA:#x}, {threads} device threads × {writes} DMA writes\n");
-    println!("| format | policy | leaves after map | writes | pages written | pages reported | missed | extra | harvest |");
+    println!(
+        "| format | policy | leaves after map | writes | pages written | pages reported | missed | extra | harvest |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut all_ok = true;
     for fmt in FormatKind::ALL {
@@ -73,11 +75,21 @@ pub fn run(memory_mib: u64, threads: u32, writes: u64) -> Result<()> {
                         bitmap[(p / 64) as usize] |= 1 << (p % 64);
                     }
                 };
-                dom.read_and_clear_dirty(IOVA, size, 0, &mut DirtyBitmap { bitmap: Some(&mut rec), gather: Some(&mut gather) })?;
+                dom.read_and_clear_dirty(
+                    IOVA,
+                    size,
+                    0,
+                    &mut DirtyBitmap {
+                        bitmap: Some(&mut rec),
+                        gather: Some(&mut gather),
+                    },
+                )?;
             }
             dom.iotlb_sync(&gather);
             let took = t.elapsed();
-            let reported: BTreeSet<u64> = (0..pages).filter(|p| bitmap[(p / 64) as usize] >> (p % 64) & 1 != 0).collect();
+            let reported: BTreeSet<u64> = (0..pages)
+                .filter(|p| bitmap[(p / 64) as usize] >> (p % 64) & 1 != 0)
+                .collect();
             let missed = written.difference(&reported).count();
             let extra = reported.difference(&written).count();
             all_ok &= missed == 0;

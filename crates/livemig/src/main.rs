@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use iommu::FormatKind;
 
 #[derive(Parser)]
-#[command(name = "livemig", version, about = "Live migration of a KVM VM with a DMA device behind an emulated IOMMU")]
+#[command(
+    name = "livemig",
+    version,
+    about = "Live migration of a KVM VM with a DMA device behind an emulated IOMMU"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -74,9 +78,20 @@ fn parse_format(s: &str) -> Result<FormatKind, String> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Demo { memory_mib, threads, writes } => iommu_demo::run(memory_mib, threads, writes),
+        Cmd::Demo {
+            memory_mib,
+            threads,
+            writes,
+        } => iommu_demo::run(memory_mib, threads, writes),
         Cmd::Bench { what } => match what {
-            BenchCmd::Harvest { iova_gib, dirty, formats, runs, tib, no_naive } => bench::harvest(&bench::HarvestArgs {
+            BenchCmd::Harvest {
+                iova_gib,
+                dirty,
+                formats,
+                runs,
+                tib,
+                no_naive,
+            } => bench::harvest(&bench::HarvestArgs {
                 iova_gib,
                 fractions: dirty,
                 formats,
