@@ -68,7 +68,7 @@ pub fn harvest(a: &HarvestArgs) -> Result<()> {
     drop(bw);
     println!(
         "bandwidth pass over {} MiB: {} ({:.1} GiB/s of PTE array)\n",
-        (iova >> 12) * 8 >> 20,
+        ((iova >> 12) * 8) >> 20,
         fmt_dur(bw_t),
         gib_per_s((iova >> 12) * 8, bw_t)
     );

@@ -47,7 +47,7 @@ pub fn run(memory_mib: u64, threads: u32, writes: u64) -> Result<()> {
                     let dma = dom.attach(t);
                     std::thread::spawn(move || -> Result<BTreeSet<u64>> {
                         let mut written = BTreeSet::new();
-                        let mut x = 0x853c_49e6_748f_ea9bu64 ^ (t as u64 + 1) * 0x9e37_79b9;
+                        let mut x = 0x853c_49e6_748f_ea9bu64 ^ ((t as u64 + 1) * 0x9e37_79b9);
                         for n in 0..writes {
                             x ^= x << 13;
                             x ^= x >> 7;
