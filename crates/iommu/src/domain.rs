@@ -81,6 +81,7 @@ struct Shared {
     cap: u64,
     ctx: AtomicU64,
     tracking: AtomicBool,
+    huge: AtomicBool,
     root: u64,
     iotlb: Iotlb,
     inflight: InFlight,
@@ -104,7 +105,7 @@ impl Shared {
     fn opts(&self) -> LeafOpts {
         let split_now = self.cfg.split_policy == SplitPolicy::EagerSplit && self.tracking.load(Ordering::Relaxed);
         LeafOpts {
-            huge: self.cfg.huge_pages && !split_now,
+            huge: self.huge.load(Ordering::Relaxed) && !split_now,
             tracking_domain: self.cfg.dirty_tracking,
         }
     }
@@ -161,6 +162,7 @@ impl<F: Format> DomainImpl<F> {
                 cap,
                 ctx: AtomicU64::new(ctx),
                 tracking: AtomicBool::new(false),
+                huge: AtomicBool::new(cfg.huge_pages),
                 root,
                 iotlb: Iotlb::new(cfg.iotlb_entries),
                 inflight: InFlight::default(),
@@ -319,7 +321,7 @@ impl<F: Format> DomainOps for DomainImpl<F> {
             return Err(IommuError::NoDirtyOps);
         }
         let mut st = self.s.lock();
-        let split = self.s.cfg.split_policy == SplitPolicy::EagerSplit && self.s.cfg.huge_pages;
+        let split = self.s.cfg.split_policy == SplitPolicy::EagerSplit && self.s.huge.load(Ordering::Relaxed);
         let o = LeafOpts {
             huge: true,
             tracking_domain: true,
@@ -446,8 +448,21 @@ impl Domain {
         Ok(Domain(ops))
     }
 
+    /// The configuration the domain was created with (`huge_pages` may have changed since;
+    /// see [`Domain::huge_pages`]).
     pub fn config(&self) -> &DomainConfig {
         &self.0.shared().cfg
+    }
+
+    /// Whether new mappings may use leaves larger than 4 KiB.
+    pub fn huge_pages(&self) -> bool {
+        self.0.shared().huge.load(Ordering::Acquire)
+    }
+
+    /// Allows or forbids huge leaves for mappings made from now on (existing leaves stay).
+    pub fn set_huge_pages(&self, on: bool) {
+        let _st = self.0.shared().lock();
+        self.0.shared().huge.store(on, Ordering::Release);
     }
     pub fn format(&self) -> FormatKind {
         self.config().format

@@ -29,6 +29,28 @@ pub unsafe trait HostMemory: Send + Sync + 'static {
     fn size(&self) -> usize;
 }
 
+/// Reads `buf.len()` bytes at `offset` of any host memory; `false` if out of bounds.
+pub fn host_read(mem: &dyn HostMemory, offset: u64, buf: &mut [u8]) -> bool {
+    let ok = offset
+        .checked_add(buf.len() as u64)
+        .is_some_and(|e| e <= mem.size() as u64);
+    if ok {
+        copy_from_host(mem.host_ptr() as u64 + offset, buf);
+    }
+    ok
+}
+
+/// Writes `buf` at `offset` of any host memory; `false` if out of bounds.
+pub fn host_write(mem: &dyn HostMemory, offset: u64, buf: &[u8]) -> bool {
+    let ok = offset
+        .checked_add(buf.len() as u64)
+        .is_some_and(|e| e <= mem.size() as u64);
+    if ok {
+        copy_to_host(mem.host_ptr() as u64 + offset, buf);
+    }
+    ok
+}
+
 /// Anonymous private memory from `mmap`, the stand-in for pinned guest memory.
 #[derive(Debug)]
 pub struct AnonMemory {

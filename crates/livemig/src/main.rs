@@ -64,6 +64,15 @@ enum BenchCmd {
         #[arg(long)]
         no_naive: bool,
     },
+    /// Dirty bitmap through iommufd against type1 GET_BITMAP (same space, same pages).
+    Bitmap {
+        #[arg(long, default_value_t = 64)]
+        iova_gib: u64,
+        #[arg(long, default_value_t = 0.01)]
+        dirty: f64,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// 4 KiB DMA writes through the IOTLB against memcpy.
     Dma {
         #[arg(long, default_value_t = 20)]
@@ -100,6 +109,7 @@ fn main() -> Result<()> {
                 naive: !no_naive,
             }),
             BenchCmd::Dma { runs } => bench::dma(runs),
+            BenchCmd::Bitmap { iova_gib, dirty, runs } => bench::bitmap(iova_gib, dirty, runs),
         },
     }
 }
