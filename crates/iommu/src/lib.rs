@@ -39,7 +39,7 @@ mod walker;
 
 pub use dma::Dma;
 pub use domain::{Domain, DomainConfig, SplitPolicy};
-pub use error::{errno, DmaError, IommuError};
+pub use error::{errno, DmaError, Errno, IommuError};
 pub use fault::Fault;
 pub use format::{FaultReason, FormatKind, Perm, PAGE_SIZE};
 pub use mem::{AnonMemory, HostMemory};
