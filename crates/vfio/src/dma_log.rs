@@ -205,7 +205,7 @@ mod tests {
             validate_ranges(&[r(u64::MAX - 4095, 8192), r(0x800, 4096)], 4096).unwrap_err(),
             EOVERFLOW
         );
-        validate_ranges(&vec![r(0, 4096); 1].repeat(1), 4096).unwrap();
+        validate_ranges(&[r(0, 4096), r(8192, 4096)], 4096).unwrap();
     }
 
     #[test]
