@@ -190,3 +190,119 @@ pub fn bitmap(iova_gib: u64, dirty: f64, runs: usize) -> Result<()> {
     );
     Ok(())
 }
+
+/// CPU dirty harvest cost per GiB of guest RAM, ring against bitmap, at each rate.
+pub fn cpu_dirty(memory_mib: u64, rates: &[f64], vcpus: u32, interval_ms: u64, ms: u64) -> Result<()> {
+    use vmm::bench_kit::measure;
+    use vmm::DirtyLogMode;
+    if memory_mib < 64 || vcpus == 0 || interval_ms == 0 || ms < interval_ms {
+        bail!("need --memory-mib >= 64, --vcpus >= 1, --interval-ms >= 1 and --ms >= --interval-ms");
+    }
+    if let Some(r) = rates.iter().find(|r| !(r.is_finite() && **r >= 0.0)) {
+        bail!("rate {r} is not a non-negative number of MiB/s");
+    }
+    vmm::kvm_for_tests().map_err(|e| anyhow::anyhow!("KVM is needed: {e}"))?;
+    let (interval, dur) = (Duration::from_millis(interval_ms), Duration::from_millis(ms));
+    println!(
+        "CPU dirty harvest, {memory_mib} MiB guest, {vcpus} vCPU(s) running the dirtier, harvest every {interval_ms} ms \
+         for {ms} ms per point; cost includes ring collection by the reaper thread\n"
+    );
+    println!("| configured MiB/s | achieved MiB/s | pages/harvest | ring per GiB | bitmap per GiB | ring ÷ bitmap |");
+    println!("|---|---|---|---|---|---|");
+    for &rate in rates {
+        eprintln!("measuring {rate} MiB/s ...");
+        let ring = measure(
+            DirtyLogMode::Ring { entries: 65536 },
+            memory_mib,
+            vcpus,
+            rate,
+            dur,
+            interval,
+        )?;
+        let bm = measure(DirtyLogMode::Bitmap, memory_mib, vcpus, rate, dur, interval)?;
+        println!(
+            "| {rate} | {:.0} / {:.0} | {:.0} / {:.0} | {} | {} | {} |",
+            ring.achieved_mib_s,
+            bm.achieved_mib_s,
+            ring.pages_per_harvest,
+            bm.pages_per_harvest,
+            fmt_dur(ring.per_gib()),
+            fmt_dur(bm.per_gib()),
+            fmt_ratio(ring.per_gib().as_secs_f64() / bm.per_gib().as_secs_f64())
+        );
+    }
+    Ok(())
+}
+
+fn percentiles(mut v: Vec<Duration>) -> [Duration; 3] {
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize];
+    [at(0.5), at(0.99), *v.last().unwrap_or(&Duration::ZERO)]
+}
+
+/// Pause/resume latency of running vCPUs, against a thread park/unpark round trip.
+pub fn pause(vcpus: u32, cycles: u32) -> Result<()> {
+    use vmm::{layout::WORKSET_BASE, DirtyLogMode, Pattern, Program, Vm, VmConfig};
+    if vcpus == 0 || cycles == 0 {
+        bail!("--vcpus and --cycles must be at least 1");
+    }
+    vmm::kvm_for_tests().map_err(|e| anyhow::anyhow!("KVM is needed: {e}"))?;
+    let vm = Vm::new(VmConfig {
+        mem_mib: 256,
+        regions: 1,
+        vcpus,
+        dirty: DirtyLogMode::default(),
+        accel: None,
+    })?;
+    for v in 0..vcpus {
+        vm.load_program(
+            v,
+            &Program::dirtier(WORKSET_BASE + v as u64 * (16 << 20), 4096, 64.0, Pattern::Sequential),
+        )?;
+    }
+    vm.set_cpu_dirty_logging(true)?;
+    let (mut p, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..cycles {
+        r.push(vm.resume()?);
+        std::thread::sleep(Duration::from_millis(2));
+        p.push(vm.pause()?);
+    }
+    // Baseline: wake a parked thread and wait for its answer, the floor for any handshake.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (btx, brx) = std::sync::mpsc::channel::<()>();
+    let h = std::thread::spawn(move || {
+        while rx.recv().is_ok() {
+            let _ = btx.send(());
+        }
+    });
+    let mut base = Vec::new();
+    for _ in 0..cycles {
+        std::thread::sleep(Duration::from_millis(2));
+        let t = std::time::Instant::now();
+        tx.send(())?;
+        brx.recv()?;
+        base.push(t.elapsed());
+    }
+    drop(tx);
+    let _ = h.join();
+    let [pm, p99, px] = percentiles(p);
+    let [rm, r99, rx_] = percentiles(r);
+    let [bm, b99, bx] = percentiles(base);
+    println!("{vcpus} vCPU(s) running the dirtier at 64 MiB/s, {cycles} pause/resume cycles\n");
+    println!("| operation | median | p99 | max | median ÷ thread wake-up |");
+    println!("|---|---|---|---|---|");
+    for (name, m, q, x) in [
+        ("pause (all vCPUs parked)", pm, p99, px),
+        ("resume (all vCPUs running)", rm, r99, rx_),
+        ("thread wake-up round trip (baseline)", bm, b99, bx),
+    ] {
+        println!(
+            "| {name} | {} | {} | {} | {} |",
+            fmt_dur(m),
+            fmt_dur(q),
+            fmt_dur(x),
+            fmt_ratio(m.as_secs_f64() / bm.as_secs_f64())
+        );
+    }
+    Ok(())
+}

@@ -73,6 +73,33 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// CPU dirty harvest under a real KVM guest: ring against bitmap, per GiB of guest RAM,
+    /// at several dirty rates (the guest reports the rate it achieved).
+    CpuDirty {
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory_mib: u64,
+        /// Configured dirty rates in MiB/s, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![0.0, 64.0, 512.0, 4096.0])]
+        rates: Vec<f64>,
+        /// vCPUs running the dirtier.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Harvest interval in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        /// Measurement time per point in milliseconds.
+        #[arg(long, default_value_t = 1500)]
+        ms: u64,
+    },
+    /// vCPU pause and resume latency with the dirtier running, against a bare thread
+    /// park/unpark round trip measured in the same run.
+    Pause {
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 200)]
+        cycles: u32,
+    },
     /// 4 KiB DMA writes through the IOTLB against memcpy.
     Dma {
         #[arg(long, default_value_t = 20)]
@@ -109,6 +136,14 @@ fn main() -> Result<()> {
                 naive: !no_naive,
             }),
             BenchCmd::Dma { runs } => bench::dma(runs),
+            BenchCmd::Pause { vcpus, cycles } => bench::pause(vcpus, cycles),
+            BenchCmd::CpuDirty {
+                memory_mib,
+                rates,
+                vcpus,
+                interval_ms,
+                ms,
+            } => bench::cpu_dirty(memory_mib, &rates, vcpus, interval_ms, ms),
             BenchCmd::Bitmap { iova_gib, dirty, runs } => bench::bitmap(iova_gib, dirty, runs),
         },
     }

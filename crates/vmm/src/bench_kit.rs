@@ -1,0 +1,102 @@
+//! The CPU dirty-harvest measurement shared by the criterion bench and `livemig bench
+//! cpu-dirty`: a real guest dirties memory at a configured rate while the host harvests at a
+//! fixed interval, ring or bitmap.
+
+use crate::{layout, DirtyLogMode, PageBitmap, Pattern, Program, Vm, VmConfig, VmError};
+use std::time::{Duration, Instant};
+
+/// One measurement point.
+#[derive(Clone, Debug)]
+pub struct HarvestPoint {
+    pub mode: DirtyLogMode,
+    pub mem_mib: u64,
+    /// Configured dirty rate (0: the guest runs but writes nothing).
+    pub rate_mib_s: f64,
+    /// The rate the guest achieved, from its own TSC readings.
+    pub achieved_mib_s: f64,
+    pub harvests: u32,
+    /// Mean cost of one harvest, including ring collection done by the reaper and full-ring
+    /// exits since the previous harvest.
+    pub mean: Duration,
+    /// Mean pages found per harvest.
+    pub pages_per_harvest: f64,
+}
+
+impl HarvestPoint {
+    /// Mean harvest cost per GiB of guest RAM.
+    pub fn per_gib(&self) -> Duration {
+        self.mean.mul_f64(1024.0 / self.mem_mib as f64)
+    }
+}
+
+/// Runs the dirtier at `rate_mib_s` (sequential over every page above the working-set base)
+/// for `duration`, harvesting every `interval`; returns the mean harvest cost.
+pub fn measure(
+    mode: DirtyLogMode,
+    mem_mib: u64,
+    vcpus: u32,
+    rate_mib_s: f64,
+    duration: Duration,
+    interval: Duration,
+) -> Result<HarvestPoint, VmError> {
+    let vm = Vm::new(VmConfig {
+        mem_mib,
+        regions: 1,
+        vcpus,
+        dirty: mode,
+        accel: None,
+    })?;
+    let mem = vm.mem_size();
+    if mem <= layout::WORKSET_BASE + ((vcpus as u64) << 20) {
+        return Err(VmError::Config(format!(
+            "{mem_mib} MiB leaves no working set above {:#x}",
+            layout::WORKSET_BASE
+        )));
+    }
+    // Each vCPU dirties its own slice of the working set at its share of the rate.
+    let slice = (mem - layout::WORKSET_BASE) / 4096 / vcpus as u64;
+    for v in 0..vcpus {
+        let base = layout::WORKSET_BASE + v as u64 * slice * 4096;
+        let mut p = Program::dirtier(base, slice, rate_mib_s / vcpus as f64, Pattern::Sequential);
+        p.dirtier = rate_mib_s > 0.0;
+        vm.load_program(v, &p)?;
+    }
+    vm.set_cpu_dirty_logging(true)?;
+    let mut out = PageBitmap::new(mem / 4096);
+    vm.resume()?;
+    // Warm-up: the first pass over a slot costs more (KVM's first write-protect).
+    std::thread::sleep(interval);
+    vm.harvest_cpu_dirty(&mut out)?;
+    let c0: Vec<_> = (0..vcpus).map(|v| vm.counters(v)).collect();
+    let bg0 = vm.dirty_background_time();
+    let (mut total, mut pages, mut n) = (Duration::ZERO, 0u64, 0u32);
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        std::thread::sleep(interval);
+        out.clear();
+        let t = Instant::now();
+        let h = vm.harvest_cpu_dirty(&mut out)?;
+        total += t.elapsed();
+        pages += h.pages;
+        n += 1;
+    }
+    total += vm.dirty_background_time() - bg0;
+    vm.pause()?;
+    let mut achieved = 0.0;
+    for (v, c0) in c0.iter().enumerate() {
+        let c = vm.counters(v as u32);
+        let secs = c.tsc_now.saturating_sub(c0.tsc_now) as f64 / (vm.tsc_khz() as f64 * 1e3);
+        if secs > 0.0 {
+            achieved += (c.pages_written - c0.pages_written) as f64 * 4096.0 / secs / 1048576.0;
+        }
+    }
+    Ok(HarvestPoint {
+        mode,
+        mem_mib,
+        rate_mib_s,
+        achieved_mib_s: achieved,
+        harvests: n,
+        mean: total / n.max(1),
+        pages_per_harvest: pages as f64 / n.max(1) as f64,
+    })
+}

@@ -1,0 +1,46 @@
+//! Where things live in guest-physical memory. Guest RAM starts at 0; the accelerator's
+//! registers sit in the hole below 4 GiB.
+//!
+//! | GPA | size | contents |
+//! |---|---|---|
+//! | 0x0000_0500 | 32 B | GDT: null, 64-bit code, data, TSS |
+//! | 0x0000_9000 | 4 KiB | PML4 |
+//! | 0x0000_a000 | 4 KiB | PDPT |
+//! | 0x0000_b000 | 16 KiB | 4 page directories: identity map of 0–4 GiB with 2 MiB pages |
+//! | 0x0001_0000 | 4 KiB × vCPU | per-vCPU control page: program config and counters ([`crate::programs::ctrl`]) |
+//! | 0x0008_0000 | 4 KiB × vCPU | per-vCPU stacks (top of each page) |
+//! | 0x0010_0000 | 64 KiB × vCPU | per-vCPU program code |
+//! | 0x0040_0000 | 4 MiB | the accel-client's rings, buffers and CRC table |
+//! | 0x0100_0000 | to the end of RAM | the dirtier's working sets |
+//! | 0xd000_0000 | 64 KiB | accelerator MMIO registers (`accel::regs`) |
+//!
+//! Page-table entries are created with Accessed (and, for leaves, Dirty) already set, and GDT
+//! descriptors with Accessed set, so the CPU never writes them: the only pages the guest
+//! dirties are the ones its programs store to.
+
+pub const GDT: u64 = 0x500;
+pub const PML4: u64 = 0x9000;
+pub const PDPT: u64 = 0xa000;
+pub const PD: u64 = 0xb000;
+pub const CTRL_BASE: u64 = 0x1_0000;
+pub const STACK_BASE: u64 = 0x8_0000;
+pub const CODE_BASE: u64 = 0x10_0000;
+pub const CODE_SIZE: u64 = 0x1_0000;
+pub const ACCEL_AREA: u64 = 0x40_0000;
+pub const ACCEL_AREA_SIZE: u64 = 0x40_0000;
+pub const WORKSET_BASE: u64 = 0x100_0000;
+pub const ACCEL_MMIO: u64 = 0xd000_0000;
+/// Most vCPUs the layout has room for.
+pub const MAX_VCPUS: u32 = 32;
+/// Smallest guest RAM the layout fits in.
+pub const MIN_MEM: u64 = WORKSET_BASE + (2 << 20);
+
+pub fn ctrl_page(vcpu: u32) -> u64 {
+    CTRL_BASE + vcpu as u64 * 4096
+}
+pub fn stack_top(vcpu: u32) -> u64 {
+    STACK_BASE + (vcpu as u64 + 1) * 4096
+}
+pub fn code(vcpu: u32) -> u64 {
+    CODE_BASE + vcpu as u64 * CODE_SIZE
+}

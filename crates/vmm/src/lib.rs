@@ -1,0 +1,84 @@
+//! The KVM virtual machine livemig migrates.
+//!
+//! It owns guest memory (vm-memory `GuestMemoryMmap`, registered both as KVM slots and as an
+//! iommufd IOAS at IOVA = guest-physical address, so the vCPUs and the accelerator see the same
+//! bytes), vCPUs started directly in 64-bit long mode and run on their own threads, the MMIO
+//! bus with the accelerator's registers, CPU dirty tracking by dirty ring or dirty bitmap,
+//! guest programs assembled at run time, and vCPU state save/restore. It does not move data
+//! between hosts (the `migration` crate does) and does not implement the device or the IOMMU.
+//!
+//! Tests that need `/dev/kvm` skip with a one-line reason when it is missing, unless
+//! `LIVEMIG_REQUIRE_KVM=1`, where a missing or failing KVM is a failure.
+
+pub mod bench_kit;
+pub mod dirty;
+mod kvm_sys;
+pub mod layout;
+pub mod mmio;
+pub mod programs;
+pub mod state;
+pub mod vcpu;
+mod vm;
+mod x86;
+
+pub use dirty::{DirtyError, DirtyLogMode, HarvestStats, PageBitmap, Slot};
+pub use programs::{Pattern, Program};
+pub use state::{StateError, VcpuState};
+pub use vcpu::VcpuStop;
+pub use vm::{AccelSetup, Counters, IommuSetup, Vm, VmConfig, VmSnapshot};
+
+use iommu::Errno;
+
+/// Failures of the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("KVM is not available: {0}")]
+    NoKvm(String),
+    #[error("{op} failed with errno {errno}")]
+    Kvm { op: &'static str, errno: i32 },
+    #[error("the host lacks {0}")]
+    Unsupported(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("assembling the guest program: {0}")]
+    Assemble(String),
+    #[error("IOMMU setup: {what}")]
+    Iommu {
+        what: &'static str,
+        #[source]
+        errno: Errno,
+    },
+    #[error("device {what}")]
+    Device {
+        what: &'static str,
+        #[source]
+        errno: Errno,
+    },
+    #[error("vCPU state")]
+    State(#[source] StateError),
+    #[error("CPU dirty tracking")]
+    Dirty(#[source] dirty::DirtyError),
+    #[error("the vCPUs must be paused")]
+    NotPaused,
+    #[error("a vCPU did not pause within 2 s")]
+    PauseTimeout,
+    #[error("a vCPU did not resume within 2 s")]
+    ResumeTimeout,
+    #[error("a vCPU stopped: {0:?}")]
+    VcpuStopped(VcpuStop),
+    #[error("internal: {0}")]
+    Internal(&'static str),
+}
+
+/// Whether tests may use KVM: `Ok` if `/dev/kvm` opens; otherwise `Err(reason)`, or a panic
+/// when `LIVEMIG_REQUIRE_KVM=1` demands KVM.
+pub fn kvm_for_tests() -> Result<(), String> {
+    let required = std::env::var("LIVEMIG_REQUIRE_KVM").is_ok_and(|v| v == "1");
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => Ok(()),
+        Err(e) if required => panic!("LIVEMIG_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}"),
+        Err(e) => Err(format!("/dev/kvm: {e}")),
+    }
+}

@@ -1,0 +1,666 @@
+//! The virtual machine: guest memory, KVM slots, vCPUs, the MMIO bus, the accelerator behind
+//! the emulated IOMMU, CPU dirty tracking, guest programs, and the snapshot/restore hooks the
+//! migration engine calls.
+
+use crate::dirty::{CpuDirty, DirtyLogMode, HarvestStats, PageBitmap, Slot};
+use crate::layout::*;
+use crate::mmio::MmioBus;
+use crate::programs::{ctrl::*, workload, Pattern, Program};
+use crate::state::{self, VcpuState};
+use crate::vcpu::{self, RunState, VcpuCtl, VcpuEnv, VcpuHandle, VcpuStop};
+use crate::{kvm_sys, x86, VmError};
+use accel::{Accel, AccelConfig};
+use iommu::mem::GuestRamRegion;
+use iommu::{FormatKind, HostMemory};
+use iommufd::*;
+use kvm_bindings::{kvm_enable_cap, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// The accelerator and the IOMMU in front of it.
+#[derive(Clone, Debug)]
+pub struct AccelSetup {
+    pub format: FormatKind,
+    pub config: AccelConfig,
+    /// Allocate the HWPT with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`.
+    pub dirty_tracking: bool,
+    /// Use livemig's eager split/collapse policy on that HWPT.
+    pub eager_split: bool,
+    /// Allow huge IOMMU leaves.
+    pub huge_pages: bool,
+}
+
+impl Default for AccelSetup {
+    fn default() -> Self {
+        Self {
+            format: FormatKind::VtdSs,
+            config: AccelConfig::default(),
+            dirty_tracking: true,
+            eager_split: false,
+            huge_pages: true,
+        }
+    }
+}
+
+/// How a VM is built.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM in MiB, from guest-physical 0.
+    pub mem_mib: u64,
+    /// RAM is split into this many equal regions (KVM slots and IOAS areas).
+    pub regions: u32,
+    pub vcpus: u32,
+    pub dirty: DirtyLogMode,
+    pub accel: Option<AccelSetup>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            mem_mib: 1024,
+            regions: 1,
+            vcpus: 1,
+            dirty: DirtyLogMode::default(),
+            accel: Some(AccelSetup::default()),
+        }
+    }
+}
+
+/// The guest program's counters (control page).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub pages_written: u64,
+    pub tsc_start: u64,
+    pub tsc_now: u64,
+    pub jobs_submitted: u64,
+    pub jobs_completed: u64,
+    pub errors: u64,
+    pub loops: u64,
+}
+
+/// The accelerator side of the VM.
+pub struct IommuSetup {
+    pub fd: Arc<IommuFd>,
+    pub ioas: u32,
+    pub hwpt: u32,
+    pub dev: u32,
+    pub accel: Arc<Accel>,
+}
+
+/// Device and vCPU state, as `Vm::snapshot_devices_and_vcpus` takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSnapshot {
+    /// `state::encode` of every vCPU.
+    pub vcpus: Vec<u8>,
+    /// Each device's STOP_COPY stream.
+    pub devices: Vec<(String, Vec<u8>)>,
+}
+
+pub struct Vm {
+    cfg: VmConfig,
+    fd: Arc<VmFd>,
+    mem: Arc<GuestMemoryMmap>,
+    slots: Vec<Slot>,
+    bus: Arc<MmioBus>,
+    dirty: Arc<CpuDirty>,
+    vcpus: Vec<VcpuHandle>,
+    tsc_khz: u32,
+    iommu: Option<IommuSetup>,
+    port_signal: Arc<AtomicU64>,
+    reaper: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
+    _kvm: Kvm,
+}
+
+fn kvm(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm { op, errno: e.errno() }
+}
+
+impl Vm {
+    pub fn new(cfg: VmConfig) -> Result<Vm, VmError> {
+        let mem_size = cfg.mem_mib << 20;
+        if !(MIN_MEM..=ACCEL_MMIO).contains(&mem_size) {
+            return Err(VmError::Config(format!(
+                "memory must be between {} MiB and {} MiB",
+                MIN_MEM >> 20,
+                ACCEL_MMIO >> 20
+            )));
+        }
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(VmError::Config(format!("vcpus must be between 1 and {MAX_VCPUS}")));
+        }
+        if cfg.regions == 0 || cfg.regions > 8 || !(mem_size / cfg.regions as u64).is_multiple_of(2 << 20) {
+            return Err(VmError::Config(
+                "regions must be 1 to 8, each a multiple of 2 MiB".into(),
+            ));
+        }
+        let kvm_h = Kvm::new().map_err(|e| VmError::NoKvm(e.to_string()))?;
+        let fd = Arc::new(kvm_h.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
+        match cfg.dirty {
+            DirtyLogMode::Ring { entries } => {
+                if !entries.is_power_of_two() || !(256..=65536).contains(&entries) {
+                    return Err(VmError::Config(
+                        "dirty ring entries: a power of two from 256 (one page) to 65536".into(),
+                    ));
+                }
+                let bytes = entries as u64 * 16;
+                let max = fd.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL as _);
+                if (max as u64) < bytes {
+                    return Err(VmError::Unsupported(format!(
+                        "KVM dirty ring of {bytes} bytes (host allows {max})"
+                    )));
+                }
+                fd.enable_cap(&kvm_enable_cap {
+                    cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+                    args: [bytes, 0, 0, 0],
+                    ..Default::default()
+                })
+                .map_err(kvm("enable KVM_CAP_DIRTY_LOG_RING_ACQ_REL"))?;
+            }
+            DirtyLogMode::Bitmap => {
+                fd.enable_cap(&kvm_enable_cap {
+                    cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    args: [kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as u64, 0, 0, 0],
+                    ..Default::default()
+                })
+                .map_err(kvm("enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"))?;
+            }
+        }
+        let region = mem_size / cfg.regions as u64;
+        let ranges: Vec<(GuestAddress, usize)> = (0..cfg.regions as u64)
+            .map(|i| (GuestAddress(i * region), region as usize))
+            .collect();
+        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))?);
+        let mut slots = Vec::new();
+        for (i, (gpa, size)) in ranges.iter().enumerate() {
+            let hva = vm_memory::GuestMemoryBackend::get_host_address(&*mem, *gpa)
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+            kvm_sys::set_memory_region(&fd, i as u32, gpa.0, *size as u64, hva as u64, 0)
+                .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+            slots.push(Slot {
+                slot: i as u32,
+                gpa: gpa.0,
+                size: *size as u64,
+            });
+        }
+        fd.set_tss_address(0xfffb_d000).map_err(kvm("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+        x86::write_boot_structures(&mem).map_err(|e| VmError::Memory(e.to_string()))?;
+
+        let mut cpuid = kvm_h
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut dirty = CpuDirty::new(cfg.dirty, slots.clone(), mem_size / 4096);
+        let bus = Arc::new(MmioBus::default());
+        let port_signal = Arc::new(AtomicU64::new(0));
+        kvm_sys::install_kick_handler();
+        let mut fds = Vec::new();
+        let mut tsc_khz = 0;
+        for id in 0..cfg.vcpus {
+            let vcpu = fd.create_vcpu(id as u64).map_err(kvm("KVM_CREATE_VCPU"))?;
+            for e in cpuid.as_mut_slice() {
+                if e.function == 1 {
+                    // Initial APIC id; no XSAVE/OSXSAVE, so the legacy XSAVE area is the whole
+                    // extended state (see kvm_sys::set_xsave).
+                    e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
+                    e.ecx &= !((1 << 26) | (1 << 27));
+                }
+            }
+            vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+            let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+            vcpu.set_sregs(&x86::long_mode_sregs(sregs))
+                .map_err(kvm("KVM_SET_SREGS"))?;
+            vcpu.set_regs(&x86::start_regs(id)).map_err(kvm("KVM_SET_REGS"))?;
+            tsc_khz = vcpu.get_tsc_khz().map_err(kvm("KVM_GET_TSC_KHZ"))?;
+            if let DirtyLogMode::Ring { entries } = cfg.dirty {
+                dirty.add_ring(
+                    kvm_sys::DirtyRing::map(&vcpu, entries)
+                        .map_err(|e| VmError::Memory(format!("mapping the dirty ring: {e}")))?,
+                );
+            }
+            fds.push(vcpu);
+        }
+        let dirty = Arc::new(dirty);
+        let mut vcpus = Vec::new();
+        for (id, vcpu) in fds.into_iter().enumerate() {
+            let ctl = Arc::new(VcpuCtl::new());
+            let env = VcpuEnv {
+                vm: fd.clone(),
+                bus: bus.clone(),
+                dirty: dirty.clone(),
+                port_signal: port_signal.clone(),
+            };
+            let c = ctl.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run(vcpu, id, env, c))
+                .map_err(|_| VmError::Internal("spawning a vCPU thread"))?;
+            vcpus.push(VcpuHandle { ctl, thread: Some(t) });
+        }
+        let reaper = if matches!(cfg.dirty, DirtyLogMode::Ring { .. }) {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (s, d, f) = (stop.clone(), dirty.clone(), fd.clone());
+            let t = std::thread::Builder::new()
+                .name("dirty-reaper".into())
+                .spawn(move || {
+                    while !s.load(std::sync::atomic::Ordering::Acquire) {
+                        std::thread::sleep(crate::dirty::REAP_INTERVAL);
+                        d.reap(&f);
+                    }
+                })
+                .map_err(|_| VmError::Internal("spawning the dirty-ring reaper"))?;
+            Some((stop, t))
+        } else {
+            None
+        };
+        let mut vm = Vm {
+            cfg: cfg.clone(),
+            fd,
+            mem,
+            slots,
+            bus,
+            dirty,
+            vcpus,
+            tsc_khz,
+            iommu: None,
+            port_signal,
+            reaper,
+            _kvm: kvm_h,
+        };
+        if let Some(a) = &cfg.accel {
+            vm.iommu = Some(vm.attach_accel(a)?);
+        }
+        Ok(vm)
+    }
+
+    /// Maps guest RAM into an IOAS at IOVA = GPA, allocates a HWPT in front of a new
+    /// accelerator and puts its registers on the MMIO bus at [`ACCEL_MMIO`].
+    fn attach_accel(&self, a: &AccelSetup) -> Result<IommuSetup, VmError> {
+        let io = |what: &'static str| move |e: Errno| VmError::Iommu { what, errno: e };
+        let fd = Arc::new(IommuFd::new());
+        let mut alloc = IoasAlloc::default();
+        fd.ioas_alloc(&mut alloc).map_err(io("IOAS_ALLOC"))?;
+        let ioas = alloc.out_ioas_id;
+        if !a.huge_pages {
+            let mut o = IommuOption {
+                option_id: IOMMU_OPTION_HUGE_PAGES,
+                op: IOMMU_OPTION_OP_SET,
+                object_id: ioas,
+                ..Default::default()
+            };
+            fd.option(&mut o).map_err(io("OPTION HUGE_PAGES"))?;
+        }
+        for s in &self.slots {
+            let region = GuestRamRegion::new(self.mem.clone(), s.gpa).ok_or(VmError::Internal("guest RAM region"))?;
+            let va = fd.register_user_memory(Arc::new(region) as Arc<dyn HostMemory>);
+            let mut m = IoasMap {
+                flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+                ioas_id: ioas,
+                user_va: va,
+                length: s.size,
+                iova: s.gpa,
+                ..Default::default()
+            };
+            fd.ioas_map(&mut m).map_err(io("IOAS_MAP"))?;
+        }
+        let mut spec = DeviceSpec::new("accel", a.format);
+        spec.huge_iova = a.huge_pages;
+        let dev = fd.bind_device(spec);
+        let mut flags = 0;
+        if a.dirty_tracking {
+            flags |= IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
+        }
+        if a.eager_split {
+            flags |= LIVEMIG_HWPT_ALLOC_EAGER_SPLIT;
+        }
+        let mut h = HwptAlloc {
+            flags,
+            dev_id: dev,
+            pt_id: ioas,
+            ..Default::default()
+        };
+        fd.hwpt_alloc(&mut h).map_err(io("HWPT_ALLOC"))?;
+        fd.attach(dev, h.out_hwpt_id).map_err(io("ATTACH"))?;
+        let dma = fd.device_dma(dev).map_err(io("device DMA"))?;
+        let accel = Arc::new(Accel::new(a.config.clone(), dma).map_err(io("accel"))?);
+        if !self.bus.register(ACCEL_MMIO, accel::regs::MMIO_SIZE, accel.clone()) {
+            return Err(VmError::Internal("MMIO range taken"));
+        }
+        Ok(IommuSetup {
+            fd,
+            ioas,
+            hwpt: h.out_hwpt_id,
+            dev,
+            accel,
+        })
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.mem
+    }
+    pub fn mem_size(&self) -> u64 {
+        self.cfg.mem_mib << 20
+    }
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+    pub fn vcpu_count(&self) -> u32 {
+        self.cfg.vcpus
+    }
+    /// The TSC frequency KVM reports for the vCPUs.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+    pub fn iommu(&self) -> Option<&IommuSetup> {
+        self.iommu.as_ref()
+    }
+    pub fn accel(&self) -> Option<&Arc<Accel>> {
+        self.iommu.as_ref().map(|i| &i.accel)
+    }
+    pub fn mmio_bus(&self) -> &Arc<MmioBus> {
+        &self.bus
+    }
+    pub fn dirty_mode(&self) -> DirtyLogMode {
+        self.cfg.dirty
+    }
+    /// Total KVM exits handled by all vCPUs.
+    pub fn exits(&self) -> u64 {
+        self.vcpus
+            .iter()
+            .map(|v| v.ctl.exits.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Loads `prog` for `vcpu`: code, control page, and the accel-client's area. Call before
+    /// the vCPU first runs.
+    pub fn load_program(&self, vcpu: u32, prog: &Program) -> Result<(), VmError> {
+        if vcpu >= self.cfg.vcpus {
+            return Err(VmError::Config(format!("no vCPU {vcpu}")));
+        }
+        let end = prog.ws_base.saturating_add(prog.ws_pages.saturating_mul(4096));
+        if prog.ws_pages == 0
+            || prog.ws_base < WORKSET_BASE
+            || !prog.ws_base.is_multiple_of(4096)
+            || end > self.mem_size()
+        {
+            return Err(VmError::Config(format!(
+                "working set must be a non-empty page range in [{WORKSET_BASE:#x}, {:#x})",
+                self.mem_size()
+            )));
+        }
+        if let Some(q) = prog.accel_queue {
+            let Some(io) = &self.iommu else {
+                return Err(VmError::Config("the accel-client needs the accelerator".into()));
+            };
+            if q as u32 >= io.accel.config().qp_num {
+                return Err(VmError::Config(format!("accel queue {q} out of range")));
+            }
+        }
+        if !(0.0..=1e6).contains(&prog.rate_mib_s) {
+            return Err(VmError::Config("rate must be between 0 and 1e6 MiB/s".into()));
+        }
+        let spec = workload::Spec {
+            dirtier: prog.dirtier.then_some(prog.pattern),
+            accel: prog.accel_queue.is_some(),
+        };
+        let text = workload::assemble(code(vcpu), spec).map_err(|e| VmError::Assemble(e.to_string()))?;
+        if text.len() as u64 > CODE_SIZE {
+            return Err(VmError::Internal("program too large"));
+        }
+        let w = |off: u64, v: u64| self.mem.write_obj(v, GuestAddress(ctrl_page(vcpu) + off));
+        let merr = |e: vm_memory::GuestMemoryError| VmError::Memory(e.to_string());
+        self.mem.write_slice(&text, GuestAddress(code(vcpu))).map_err(merr)?;
+        self.mem
+            .write_slice(&[0u8; 4096], GuestAddress(ctrl_page(vcpu)))
+            .map_err(merr)?;
+        let tpp = if prog.rate_mib_s == 0.0 {
+            0
+        } else {
+            ((self.tsc_khz as f64 * 1000.0) * 4096.0 / (prog.rate_mib_s * 1048576.0))
+                .round()
+                .max(1.0) as u64
+        };
+        let (pattern, hot_pages, hot_pct) = match prog.pattern {
+            Pattern::Sequential => (0, 0, 0),
+            Pattern::Uniform => (1, 0, 0),
+            Pattern::HotCold { hot_pages, hot_pct } => (2, hot_pages.clamp(1, prog.ws_pages), hot_pct.min(100)),
+        };
+        let flags =
+            if prog.dirtier { FLAG_DIRTIER } else { 0 } | if prog.accel_queue.is_some() { FLAG_ACCEL } else { 0 };
+        for (off, v) in [
+            (C_MAGIC, MAGIC),
+            (C_FLAGS, flags),
+            (C_TSC_KHZ, self.tsc_khz as u64),
+            (C_TICKS_PER_PAGE, tpp),
+            (C_WS_BASE, prog.ws_base),
+            (C_WS_PAGES, prog.ws_pages),
+            (C_PATTERN, pattern),
+            (C_HOT_PAGES, hot_pages),
+            (C_HOT_PCT, hot_pct),
+            (C_SEED, prog.seed | 1),
+            (C_VCPU, vcpu as u64),
+            (C_MMIO, ACCEL_MMIO),
+            (C_AREA, ACCEL_AREA),
+            (C_QN, prog.accel_queue.unwrap_or(0) as u64),
+            (C_BURST, workload::DEFAULT_BURST),
+        ] {
+            w(off, v).map_err(merr)?;
+        }
+        if prog.accel_queue.is_some() {
+            self.mem
+                .write_slice(&vec![0u8; ACCEL_AREA_SIZE as usize], GuestAddress(ACCEL_AREA))
+                .map_err(merr)?;
+            let table: Vec<u8> = crc32c_table().iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.mem
+                .write_slice(&table, GuestAddress(ACCEL_AREA + A_CRC_TABLE))
+                .map_err(merr)?;
+        }
+        Ok(())
+    }
+
+    /// The program counters of `vcpu`.
+    pub fn counters(&self, vcpu: u32) -> Counters {
+        let r = |off: u64| {
+            self.mem
+                .read_obj::<u64>(GuestAddress(ctrl_page(vcpu) + off))
+                .unwrap_or(0)
+        };
+        Counters {
+            pages_written: r(K_PAGES),
+            tsc_start: r(K_TSC_START),
+            tsc_now: r(K_TSC_NOW),
+            jobs_submitted: r(K_SUBMITTED),
+            jobs_completed: r(K_COMPLETED),
+            errors: r(K_ERRORS),
+            loops: r(K_LOOPS),
+        }
+    }
+
+    /// Starts or resumes every vCPU; returns how long it took until all were running.
+    pub fn resume(&self) -> Result<Duration, VmError> {
+        for v in &self.vcpus {
+            if let RunState::Stopped(s) = v.ctl.run_state() {
+                return Err(VmError::VcpuStopped(s));
+            }
+        }
+        let t = Instant::now();
+        for v in &self.vcpus {
+            v.resume(Duration::from_secs(2))?;
+        }
+        Ok(t.elapsed())
+    }
+
+    /// Pauses every vCPU; returns how long it took until all were parked.
+    pub fn pause(&self) -> Result<Duration, VmError> {
+        let t = Instant::now();
+        for v in &self.vcpus {
+            v.ctl.pause.store(true, std::sync::atomic::Ordering::Release);
+        }
+        for v in &self.vcpus {
+            v.pause(Duration::from_secs(2))?;
+        }
+        Ok(t.elapsed())
+    }
+
+    /// Whether any vCPU stopped on its own (shutdown, failed entry), and why.
+    pub fn vcpu_stopped(&self) -> Option<VcpuStop> {
+        self.vcpus.iter().find_map(|v| match v.ctl.run_state() {
+            RunState::Stopped(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// The last byte a guest program wrote to port 0x510.
+    pub fn port_signal(&self) -> u64 {
+        self.port_signal.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns CPU dirty logging on or off for every slot.
+    pub fn set_cpu_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        let flags = if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        for s in &self.slots {
+            let hva = vm_memory::GuestMemoryBackend::get_host_address(&*self.mem, GuestAddress(s.gpa))
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+            kvm_sys::set_memory_region(&self.fd, s.slot, s.gpa, s.size, hva as u64, flags)
+                .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// Harvests the pages vCPUs dirtied since the last harvest into `out` and re-arms their
+    /// tracking (ring or bitmap, as configured).
+    pub fn harvest_cpu_dirty(&self, out: &mut PageBitmap) -> Result<HarvestStats, VmError> {
+        self.dirty.harvest(&self.fd, out).map_err(VmError::Dirty)
+    }
+
+    /// Time the VM spent collecting dirty rings outside [`Vm::harvest_cpu_dirty`] (the reaper
+    /// thread and full-ring exits); zero in bitmap mode.
+    pub fn dirty_background_time(&self) -> Duration {
+        self.dirty.background_time()
+    }
+
+    /// Saves every vCPU (they must be paused).
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmError> {
+        self.vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if matches!(v.ctl.run_state(), RunState::Running) {
+                    return Err(VmError::NotPaused);
+                }
+                let mut s = v.save()?;
+                s.id = i as u32;
+                Ok(s)
+            })
+            .collect()
+    }
+
+    /// Loads vCPU states (the vCPUs must be paused).
+    pub fn restore_vcpus(&self, states: &[VcpuState]) -> Result<(), VmError> {
+        if states.len() != self.vcpus.len() {
+            return Err(VmError::State(state::StateError::WrongVcpuCount {
+                found: states.len() as u32,
+                expected: self.vcpus.len() as u32,
+            }));
+        }
+        for (v, s) in self.vcpus.iter().zip(states) {
+            if matches!(v.ctl.run_state(), RunState::Running) {
+                return Err(VmError::NotPaused);
+            }
+            v.restore(s.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The hook for a migration source: vCPU states and every device's stop-copy data. The
+    /// vCPUs must be paused; devices end in STOP_COPY.
+    pub fn snapshot_devices_and_vcpus(&self) -> Result<VmSnapshot, VmError> {
+        let vcpus = state::encode(&self.save_vcpus()?);
+        let mut devices = Vec::new();
+        if let Some(io) = &self.iommu {
+            let dev = io.accel.migration();
+            let map = |e: Errno| VmError::Device {
+                what: "accel",
+                errno: e,
+            };
+            let stream = dev.set_state(vfio::MigState::StopCopy).map_err(map)?;
+            let data = match stream {
+                Some(s) => read_all(&s).map_err(map)?,
+                None => return Err(VmError::Internal("no stop-copy stream")),
+            };
+            devices.push(("accel".to_string(), data));
+        }
+        Ok(VmSnapshot { vcpus, devices })
+    }
+
+    /// The hook for a migration destination: loads a snapshot into this (paused, never run)
+    /// VM. The devices are left in STOP; `resume_devices` and `resume` start everything.
+    pub fn restore(&self, snap: &VmSnapshot) -> Result<(), VmError> {
+        let states = state::decode(&snap.vcpus, self.vcpus.len() as u32).map_err(VmError::State)?;
+        let have = self.iommu.is_some() as usize;
+        if snap.devices.len() != have {
+            return Err(VmError::Config(format!(
+                "snapshot has {} devices, this VM {have}",
+                snap.devices.len()
+            )));
+        }
+        if let Some(io) = &self.iommu {
+            let dev = io.accel.migration();
+            let map = |e: Errno| VmError::Device {
+                what: "accel",
+                errno: e,
+            };
+            dev.set_state(vfio::MigState::Stop).map_err(map)?;
+            let s = dev
+                .set_state(vfio::MigState::Resuming)
+                .map_err(map)?
+                .ok_or(VmError::Internal("no resume stream"))?;
+            s.write(&snap.devices[0].1).map_err(map)?;
+            dev.set_state(vfio::MigState::Stop).map_err(map)?;
+        }
+        self.restore_vcpus(&states)
+    }
+
+    /// Devices to RUNNING (after a restore or an aborted migration).
+    pub fn resume_devices(&self) -> Result<(), VmError> {
+        if let Some(io) = &self.iommu {
+            io.accel
+                .migration()
+                .set_state(vfio::MigState::Running)
+                .map_err(|e| VmError::Device {
+                    what: "accel",
+                    errno: e,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+fn read_all(s: &vfio::DataStream) -> Result<Vec<u8>, Errno> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some((stop, t)) = self.reaper.take() {
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            let _ = t.join();
+        }
+        for v in &mut self.vcpus {
+            v.quit();
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The accelerator driven by the guest program through the IOMMU; moving a running guest to a
+//! fresh VM; refusing bad vCPU state.
+
+mod common;
+use common::*;
+use iommufd::*;
+use std::collections::BTreeSet;
+use std::time::Duration;
+use vmm::layout::{ACCEL_AREA, WORKSET_BASE};
+use vmm::programs::ctrl::*;
+use vmm::*;
+
+fn with_accel(dirtier: bool, rate: f64) -> (Vm, Program) {
+    // 4 KiB IOMMU leaves, so the HWPT bitmap shows exactly the pages the device wrote.
+    let accel = AccelSetup {
+        huge_pages: false,
+        ..Default::default()
+    };
+    let vm = Vm::new(VmConfig {
+        mem_mib: 128,
+        regions: 2,
+        vcpus: 1,
+        dirty: DirtyLogMode::Bitmap,
+        accel: Some(accel),
+    })
+    .unwrap();
+    let mut p = Program::dirtier(WORKSET_BASE, 4096, rate, Pattern::Uniform);
+    p.dirtier = dirtier;
+    p.accel_queue = Some(1);
+    vm.load_program(0, &p).unwrap();
+    (vm, p)
+}
+
+fn hwpt_dirty(vm: &Vm) -> BTreeSet<u64> {
+    let io = vm.iommu().unwrap();
+    let pages = vm.mem_size() / 4096;
+    let mut bm = vec![0u8; pages.div_ceil(8) as usize];
+    io.fd
+        .hwpt_get_dirty_bitmap(&mut HwptGetDirtyBitmap {
+            hwpt_id: io.hwpt,
+            flags: 0,
+            __reserved: 0,
+            iova: 0,
+            length: vm.mem_size(),
+            page_size: 4096,
+            data: &mut bm,
+        })
+        .unwrap();
+    (0..pages)
+        .filter(|p| bm[(p / 8) as usize] >> (p % 8) & 1 != 0)
+        .collect()
+}
+
+#[test]
+fn accel_client_through_the_iommu() {
+    need_kvm!();
+    let (vm, _) = with_accel(false, 0.0);
+    let io = vm.iommu().unwrap();
+    io.fd
+        .hwpt_set_dirty_tracking(&HwptSetDirtyTracking {
+            flags: IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
+            hwpt_id: io.hwpt,
+            __reserved: 0,
+        })
+        .unwrap();
+    vm.set_cpu_dirty_logging(true).unwrap();
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    vm.pause().unwrap();
+    let c = vm.counters(0);
+    println!("{c:?}");
+    assert!(c.jobs_completed > 200, "jobs completed: {}", c.jobs_completed);
+    assert_eq!(c.errors, 0, "every result checked by the guest");
+    assert!(c.jobs_submitted - c.jobs_completed < A_DEPTH);
+    let done = vm.accel().unwrap().jobs_done();
+    assert!(
+        c.jobs_completed <= done && done <= c.jobs_submitted,
+        "the device ran {done} of {} submitted",
+        c.jobs_submitted
+    );
+
+    let mut kvm = PageBitmap::new(vm.mem_size() / 4096);
+    vm.harvest_cpu_dirty(&mut kvm).unwrap();
+    let kvm: BTreeSet<u64> = kvm.iter().collect();
+    let iommu = hwpt_dirty(&vm);
+    let cq = (ACCEL_AREA + A_CQ) / 4096;
+    let dst: BTreeSet<u64> =
+        ((ACCEL_AREA + A_DST) / 4096..(ACCEL_AREA + A_DST + A_DEPTH * A_DST_SIZE) / 4096).collect();
+    // The device's writes (completions, destinations) are in the HWPT bitmap...
+    assert!(iommu.contains(&cq));
+    assert!(
+        iommu.iter().all(|p| *p == cq || dst.contains(p)),
+        "the IOMMU saw only device writes: {iommu:?}"
+    );
+    assert!(iommu.len() > 8);
+    // ... and not in the KVM log, which holds what the guest CPU wrote.
+    assert!(
+        !kvm.contains(&cq) && kvm.is_disjoint(&dst),
+        "device writes are not CPU writes"
+    );
+    assert!(kvm.contains(&((ACCEL_AREA + A_SQ) / 4096)), "the guest wrote SQEs");
+    assert!(kvm.contains(&((ACCEL_AREA + A_SRC) / 4096)), "the guest wrote sources");
+    assert!(kvm.contains(&(vmm::layout::ctrl_page(0) / 4096)));
+}
+
+#[test]
+fn guest_continues_on_another_vm() {
+    need_kvm!();
+    let (a, _) = with_accel(true, 32.0);
+    a.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    a.pause().unwrap();
+    let snap = a.snapshot_devices_and_vcpus().unwrap();
+    let before = a.counters(0);
+    assert!(before.pages_written > 100 && before.jobs_completed > 50, "{before:?}");
+    let mut mem = vec![0u8; a.mem_size() as usize];
+    vm_memory::Bytes::read_slice(&**a.memory(), &mut mem, vm_memory::GuestAddress(0)).unwrap();
+
+    let (b, _) = with_accel(true, 32.0);
+    vm_memory::Bytes::write_slice(&**b.memory(), &mem, vm_memory::GuestAddress(0)).unwrap();
+    b.restore(&snap).unwrap();
+    b.resume_devices().unwrap();
+    b.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    b.pause().unwrap();
+    let after = b.counters(0);
+    println!("before {before:?}\nafter  {after:?}");
+    assert_eq!(b.vcpu_stopped(), None);
+    assert!(
+        after.pages_written > before.pages_written,
+        "the dirtier advances from where it was"
+    );
+    assert!(
+        after.jobs_completed > before.jobs_completed,
+        "accel jobs keep completing"
+    );
+    // The guest TSC moved with the vCPU: it continues from where it was on the old VM (a new
+    // VM's TSC starts near zero), and the pacing origin only ever moves forward (the dirtier
+    // moves it past a long pause so the catch-up burst is bounded).
+    let hz = b.tsc_khz() as u64 * 1000;
+    assert!(
+        after.tsc_now > before.tsc_now && after.tsc_now - before.tsc_now < 10 * hz,
+        "{before:?} -> {after:?}"
+    );
+    assert!(after.tsc_start >= before.tsc_start);
+    assert_eq!(after.errors, 0);
+    // Stamps stay consistent: every one verifies, none is from the future.
+    let s = stamps(&b, 4096);
+    assert!(s.iter().all(|x| x.generation <= after.pages_written));
+    assert!(
+        s.iter().any(|x| x.generation > before.pages_written),
+        "new stamps on the new VM"
+    );
+}
+
+#[test]
+fn bad_vcpu_state_is_refused() {
+    need_kvm!();
+    let a = Vm::new(small(64, DirtyLogMode::Bitmap, false)).unwrap();
+    a.load_program(0, &Program::dirtier(WORKSET_BASE, 64, 8.0, Pattern::Sequential))
+        .unwrap();
+    a.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    a.pause().unwrap();
+    let good = a.snapshot_devices_and_vcpus().unwrap();
+    let b = Vm::new(small(64, DirtyLogMode::Bitmap, false)).unwrap();
+
+    let mut v = good.clone();
+    v.vcpus[8] = 99;
+    let e = b.restore(&v).unwrap_err();
+    assert!(
+        matches!(e, VmError::State(StateError::UnsupportedVersion { found: 99 })),
+        "{e:?}"
+    );
+    assert!(std::error::Error::source(&e)
+        .unwrap()
+        .to_string()
+        .contains("version 99"));
+
+    let mut t = good.clone();
+    t.vcpus.truncate(t.vcpus.len() - 100);
+    assert!(matches!(
+        b.restore(&t).unwrap_err(),
+        VmError::State(StateError::Truncated)
+    ));
+
+    let two = Vm::new(VmConfig {
+        vcpus: 2,
+        ..small(64, DirtyLogMode::Bitmap, false)
+    })
+    .unwrap();
+    let e = two.restore(&good).unwrap_err();
+    assert!(
+        matches!(e, VmError::State(StateError::WrongVcpuCount { found: 1, expected: 2 })),
+        "{e:?}"
+    );
+
+    let mut c = good.clone();
+    let n = c.vcpus.len();
+    c.vcpus[n / 2] ^= 0x40;
+    assert!(matches!(
+        b.restore(&c).unwrap_err(),
+        VmError::State(StateError::Checksum)
+    ));
+    // Nothing was applied by the refusals: the good state still loads and runs.
+    b.load_program(0, &Program::dirtier(WORKSET_BASE, 64, 8.0, Pattern::Sequential))
+        .unwrap();
+    b.restore(&good).unwrap();
+    b.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    b.pause().unwrap();
+    assert_eq!(b.vcpu_stopped(), None);
+}
