@@ -258,6 +258,7 @@ impl VcpuHandle {
             if Instant::now() > end {
                 return Err(VmError::PauseTimeout);
             }
+            self.ctl.pause.store(true, Ordering::Release);
             self.kick();
             let g = self.ctl.state.lock().unwrap_or_else(|e| e.into_inner());
             let _ = self.ctl.cv.wait_timeout(g, Duration::from_micros(50));
@@ -266,6 +267,11 @@ impl VcpuHandle {
 
     /// Asks the thread to run again and waits until it has taken the command.
     pub fn resume(&self, timeout: Duration) -> Result<(), VmError> {
+        // A resume queued for a running vCPU would be served at its next pause and clear
+        // the pause flag, un-pausing it behind the caller's back.
+        if self.ctl.run_state() == RunState::Running {
+            return Ok(());
+        }
         self.ctl.send(Cmd::Resume);
         let end = Instant::now() + timeout;
         let mut g = self.ctl.state.lock().unwrap_or_else(|e| e.into_inner());

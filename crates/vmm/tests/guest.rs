@@ -183,3 +183,20 @@ fn patterns_shape_the_working_set() {
     assert!(cold as u64 <= written / 5, "{cold} cold pages for {written} writes");
     println!("hot/cold: {written} writes, {hot} hot pages, {cold} cold pages");
 }
+
+#[test]
+fn resuming_a_running_vm_does_not_defeat_the_next_pause() {
+    need_kvm!();
+    let vm = Vm::new(small(64, DirtyLogMode::Bitmap, false)).unwrap();
+    vm.load_program(0, &Program::dirtier(WS, 64, 8.0, Pattern::Sequential))
+        .unwrap();
+    vm.resume().unwrap();
+    // A second resume of running vCPUs (an abort path does this) must be a no-op...
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(10));
+    // ... so that a pause still parks them and keeps them parked.
+    vm.pause().unwrap();
+    let c = vm.counters(0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vm.counters(0), c, "the vCPU stays paused");
+}

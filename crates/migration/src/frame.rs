@@ -1,0 +1,230 @@
+//! Frame layer: every message on every connection is one frame, a fixed 24-byte header and a
+//! bounded payload, checksummed together (layout in `docs/protocol.md`).
+
+use crate::error::WireError;
+use std::io::{Read, Write};
+
+/// "LMIG", little-endian.
+pub const MAGIC: u32 = 0x4749_4d4c;
+pub const HEADER_LEN: usize = 24;
+/// The largest payload a peer may send: a 64-page run plus its header, or a 1 MiB device
+/// chunk, with room; anything longer is refused before it is read.
+pub const MAX_PAYLOAD: u32 = 4 << 20;
+
+/// Frame kinds. The numbers are the wire values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Config = 2,
+    ConfigOk = 3,
+    Pages = 4,
+    DeviceData = 5,
+    EndOfIteration = 6,
+    Switchover = 7,
+    VcpuState = 8,
+    Complete = 9,
+    InitAck = 10,
+    Ack = 11,
+    Verify = 12,
+    VerifyReport = 13,
+    Error = 14,
+}
+
+impl Kind {
+    pub fn from_u8(v: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => Config,
+            3 => ConfigOk,
+            4 => Pages,
+            5 => DeviceData,
+            6 => EndOfIteration,
+            7 => Switchover,
+            8 => VcpuState,
+            9 => Complete,
+            10 => InitAck,
+            11 => Ack,
+            12 => Verify,
+            13 => VerifyReport,
+            14 => Error,
+            _ => return None,
+        })
+    }
+}
+
+/// One received frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub seq: u64,
+    pub payload: Vec<u8>,
+}
+
+fn header(kind: Kind, len: u32, seq: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4] = kind as u8;
+    h[8..12].copy_from_slice(&len.to_le_bytes());
+    h[12..20].copy_from_slice(&seq.to_le_bytes());
+    h
+}
+
+fn checksum(h: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&h[..20]), payload)
+}
+
+/// Encodes a frame into `out` (appending). Payloads over [`MAX_PAYLOAD`] are a bug of the
+/// sender and panic in debug builds; callers split data into runs and chunks first.
+pub fn encode(out: &mut Vec<u8>, kind: Kind, seq: u64, payload: &[u8]) {
+    debug_assert!(payload.len() <= MAX_PAYLOAD as usize);
+    let mut h = header(kind, payload.len() as u32, seq);
+    let crc = checksum(&h, payload);
+    h[20..24].copy_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(payload);
+}
+
+/// Writes frames with consecutive sequence numbers.
+pub struct FrameWriter<W: Write> {
+    w: W,
+    seq: u64,
+    buf: Vec<u8>,
+    bytes: u64,
+}
+
+impl<W: Write> FrameWriter<W> {
+    pub fn new(w: W) -> Self {
+        Self::with_seq(w, 0)
+    }
+    /// Continues a connection on which `seq` frames were already sent.
+    pub fn with_seq(w: W, seq: u64) -> Self {
+        Self {
+            w,
+            seq,
+            buf: Vec::new(),
+            bytes: 0,
+        }
+    }
+    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> std::io::Result<()> {
+        self.buf.clear();
+        encode(&mut self.buf, kind, self.seq, payload);
+        self.seq += 1;
+        self.bytes += self.buf.len() as u64;
+        self.w.write_all(&self.buf)
+    }
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+    /// Bytes written so far, headers included.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+}
+
+/// Reads frames and checks magic, kind, length bound, checksum and sequence.
+pub struct FrameReader<R: Read> {
+    r: R,
+    seq: u64,
+    bytes: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(r: R) -> Self {
+        Self { r, seq: 0, bytes: 0 }
+    }
+
+    /// The next frame; `Ok(None)` on a clean end of stream at a frame boundary.
+    pub fn read_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        let mut h = [0u8; HEADER_LEN];
+        let mut got = 0;
+        while got < HEADER_LEN {
+            match self.r.read(&mut h[got..]) {
+                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) => return Err(WireError::Truncated),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(WireError::Io(e.kind(), e.to_string())),
+            }
+        }
+        let magic = u32::from_le_bytes(h[0..4].try_into().unwrap());
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        let len = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if len > MAX_PAYLOAD {
+            return Err(WireError::TooLong(len));
+        }
+        let mut payload = vec![0u8; len as usize];
+        self.r.read_exact(&mut payload).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => WireError::Truncated,
+            k => WireError::Io(k, e.to_string()),
+        })?;
+        let want = u32::from_le_bytes(h[20..24].try_into().unwrap());
+        let mut hh = h;
+        hh[20..24].fill(0);
+        if checksum(&hh, &payload) != want {
+            return Err(WireError::Checksum { seq: self.seq });
+        }
+        // Checked after the checksum, so a corrupted kind or reserved byte reads as corruption.
+        let kind = Kind::from_u8(h[4]).ok_or(WireError::UnknownKind(h[4]))?;
+        if h[5] != 0 || h[6] != 0 || h[7] != 0 {
+            return Err(WireError::Malformed("reserved header bytes are not zero"));
+        }
+        let seq = u64::from_le_bytes(h[12..20].try_into().unwrap());
+        if seq != self.seq {
+            return Err(WireError::Sequence {
+                expected: self.seq,
+                found: seq,
+            });
+        }
+        self.seq += 1;
+        self.bytes += (HEADER_LEN + payload.len()) as u64;
+        Ok(Some(Frame { kind, seq, payload }))
+    }
+
+    /// Like `next`, but the end of the stream is an error.
+    pub fn expect(&mut self) -> Result<Frame, WireError> {
+        self.read_frame()?.ok_or(WireError::Closed)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_bytes() {
+        let mut v = Vec::new();
+        encode(&mut v, Kind::Pages, 7, b"abc");
+        assert_eq!(&v[0..4], b"LMIG");
+        assert_eq!(v[4], 4);
+        assert_eq!(&v[8..12], &3u32.to_le_bytes());
+        assert_eq!(&v[12..20], &7u64.to_le_bytes());
+        assert_eq!(v.len(), HEADER_LEN + 3);
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_refused() {
+        let mut v = Vec::new();
+        encode(&mut v, Kind::DeviceData, 0, b"0123456789");
+        for bit in 0..v.len() * 8 {
+            let mut c = v.clone();
+            c[bit / 8] ^= 1 << (bit % 8);
+            let r = FrameReader::new(&c[..]).read_frame();
+            assert!(r.is_err(), "flip of bit {bit} accepted: {r:?}");
+        }
+        assert_eq!(
+            FrameReader::new(&v[..]).read_frame().unwrap().unwrap().payload,
+            b"0123456789"
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! Connection senders: one thread per connection reads guest pages, encodes runs and writes
+//! frames, so harvesting, encoding and socket writes of different channels overlap.
+
+use crate::frame::{FrameWriter, Kind};
+use crate::msg::MAX_RUN_PAGES;
+use crate::pages::{PageStats, RunEncoder};
+use std::io::BufWriter;
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use vm_memory::GuestMemoryMmap;
+use vmm::PageBitmap;
+
+/// Pages are split between page channels by 2 MiB stripes of guest-physical address.
+pub const STRIPE_PAGES: u64 = 512;
+
+pub enum Job {
+    /// `pages` pages at `gpa`, at most [`MAX_RUN_PAGES`], within one stripe.
+    Run {
+        gpa: u64,
+        pages: u32,
+    },
+    Frame(Kind, Vec<u8>),
+    /// Flush the socket, then answer.
+    Flush(SyncSender<()>),
+}
+
+pub struct Sender {
+    tx: Option<SyncSender<Job>>,
+    thread: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Sender {
+    /// A sender for a connection on which `seq` frames were already sent.
+    pub fn spawn_after(
+        name: String,
+        stream: TcpStream,
+        mem: Arc<GuestMemoryMmap>,
+        stats: Arc<PageStats>,
+        compress: bool,
+        seq: u64,
+    ) -> Self {
+        let (tx, rx) = sync_channel::<Job>(1024);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run(rx, stream, &mem, &stats, compress, seq))
+            .ok();
+        Self { tx: Some(tx), thread }
+    }
+
+    /// Queues a job; fails if the connection's thread has stopped.
+    pub fn send(&mut self, job: Job) -> Result<(), String> {
+        match &self.tx {
+            Some(tx) if tx.send(job).is_ok() => Ok(()),
+            _ => Err(self.finish().err().unwrap_or_else(|| "connection closed".into())),
+        }
+    }
+
+    /// Waits until everything queued so far is on the socket.
+    pub fn flush(&mut self) -> Result<(), String> {
+        let (tx, rx) = sync_channel(1);
+        self.send(Job::Flush(tx))?;
+        match rx.recv() {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.finish().err().unwrap_or_else(|| "connection closed".into())),
+        }
+    }
+
+    /// Stops the thread and returns its outcome.
+    pub fn finish(&mut self) -> Result<(), String> {
+        self.tx = None;
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| Err("sender thread panicked".into())),
+            None => Err("connection closed".into()),
+        }
+    }
+}
+
+fn run(
+    rx: Receiver<Job>,
+    stream: TcpStream,
+    mem: &GuestMemoryMmap,
+    stats: &PageStats,
+    compress: bool,
+    seq: u64,
+) -> Result<(), String> {
+    let mut w = FrameWriter::with_seq(BufWriter::with_capacity(1 << 20, stream), seq);
+    let mut enc = RunEncoder::new(compress);
+    let mut counted = 0u64;
+    let err = |e: std::io::Error| e.to_string();
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Run { gpa, pages } => enc
+                .encode(mem, gpa, pages, stats, |p| w.send(Kind::Pages, p))
+                .map_err(err)?,
+            Job::Frame(k, p) => w.send(k, &p).map_err(err)?,
+            Job::Flush(ack) => {
+                w.flush().map_err(err)?;
+                let _ = ack.send(());
+            }
+        }
+        stats.wire_bytes.fetch_add(w.bytes() - counted, Ordering::Relaxed);
+        counted = w.bytes();
+    }
+    w.flush().map_err(err)
+}
+
+/// Splits the set pages of `bm` into runs (contiguous, at most [`MAX_RUN_PAGES`], never
+/// crossing a stripe) and calls `f(channel_stripe_index, gpa, pages)`.
+pub fn runs(bm: &PageBitmap, mut f: impl FnMut(u64, u64, u32)) {
+    let mut start = None::<(u64, u64)>; // (first pfn, count)
+    let flush = |s: Option<(u64, u64)>, f: &mut dyn FnMut(u64, u64, u32)| {
+        if let Some((p, n)) = s {
+            f(p / STRIPE_PAGES, p * 4096, n as u32);
+        }
+    };
+    for pfn in bm.iter() {
+        start = match start {
+            Some((p, n)) if p + n == pfn && n < MAX_RUN_PAGES as u64 && pfn % STRIPE_PAGES != 0 => Some((p, n + 1)),
+            s => {
+                flush(s, &mut f);
+                Some((pfn, 1))
+            }
+        };
+    }
+    flush(start, &mut f);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_at_length_and_stripes() {
+        let mut bm = PageBitmap::new(4096);
+        for p in 500..700 {
+            bm.set(p);
+        }
+        bm.set(1000);
+        let mut got = Vec::new();
+        runs(&bm, |s, g, n| got.push((s, g / 4096, n)));
+        assert_eq!(
+            got,
+            vec![(0, 500, 12), (1, 512, 64), (1, 576, 64), (1, 640, 60), (1, 1000, 1)]
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! Failures: a destination that dies mid-iteration, a corrupted or out-of-map frame, an
+//! incompatible device, and cancel. The source must end running and unchanged; the
+//! destination must never resume.
+
+mod common;
+use common::*;
+use migration::frame::{encode, FrameReader, FrameWriter, Kind};
+use migration::msg::*;
+use migration::*;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vfio::MigState;
+use vmm::{DirtyLogMode, Vm};
+
+/// The source is back to normal: vCPUs, the dirtier and the accelerator run, the device is
+/// RUNNING, every tracker is off.
+fn assert_source_running(vm: &Vm, info: &MigrationInfo) {
+    assert!(info.livemig.source_vcpus_running);
+    assert_eq!(vm.vcpu_stopped(), None);
+    let c0 = vm.counters(0);
+    std::thread::sleep(Duration::from_millis(200));
+    let c1 = vm.counters(0);
+    assert!(
+        c1.pages_written > c0.pages_written,
+        "the dirtier runs on: {c0:?} -> {c1:?}"
+    );
+    assert!(
+        c1.jobs_completed > c0.jobs_completed,
+        "accel jobs complete: {c0:?} -> {c1:?}"
+    );
+    assert_eq!(c1.errors, 0);
+    let io = vm.iommu().unwrap();
+    assert_eq!(io.accel.migration().get_state(), MigState::Running);
+    assert!(
+        !io.fd.hwpt_dirty_tracking(io.hwpt).unwrap(),
+        "HWPT dirty tracking is off again"
+    );
+}
+
+/// Forwards both directions between a client and `to`; once `cut` is set, drops both ends
+/// at once, as a killed process would.
+fn proxy(to: String, cut: Arc<AtomicBool>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let s = TcpStream::connect(&to).unwrap();
+            for (mut a, mut b) in [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)] {
+                let cut = cut.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        if cut.load(Ordering::Acquire) {
+                            let _ = a.shutdown(Shutdown::Both);
+                            let _ = b.shutdown(Shutdown::Both);
+                            return;
+                        }
+                        let _ = a.set_read_timeout(Some(Duration::from_millis(5)));
+                        match a.read(&mut buf) {
+                            Ok(0) => {
+                                let _ = b.shutdown(Shutdown::Write);
+                                return;
+                            }
+                            Ok(n) => {
+                                if b.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn destination_dies_mid_iteration_then_a_second_migration_succeeds() {
+    need_kvm!();
+    let vm = source_vm(256, 32.0, DirtyLogMode::Ring { entries: 65536 });
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let cut = Arc::new(AtomicBool::new(false));
+    let via = proxy(addr, cut.clone());
+    let ctl = Arc::new(MigrationControl::default());
+    // A zero downtime limit never converges: the source iterates until the cut.
+    let o = SourceOptions {
+        downtime_limit: Duration::ZERO,
+        max_iterations: 1_000_000,
+        ..opts(DeviceTracking::Iommu)
+    };
+    let (v2, c2) = (vm.clone(), ctl.clone());
+    let src = std::thread::spawn(move || migrate(&v2, &via, &o, &c2));
+    let t = Instant::now();
+    while ctl.snapshot().ram.iteration_count < 5 {
+        assert!(t.elapsed() < Duration::from_secs(20), "no iterations");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cut.store(true, Ordering::Release);
+    let e = src.join().unwrap().unwrap_err();
+    println!("source: {}", e.chain());
+    let info = ctl.snapshot();
+    assert_eq!(info.status, Status::Failed);
+    assert_eq!(
+        info.livemig.failed_phase,
+        Some(Status::Active),
+        "it failed mid-iteration"
+    );
+    assert!(info.error_desc.is_some());
+    assert!(dest.join().unwrap().is_err(), "the destination did not complete");
+    assert_source_running(&vm, &info);
+
+    // A fresh destination: the same source migrates, verified.
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let info = migrate(&vm, &addr, &opts(DeviceTracking::Iommu), &ctl).unwrap_or_else(|e| panic!("{}", e.chain()));
+    dest.join().unwrap().unwrap();
+    assert_eq!(info.livemig.verified, Some(true), "{}", info.livemig.verify_detail);
+}
+
+#[test]
+fn incompatible_device_is_refused_during_precopy() {
+    need_kvm!();
+    let vm = source_vm(128, 16.0, DirtyLogMode::Bitmap);
+    let (addr, dest) = spawn_dest(DestOptions {
+        accel_dev_id: Some(0xbeef),
+        ..Default::default()
+    });
+    let ctl = MigrationControl::default();
+    let e = migrate(&vm, &addr, &opts(DeviceTracking::Iommu), &ctl).unwrap_err();
+    let msg = e.chain();
+    println!("source: {msg}");
+    assert!(msg.contains("EFAULT"), "the device's compatibility check: {msg}");
+    let info = ctl.snapshot();
+    assert_eq!(
+        info.livemig.failed_phase,
+        Some(Status::Active),
+        "refused during pre-copy, before any pause"
+    );
+    assert!(info.downtime.is_none());
+    let d = dest.join().unwrap();
+    assert!(d.is_err());
+    assert_source_running(&vm, &info);
+}
+
+#[test]
+fn cancel_leaves_the_source_running() {
+    need_kvm!();
+    let vm = source_vm(128, 16.0, DirtyLogMode::Bitmap);
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let ctl = Arc::new(MigrationControl::default());
+    let o = SourceOptions {
+        downtime_limit: Duration::ZERO,
+        max_iterations: 1_000_000,
+        ..opts(DeviceTracking::DeviceLog)
+    };
+    let (v2, c2) = (vm.clone(), ctl.clone());
+    let src = std::thread::spawn(move || migrate(&v2, &addr, &o, &c2));
+    let t = Instant::now();
+    while ctl.snapshot().ram.iteration_count < 3 {
+        assert!(t.elapsed() < Duration::from_secs(20), "no iterations");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ctl.cancel.store(true, Ordering::Release);
+    assert!(matches!(src.join().unwrap(), Err(MigError::Cancelled)));
+    assert_eq!(ctl.snapshot().status, Status::Cancelled);
+    let d = dest.join().unwrap();
+    assert!(
+        matches!(&d, Err(MigError::Peer(m)) if m.contains("cancelled")),
+        "the destination was told"
+    );
+    assert_source_running(&vm, &ctl.snapshot());
+    let e = vm
+        .iommu()
+        .unwrap()
+        .accel
+        .migration()
+        .dma_logging_report(0, 4096, 4096, &mut [0u8; 1])
+        .unwrap_err();
+    assert_eq!(e.code(), iommu::errno::EINVAL, "DMA logging was stopped");
+}
+
+/// A raw client that gets a destination to the point where it accepts pages.
+fn raw_session(
+    mem_mib: u64,
+) -> (
+    FrameWriter<TcpStream>,
+    FrameReader<TcpStream>,
+    std::thread::JoinHandle<Result<Incoming, MigError>>,
+) {
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let s = TcpStream::connect(addr).unwrap();
+    let mut w = FrameWriter::new(s.try_clone().unwrap());
+    let mut r = FrameReader::new(s);
+    w.send(
+        Kind::Hello,
+        &Hello {
+            version: VERSION,
+            role: Role::Control,
+            session: 1,
+            caps: 0,
+        }
+        .encode(),
+    )
+    .unwrap();
+    assert_eq!(r.expect().unwrap().kind, Kind::Hello);
+    let cfg = VmConfigMsg {
+        mem_mib,
+        vcpus: 1,
+        regions: vec![(0, mem_mib << 20)],
+        channels: 0,
+        verify: false,
+        accel: None,
+    };
+    w.send(Kind::Config, &cfg.encode()).unwrap();
+    assert_eq!(r.expect().unwrap().kind, Kind::ConfigOk);
+    (w, r, dest)
+}
+
+fn pages_payload(gpa: u64, pages: u32) -> Vec<u8> {
+    let mut p = Vec::new();
+    PagesHead {
+        gpa,
+        pages,
+        encoding: Encoding::Raw,
+    }
+    .encode_into(&mut p);
+    p.extend((0..pages as usize * 4096).map(|i| i as u8));
+    p
+}
+
+fn error_frame(r: &mut FrameReader<TcpStream>) -> String {
+    let f = r.expect().unwrap();
+    assert_eq!(f.kind, Kind::Error);
+    decode_str(&f.payload).unwrap()
+}
+
+#[test]
+fn corrupted_frame_is_refused_and_nothing_resumes() {
+    need_kvm!();
+    let (mut w, mut r, dest) = raw_session(64);
+    w.send(Kind::Pages, &pages_payload(0x100000, 4)).unwrap();
+    // The next frame, with one payload bit flipped after its CRC was computed.
+    let mut f = Vec::new();
+    encode(&mut f, Kind::Pages, 3, &pages_payload(0x200000, 4));
+    f[100] ^= 0x10;
+    w.get_mut().write_all(&f).unwrap();
+    let why = error_frame(&mut r);
+    println!("destination: {why}");
+    assert!(why.contains("frame 3 failed its CRC32C check"), "{why}");
+    match dest.join().unwrap() {
+        Err(MigError::Wire(WireError::Checksum { seq: 3 })) => {}
+        other => panic!("{:?}", other.map(|_| "resumed")),
+    }
+}
+
+#[test]
+fn out_of_map_and_malformed_frames_are_refused() {
+    need_kvm!();
+    // A run that starts inside guest RAM and ends past it.
+    let (mut w, mut r, dest) = raw_session(64);
+    w.send(Kind::Pages, &pages_payload((64 << 20) - 2 * 4096, 4)).unwrap();
+    let why = error_frame(&mut r);
+    assert!(why.contains("outside the memory map"), "{why}");
+    assert!(matches!(
+        dest.join().unwrap(),
+        Err(MigError::Wire(WireError::OutOfMap {
+            gpa: 0x3ffe000,
+            pages: 4
+        }))
+    ));
+    // Raw data one byte short of its page count.
+    let (mut w, mut r, dest) = raw_session(64);
+    let mut p = pages_payload(0x100000, 2);
+    p.pop();
+    w.send(Kind::Pages, &p).unwrap();
+    assert!(error_frame(&mut r).contains("does not match its encoding"));
+    assert!(dest.join().unwrap().is_err());
+    // An unknown frame kind with a valid CRC.
+    let (mut w, mut r, dest) = raw_session(64);
+    let mut f = Vec::new();
+    encode(&mut f, Kind::Pages, 2, b"");
+    f[4] = 99;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&f[..20]), b"");
+    f[20..24].copy_from_slice(&crc.to_le_bytes());
+    w.get_mut().write_all(&f).unwrap();
+    assert!(error_frame(&mut r).contains("unknown frame kind 99"));
+    assert!(dest.join().unwrap().is_err());
+}
