@@ -1,11 +1,36 @@
 //! The `livemig` command line.
 
+/// `println!` that ignores a closed stdout: a VM process must not die because whoever
+/// started it stopped reading.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// The same for stderr.
+macro_rules! eout {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod bench;
+mod control;
+mod demo;
 mod iommu_demo;
+mod receive;
+mod run;
+mod summary;
+mod vmopts;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use iommu::FormatKind;
+use std::path::PathBuf;
+use vmopts::VmOpts;
 
 #[derive(Parser)]
 #[command(
@@ -18,11 +43,103 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// How to migrate (the `migrate` command's arguments on the control socket).
+#[derive(Args, Clone, Debug)]
+struct MigFlags {
+    /// Device-write tracking: iommu (HWPT dirty bits), device-log (the device's DMA log) or
+    /// none (every DMA-mapped page is dirty at every sync).
+    #[arg(long, default_value = "iommu", value_parser = ["iommu", "device-log", "none"])]
+    mode: String,
+    /// Parallel page connections besides the control connection (0: pages on the control
+    /// connection).
+    #[arg(long, default_value_t = 0)]
+    channels: u16,
+    /// Downtime limit in milliseconds (QEMU's downtime-limit).
+    #[arg(long, default_value_t = 300)]
+    downtime_limit: u64,
+    /// Switch over after this many iterations even if not converged.
+    #[arg(long, default_value_t = 30)]
+    max_iterations: u32,
+    /// Throttle the vCPUs while the dirty rate outruns the bandwidth.
+    #[arg(long)]
+    auto_converge: bool,
+    /// Send pages uncompressed (zero pages are still sent as zero runs).
+    #[arg(long)]
+    no_compress: bool,
+    /// Skip the end-to-end verification of memory, device state and guest progress.
+    #[arg(long)]
+    no_verify: bool,
+}
+
+impl MigFlags {
+    fn args(&self, uri: String) -> control::MigrateArgs {
+        control::MigrateArgs {
+            uri,
+            mode: self.mode.clone(),
+            channels: self.channels,
+            downtime_limit: self.downtime_limit,
+            max_iterations: self.max_iterations,
+            auto_converge: self.auto_converge,
+            compress: !self.no_compress,
+            verify: !self.no_verify,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Map a guest-sized space in every IOMMU format, DMA from device threads with dirty
-    /// tracking on, harvest, and compare what was found with what was written.
+    /// Live-migrate a running guest (dirtier + busy accelerator behind the IOMMU) from a
+    /// source VM process to a destination process on loopback, and print a summary.
     Demo {
+        #[command(flatten)]
+        vm: VmOpts,
+        #[command(flatten)]
+        mig: MigFlags,
+        /// How long the guest runs before the migration starts, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        warmup_ms: u64,
+        /// Print the final state as one JSON object (QEMU query-migrate field names).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a VM running its guest programs, controlled through a unix socket (JSON lines:
+    /// query-status, migrate, query-migrate, migrate-cancel, quit).
+    Run {
+        #[command(flatten)]
+        vm: VmOpts,
+        /// The control socket's path.
+        #[arg(long, default_value = "/tmp/livemig.sock")]
+        control: PathBuf,
+    },
+    /// Ask a `livemig run` process to migrate its VM, follow it and print the summary.
+    Migrate {
+        /// The control socket of the `livemig run` process.
+        #[arg(long, default_value = "/tmp/livemig.sock")]
+        control: PathBuf,
+        /// Destination HOST:PORT (a `livemig receive`).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        mig: MigFlags,
+        /// Print the final state as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait for one incoming VM on HOST:PORT and run it.
+    Receive {
+        #[arg(long)]
+        listen: String,
+        /// Present a different accelerator identity (dev_id) than the source's: the device
+        /// refuses the migration during pre-copy.
+        #[arg(long, value_parser = parse_u32)]
+        accel_dev_id: Option<u32>,
+        /// Exit this long after the guest resumed here (default: run until killed).
+        #[arg(long)]
+        exit_after_ms: Option<u64>,
+    },
+    /// The emulated IOMMU alone: map a guest-sized space in every format, DMA from device
+    /// threads with dirty tracking on, harvest, and compare what was found with what was written.
+    IommuDemo {
         /// Guest-sized IOVA space to map, in MiB.
         #[arg(long, default_value_t = 1024)]
         memory_mib: u64,
@@ -108,13 +225,47 @@ enum BenchCmd {
 }
 
 fn parse_format(s: &str) -> Result<FormatKind, String> {
-    FormatKind::parse(s).ok_or_else(|| format!("unknown format '{s}' (amd-v1, vtd-ss, arm-lpae-s1)"))
+    vmopts::parse_format(s)
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("'{s}': {e}"))
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Demo {
+            vm,
+            mig,
+            warmup_ms,
+            json,
+        } => demo::demo(&vm, mig.args(String::new()), warmup_ms, json),
+        Cmd::Run { vm, control } => run::run(&vm, &control),
+        Cmd::Migrate { control, to, mig, json } => {
+            let mut c = control::Client::connect(&control)?;
+            c.execute("migrate", serde_json::to_value(mig.args(to))?)?;
+            let info = summary::follow(&mut c, !json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+                if info["status"] != "completed" {
+                    anyhow::bail!("migration {}", info["status"]);
+                }
+                Ok(())
+            } else {
+                summary::print(&info)
+            }
+        }
+        Cmd::Receive {
+            listen,
+            accel_dev_id,
+            exit_after_ms,
+        } => receive::receive(&listen, accel_dev_id, exit_after_ms),
+        Cmd::IommuDemo {
             memory_mib,
             threads,
             writes,

@@ -12,6 +12,7 @@ use accel::AccelConfig;
 use iommu::FormatKind;
 use std::io::BufReader;
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -155,6 +156,7 @@ fn accept_pages(
     vm: &Arc<Vm>,
     failed: &Arc<Mutex<Option<MigError>>>,
     control: &TcpStream,
+    progress: &Arc<Vec<AtomicU32>>,
 ) -> Result<(Vec<JoinHandle<u64>>, Vec<TcpStream>), MigError> {
     listener.set_nonblocking(true).map_err(|e| MigError::Wire(e.into()))?;
     let end = Instant::now() + timeout;
@@ -196,25 +198,23 @@ fn accept_pages(
             seen[channel as usize] = true;
             s.set_read_timeout(None).map_err(|e| MigError::Wire(e.into()))?;
             streams.push(s.try_clone().map_err(|e| MigError::Wire(e.into()))?);
-            let (map, vm, failed, control) = (
-                map.clone(),
-                vm.clone(),
-                failed.clone(),
-                control.try_clone().map_err(|e| MigError::Wire(e.into()))?,
-            );
+            let (map, vm, failed, progress) = (map.clone(), vm.clone(), failed.clone(), progress.clone());
+            let control = control.try_clone().map_err(|e| MigError::Wire(e.into()))?;
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("mig-recv-{channel}"))
-                    .spawn(move || match receive_pages(&mut r, &map, &vm) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
-                            f.get_or_insert(MigError::Wire(e));
-                            // Wakes the control loop, which reports the failure.
-                            let _ = control.shutdown(Shutdown::Read);
-                            0
-                        }
-                    })
+                    .spawn(
+                        move || match receive_pages(&mut r, &map, &vm, &progress[channel as usize]) {
+                            Ok(n) => n,
+                            Err(e) => {
+                                let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+                                f.get_or_insert(MigError::Wire(e));
+                                // Wakes the control loop, which reports the failure.
+                                let _ = control.shutdown(Shutdown::Read);
+                                0
+                            }
+                        },
+                    )
                     .map_err(|e| MigError::Other(format!("spawning a receiver: {e}")))?,
             );
         }
@@ -224,19 +224,26 @@ fn accept_pages(
     res.map(|()| (threads, streams))
 }
 
-/// A page connection: page runs until `Complete`.
-fn receive_pages<R: std::io::Read>(r: &mut FrameReader<R>, map: &MemoryMap, vm: &Vm) -> Result<u64, WireError> {
+/// A page connection: page runs and iteration ends until `Complete`; `done` is the last
+/// iteration it has applied completely.
+fn receive_pages<R: std::io::Read>(
+    r: &mut FrameReader<R>,
+    map: &MemoryMap,
+    vm: &Vm,
+    done: &AtomicU32,
+) -> Result<u64, WireError> {
     let mut dec = RunDecoder::new();
     let mut pages = 0;
     loop {
         let f = r.expect()?;
         match f.kind {
             Kind::Pages => pages += dec.apply(&f.payload, map, vm.memory())?,
+            Kind::EndOfIteration => done.store(msg::decode_u32_u64(&f.payload)?.0, Ordering::Release),
             Kind::Complete => return Ok(pages),
             k => {
                 return Err(WireError::Unexpected {
                     found: k,
-                    expected: "Pages or Complete on a page connection",
+                    expected: "Pages, EndOfIteration or Complete on a page connection",
                 })
             }
         }
@@ -320,6 +327,7 @@ fn run(
     devices.setup()?;
     ctl.send(Kind::ConfigOk, &[])?;
     let failed = Arc::new(Mutex::new(None::<MigError>));
+    let progress: Arc<Vec<AtomicU32>> = Arc::new((0..cfg.channels).map(|_| AtomicU32::new(0)).collect());
     let (threads, streams) = accept_pages(
         listener,
         cfg.channels,
@@ -329,6 +337,7 @@ fn run(
         &vm,
         &failed,
         control,
+        &progress,
     )?;
     let stop_pages = |streams: &[TcpStream]| {
         for s in streams {
@@ -356,7 +365,19 @@ fn run(
             }
             Kind::EndOfIteration => {
                 let (it, _dirty) = msg::decode_u32_u64(&f.payload)?;
+                // Acknowledged once every page connection has applied the iteration too.
+                let end = Instant::now() + opts.accept_timeout;
+                while progress.iter().any(|p| p.load(Ordering::Acquire) < it) {
+                    if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                        return Err(MigError::Other("a page connection failed".into()));
+                    }
+                    if Instant::now() > end {
+                        return Err(MigError::Timeout("the page connections to finish an iteration"));
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
                 report.iterations = it;
+                ctl.send(Kind::IterationAck, &it.to_le_bytes())?;
             }
             Kind::Switchover => t_switch = Some(Instant::now()),
             Kind::VcpuState => vcpu_state = Some(f.payload),

@@ -29,6 +29,7 @@ pub enum Kind {
     Verify = 12,
     VerifyReport = 13,
     Error = 14,
+    IterationAck = 15,
 }
 
 impl Kind {
@@ -49,6 +50,7 @@ impl Kind {
             12 => Verify,
             13 => VerifyReport,
             14 => Error,
+            15 => IterationAck,
             _ => return None,
         })
     }

@@ -117,23 +117,46 @@ impl Live {
         }
     }
 
-    fn check_back(&self, init_acked: &mut bool) -> Result<(), MigError> {
+    fn check_back(&self, peer: &mut Peer) -> Result<(), MigError> {
         loop {
             match self.back.try_recv() {
-                Ok(b) => handle_back(b, init_acked)?,
+                Ok(b) => handle_back(b, peer)?,
                 Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(()),
                 Err(_) => return Err(MigError::Wire(WireError::Closed)),
             }
         }
     }
 
-    fn wait_back(&self, want: Kind, timeout: Duration, init_acked: &mut bool) -> Result<Vec<u8>, MigError> {
+    fn wait_iteration(&self, n: u32, timeout: Duration, peer: &mut Peer) -> Result<(), MigError> {
+        let end = Instant::now() + timeout;
+        while peer.iter_acked < n {
+            match self.back.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                Ok(b) => handle_back(b, peer)?,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(MigError::Timeout("the destination to apply an iteration"))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(MigError::Wire(WireError::Closed)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the end of iteration `n` on every connection.
+    fn end_iteration(&mut self, n: u32, dirty: u64) -> Result<(), MigError> {
+        for s in &mut self.senders {
+            s.send(Job::Frame(Kind::EndOfIteration, msg::encode_u32_u64(n, dirty)))
+                .map_err(|e| MigError::Peer(format!("connection: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn wait_back(&self, want: Kind, timeout: Duration, peer: &mut Peer) -> Result<Vec<u8>, MigError> {
         let end = Instant::now() + timeout;
         loop {
             let left = end.saturating_duration_since(Instant::now());
             match self.back.recv_timeout(left) {
                 Ok(Back::Frame(k, p)) if k == want => return Ok(p),
-                Ok(b) => handle_back(b, init_acked)?,
+                Ok(b) => handle_back(b, peer)?,
                 Err(RecvTimeoutError::Timeout) => return Err(MigError::Timeout("the destination")),
                 Err(RecvTimeoutError::Disconnected) => return Err(MigError::Wire(WireError::Closed)),
             }
@@ -170,10 +193,24 @@ impl Live {
     }
 }
 
-fn handle_back(b: Back, init_acked: &mut bool) -> Result<(), MigError> {
+/// What the destination has acknowledged.
+#[derive(Default)]
+struct Peer {
+    /// The device's initial pre-copy data (switchover-ack).
+    init_acked: bool,
+    /// The last iteration the destination has applied completely.
+    iter_acked: u32,
+}
+
+fn handle_back(b: Back, peer: &mut Peer) -> Result<(), MigError> {
     match b {
         Back::Frame(Kind::InitAck, _) => {
-            *init_acked = true;
+            peer.init_acked = true;
+            Ok(())
+        }
+        Back::Frame(Kind::IterationAck, p) => {
+            let n = msg::Rd::new(&p).u32()?;
+            peer.iter_acked = peer.iter_acked.max(n);
             Ok(())
         }
         Back::Frame(Kind::Error, p) => Err(MigError::Peer(
@@ -439,12 +476,12 @@ fn run(
         }
     }
     let mut conv = Convergence::new(opts.downtime_limit, opts.auto_converge, Instant::now(), 0);
-    let mut init_acked = false;
+    let mut peer = Peer::default();
     let mut iteration = 1u64;
     let mut vfio_bytes = 0u64;
     let (mut cpu_dirty_total, mut dev_dirty_total) = (0u64, 0u64);
     t!(live.queue_pages(&all));
-    t!(live.control_frame(Kind::EndOfIteration, msg::encode_u32_u64(1, all.count())));
+    t!(live.end_iteration(1, all.count()));
     t!(live.flush_all());
     let precopy_start = Instant::now();
     let mut last_sync = Instant::now();
@@ -457,7 +494,11 @@ fn run(
         if ctl.cancel.load(Ordering::Acquire) {
             return Err((MigError::Cancelled, Some(live)));
         }
-        t!(live.check_back(&mut init_acked));
+        t!(live.check_back(&mut peer));
+        // Flow control: the destination applies every iteration before the next sync, so
+        // it never lags by more than one iteration of socket buffers and the switchover
+        // does not start with a backlog.
+        t!(live.wait_iteration(iteration as u32, opts.peer_timeout, &mut peer));
         cpu.clear();
         dev.clear();
         t!(vm.harvest_cpu_dirty(&mut cpu));
@@ -479,7 +520,7 @@ fn run(
             }
         }
         let pending = live.devices.pending();
-        let allowed = init_acked || !live.devices.needs_switchover_ack();
+        let allowed = peer.init_acked || !live.devices.needs_switchover_ack();
         let total_pending = dirty * 4096 + pending.exact;
         publish(
             ctl,
@@ -515,7 +556,7 @@ fn run(
             // Waiting for the destination's acknowledgement with nothing much to send: wait
             // for it a little instead of spinning through empty dirty syncs.
             match live.back.recv_timeout(Duration::from_millis(10)) {
-                Ok(b) => t!(handle_back(b, &mut init_acked)),
+                Ok(b) => t!(handle_back(b, &mut peer)),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err((MigError::Wire(WireError::Closed), Some(live))),
             }
@@ -528,7 +569,7 @@ fn run(
             dev_crcs[i] = t!(verify::device_data_crc(dev_crcs[i], &b).map_err(MigError::Other));
             t!(live.control_frame(Kind::DeviceData, msg::encode_device_data(i as u16, &b)));
         }
-        t!(live.control_frame(Kind::EndOfIteration, msg::encode_u32_u64(iteration as u32, dirty)));
+        t!(live.end_iteration(iteration as u32, dirty));
         t!(live.flush_all());
     }
     let precopy = precopy_start.elapsed().as_secs_f64().max(1e-6);
@@ -563,7 +604,7 @@ fn run(
     }
     t!(live.control_frame(Kind::Complete, Vec::new()));
     t!(live.flush_all());
-    let ack = t!(live.wait_back(Kind::Ack, opts.peer_timeout, &mut init_acked));
+    let ack = t!(live.wait_back(Kind::Ack, opts.peer_timeout, &mut peer));
     let t_ack = Instant::now();
     // ---- the destination runs the guest now; nothing below may resume the source ----
     let ack = Ack::decode(&ack).unwrap_or_default();
@@ -572,7 +613,6 @@ fn run(
         .saturating_sub(Duration::from_nanos(ack.verify_ns + ack.since_running_ns));
     let total_bytes = stats.wire_bytes.load(Ordering::Relaxed);
     ctl.update(|i| {
-        i.status = Status::Completed;
         i.total_time = t0.elapsed().as_millis() as u64;
         i.downtime = Some(downtime.as_millis() as u64);
         i.downtime_us = Some(downtime.as_micros() as u64);
@@ -593,7 +633,7 @@ fn run(
     });
     let _ = final_pages;
     if opts.verify {
-        let detail = verify_with_peer(&mut live, vm, &ack, dev_crcs, opts, &mut init_acked);
+        let detail = verify_with_peer(&mut live, vm, &ack, dev_crcs, opts, &mut peer);
         ctl.update(|i| match &detail {
             Ok(r) => {
                 i.livemig.dest_pages_before = r.pages_before;
@@ -623,6 +663,9 @@ fn run(
     for s in &mut live.senders {
         let _ = s.finish();
     }
+    // Completed only now, with verification done, so a watcher that stops at "completed"
+    // sees the whole result.
+    ctl.update(|i| i.status = Status::Completed);
     Ok(ctl.snapshot())
 }
 
@@ -634,7 +677,7 @@ fn verify_with_peer(
     ack: &Ack,
     dev_crcs: Vec<u32>,
     opts: &SourceOptions,
-    init_acked: &mut bool,
+    peer: &mut Peer,
 ) -> Result<VerifyReport, String> {
     let regions: Vec<(u64, u64)> = vm.slots().iter().map(|s| (s.gpa, s.size)).collect();
     let mine = verify::digest(verify::memory_digest(vm.memory(), &regions)?, dev_crcs);
@@ -644,7 +687,7 @@ fn verify_with_peer(
     live.flush_all().map_err(|e| e.chain())?;
     let theirs = ack.digest.as_ref().ok_or("the destination sent no digest")?;
     let report = live
-        .wait_back(Kind::VerifyReport, opts.peer_timeout, init_acked)
+        .wait_back(Kind::VerifyReport, opts.peer_timeout, peer)
         .map_err(|e| e.chain())?;
     let mut r = VerifyReport::decode(&report).map_err(|e| e.to_string())?;
     if let Some(m) = mine.mismatch(theirs) {

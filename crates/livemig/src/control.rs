@@ -1,0 +1,146 @@
+//! The control socket of `livemig run`: a unix socket carrying one JSON object per line,
+//! QMP-shaped (`{"execute": "...", "arguments": {...}}` → `{"return": ...}` or
+//! `{"error": {"desc": "..."}}`). Commands: `query-status`, `migrate`, `query-migrate`,
+//! `migrate-cancel`, `quit`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Arguments of `migrate`, with the CLI's defaults.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct MigrateArgs {
+    pub uri: String,
+    pub mode: String,
+    pub channels: u16,
+    pub downtime_limit: u64,
+    pub max_iterations: u32,
+    pub auto_converge: bool,
+    pub compress: bool,
+    pub verify: bool,
+}
+
+impl Default for MigrateArgs {
+    fn default() -> Self {
+        Self {
+            uri: String::new(),
+            mode: "iommu".into(),
+            channels: 0,
+            downtime_limit: 300,
+            max_iterations: 30,
+            auto_converge: false,
+            compress: true,
+            verify: true,
+        }
+    }
+}
+
+impl MigrateArgs {
+    pub fn options(&self) -> Result<migration::SourceOptions> {
+        let mode = migration::DeviceTracking::parse(&self.mode)
+            .ok_or_else(|| anyhow!("unknown mode '{}' (iommu, device-log, none)", self.mode))?;
+        if self.uri.is_empty() {
+            bail!("migrate needs a destination uri (HOST:PORT)");
+        }
+        if self.max_iterations == 0 {
+            bail!("max-iterations must be at least 1");
+        }
+        if self.channels > 64 {
+            bail!("at most 64 page channels");
+        }
+        Ok(migration::SourceOptions {
+            mode,
+            channels: self.channels,
+            downtime_limit: Duration::from_millis(self.downtime_limit),
+            max_iterations: self.max_iterations,
+            auto_converge: self.auto_converge,
+            compress: self.compress,
+            verify: self.verify,
+            ..Default::default()
+        })
+    }
+}
+
+/// A client of the control socket.
+pub struct Client {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Self> {
+        let s = UnixStream::connect(path)
+            .with_context(|| format!("connecting to the control socket {}", path.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Self {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        })
+    }
+
+    /// Waits up to `timeout` for the socket to accept.
+    pub fn connect_wait(path: &Path, timeout: Duration) -> Result<Self> {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            match Self::connect(path) {
+                Ok(c) => return Ok(c),
+                Err(e) if std::time::Instant::now() > end => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Runs a command; returns its `return` value or fails with its `error`.
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
+        let mut line = serde_json::to_string(&json!({ "execute": cmd, "arguments": args }))?;
+        line.push('\n');
+        self.w.write_all(line.as_bytes())?;
+        let mut resp = String::new();
+        if self.r.read_line(&mut resp)? == 0 {
+            bail!("the control socket closed");
+        }
+        let v: Value = serde_json::from_str(&resp).context("malformed reply on the control socket")?;
+        if let Some(e) = v.get("error") {
+            bail!("{cmd}: {}", e.get("desc").and_then(Value::as_str).unwrap_or("error"));
+        }
+        Ok(v.get("return").cloned().unwrap_or(Value::Null))
+    }
+}
+
+/// Parses one request line into (command, arguments).
+pub fn parse_request(line: &str) -> Result<(String, Value), String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let cmd = v.get("execute").and_then(Value::as_str).ok_or("missing \"execute\"")?;
+    Ok((cmd.to_string(), v.get("arguments").cloned().unwrap_or(json!({}))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_arguments() {
+        assert_eq!(
+            parse_request(r#"{"execute":"query-status"}"#).unwrap().0,
+            "query-status"
+        );
+        assert!(parse_request("{").unwrap_err().starts_with("not JSON"));
+        assert_eq!(parse_request(r#"{"arguments":{}}"#).unwrap_err(), "missing \"execute\"");
+        let a: MigrateArgs = serde_json::from_value(json!({"uri": "127.0.0.1:1", "channels": 4})).unwrap();
+        assert_eq!((a.channels, a.mode.as_str(), a.downtime_limit), (4, "iommu", 300));
+        assert!(
+            serde_json::from_value::<MigrateArgs>(json!({"uri": "x", "chanels": 4})).is_err(),
+            "typos are refused"
+        );
+        let bad = MigrateArgs {
+            uri: "h:1".into(),
+            mode: "fast".into(),
+            ..Default::default()
+        };
+        assert!(bad.options().unwrap_err().to_string().contains("unknown mode 'fast'"));
+    }
+}

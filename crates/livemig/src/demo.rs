@@ -1,0 +1,131 @@
+//! `livemig demo`: a destination process and a source VM process on loopback, a live
+//! migration between them with a progress display, and its summary.
+
+use crate::control::{Client, MigrateArgs};
+use crate::vmopts::VmOpts;
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Kills the children if the demo fails half-way.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+fn vm_args(o: &VmOpts) -> Vec<String> {
+    let mut a = vec![
+        "--memory-mib".into(),
+        o.memory_mib.to_string(),
+        "--vcpus".into(),
+        o.vcpus.to_string(),
+        "--rate".into(),
+        o.rate.to_string(),
+        "--ws-mib".into(),
+        o.ws_mib.to_string(),
+        "--dirty-log".into(),
+        o.dirty_log.clone(),
+        "--ring-entries".into(),
+        o.ring_entries.to_string(),
+        "--iommu-format".into(),
+        o.iommu_format.name().into(),
+        "--pattern".into(),
+        match o.pattern {
+            vmm::Pattern::Sequential => "sequential",
+            vmm::Pattern::Uniform => "uniform",
+            vmm::Pattern::HotCold { .. } => "hotcold",
+        }
+        .into(),
+    ];
+    if o.no_accel {
+        a.push("--no-accel".into());
+    }
+    if o.iommu_4k {
+        a.push("--iommu-4k".into());
+    }
+    a
+}
+
+pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool) -> Result<()> {
+    vmm::kvm_for_tests().map_err(|e| anyhow!("the demo needs KVM: {e}"))?;
+    vm.config()?;
+    let exe = std::env::current_exe().context("finding the livemig binary")?;
+    let mut kids = Children(Vec::new());
+    let say = |m: &str| {
+        if !json {
+            println!("{m}");
+        }
+    };
+
+    // The destination picks a free port and says which on its first line.
+    let mut dest = Command::new(&exe)
+        .args(["receive", "--listen", "127.0.0.1:0", "--exit-after-ms", "1000"])
+        .stdout(Stdio::piped())
+        .stderr(if json { Stdio::null() } else { Stdio::inherit() })
+        .spawn()
+        .context("starting the destination process")?;
+    let out = dest
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no stdout from the destination"))?;
+    kids.0.push(dest);
+    let mut lines = BufReader::new(out).lines();
+    let first = lines.next().ok_or_else(|| anyhow!("the destination exited"))??;
+    let addr = first
+        .strip_prefix("listening on ")
+        .ok_or_else(|| anyhow!("unexpected destination output: {first}"))?
+        .to_string();
+    say(&format!("destination process {} listening on {addr}", kids.0[0].id()));
+    let dest_out = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+
+    let sock = PathBuf::from(format!("/tmp/livemig-demo-{}.sock", std::process::id()));
+    let src = Command::new(&exe)
+        .arg("run")
+        .args(vm_args(vm))
+        .arg("--control")
+        .arg(&sock)
+        .stdout(if json { Stdio::null() } else { Stdio::inherit() })
+        .stderr(if json { Stdio::null() } else { Stdio::inherit() })
+        .spawn()
+        .context("starting the source VM process")?;
+    say(&format!("source VM process {}", src.id()));
+    kids.0.push(src);
+    let mut c = Client::connect_wait(&sock, Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(warmup_ms));
+    let st = c.execute("query-status", serde_json::json!({}))?;
+    say(&format!(
+        "guest warmed up for {warmup_ms} ms: {} pages written, {} accel jobs completed; migrating (mode {})",
+        st["pages-written"], st["jobs-completed"], mig.mode
+    ));
+    let mig = MigrateArgs { uri: addr, ..mig };
+    c.execute("migrate", serde_json::to_value(&mig)?)?;
+    let info = crate::summary::follow(&mut c, !json)?;
+    if info["status"] != "completed" {
+        let _ = c.execute("quit", serde_json::json!({}));
+    }
+    for k in &mut kids.0 {
+        let _ = k.wait();
+    }
+    let dest_lines = dest_out.join().unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        if info["status"] != "completed" || info["livemig"]["verified"] != true {
+            bail!("migration {}", info["status"]);
+        }
+        return Ok(());
+    }
+    for l in &dest_lines {
+        println!("[destination] {l}");
+    }
+    crate::summary::print(&info)
+}

@@ -1,0 +1,66 @@
+//! `livemig receive`: wait for one incoming VM, run it.
+
+use anyhow::{bail, Context, Result};
+use migration::DestOptions;
+use std::io::Write;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+pub fn receive(listen: &str, accel_dev_id: Option<u32>, exit_after_ms: Option<u64>) -> Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    // The first line tells a parent process which port was chosen.
+    out!("listening on {}", l.local_addr()?);
+    let _ = std::io::stdout().flush();
+    let opts = DestOptions {
+        accel_dev_id,
+        ..Default::default()
+    };
+    let inc =
+        migration::receive(&l, &opts, &|m| eout!("[receive] {m}")).map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
+    let r = &inc.report;
+    out!(
+        "received: {} pages, {} device bytes, {} iterations; guest running ({:.1} ms from switchover to running)",
+        r.pages_received,
+        r.device_bytes,
+        r.iterations,
+        r.resume_time.as_secs_f64() * 1e3
+    );
+    if let Some(v) = &r.verify {
+        if !v.reason.is_empty() {
+            bail!("verification failed: {}", v.reason);
+        }
+        out!("verified: memory and device state match the source; the guest makes progress");
+    }
+    let t = Instant::now();
+    let mut last = Instant::now();
+    loop {
+        if let Some(ms) = exit_after_ms {
+            if t.elapsed() >= Duration::from_millis(ms) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        if last.elapsed() >= Duration::from_secs(1) {
+            last = Instant::now();
+            let c = inc.vm.counters(0);
+            eout!(
+                "[receive] guest: {} pages written, {} accel jobs, {} errors",
+                c.pages_written,
+                c.jobs_completed,
+                c.errors
+            );
+            if let Some(s) = inc.vm.vcpu_stopped() {
+                bail!("the guest stopped: {s:?}");
+            }
+        }
+    }
+    let c = inc.vm.counters(0);
+    out!(
+        "guest after {:.1} s on this host: {} pages written, {} accel jobs completed, {} errors",
+        t.elapsed().as_secs_f64(),
+        c.pages_written,
+        c.jobs_completed,
+        c.errors
+    );
+    Ok(())
+}

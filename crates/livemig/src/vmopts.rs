@@ -1,0 +1,115 @@
+//! The options that describe a VM and its guest program, shared by `run`, `demo` and
+//! `bench migration`.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use iommu::FormatKind;
+use vmm::layout::WORKSET_BASE;
+use vmm::{AccelSetup, DirtyLogMode, Pattern, Program, Vm, VmConfig};
+
+#[derive(Args, Clone, Debug)]
+pub struct VmOpts {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory_mib: u64,
+    /// vCPUs; each runs the dirtier over its own slice of the working set.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Dirtier rate in MiB/s per VM (0: no dirtier).
+    #[arg(long, default_value_t = 256.0)]
+    pub rate: f64,
+    /// Dirtier working set in MiB (from 16 MiB up).
+    #[arg(long, default_value_t = 512)]
+    pub ws_mib: u64,
+    /// Dirtier pattern: sequential, uniform or hotcold.
+    #[arg(long, default_value = "uniform", value_parser = parse_pattern)]
+    pub pattern: Pattern,
+    /// CPU dirty tracking: ring or bitmap.
+    #[arg(long, default_value = "ring", value_parser = ["ring", "bitmap"])]
+    pub dirty_log: String,
+    /// Dirty ring entries per vCPU (a power of two, 256..=65536).
+    #[arg(long, default_value_t = 65536)]
+    pub ring_entries: u32,
+    /// No accelerator (and no accel-client).
+    #[arg(long)]
+    pub no_accel: bool,
+    /// IOMMU page-table format: amd-v1, vtd-ss or arm-lpae-s1.
+    #[arg(long, default_value = "vtd-ss", value_parser = parse_format)]
+    pub iommu_format: FormatKind,
+    /// Map guest RAM in the IOMMU with 4 KiB leaves only (default: huge leaves, split
+    /// eagerly when dirty tracking starts).
+    #[arg(long)]
+    pub iommu_4k: bool,
+}
+
+fn parse_pattern(s: &str) -> Result<Pattern, String> {
+    match s {
+        "sequential" => Ok(Pattern::Sequential),
+        "uniform" => Ok(Pattern::Uniform),
+        "hotcold" => Ok(Pattern::HotCold {
+            hot_pages: 1024,
+            hot_pct: 90,
+        }),
+        _ => Err(format!("unknown pattern '{s}' (sequential, uniform, hotcold)")),
+    }
+}
+
+pub fn parse_format(s: &str) -> Result<FormatKind, String> {
+    FormatKind::parse(s).ok_or_else(|| format!("unknown format '{s}' (amd-v1, vtd-ss, arm-lpae-s1)"))
+}
+
+impl VmOpts {
+    pub fn config(&self) -> Result<VmConfig> {
+        let dirty = match self.dirty_log.as_str() {
+            "bitmap" => DirtyLogMode::Bitmap,
+            _ => DirtyLogMode::Ring {
+                entries: self.ring_entries,
+            },
+        };
+        let accel = (!self.no_accel).then(|| AccelSetup {
+            format: self.iommu_format,
+            huge_pages: !self.iommu_4k,
+            eager_split: !self.iommu_4k,
+            ..Default::default()
+        });
+        Ok(VmConfig {
+            mem_mib: self.memory_mib,
+            regions: 1,
+            vcpus: self.vcpus,
+            dirty,
+            accel,
+        })
+    }
+
+    /// Builds the VM and loads the guest programs (not started).
+    pub fn build(&self) -> Result<Vm> {
+        if !(self.rate.is_finite() && self.rate >= 0.0) {
+            bail!("--rate must be a non-negative number of MiB/s");
+        }
+        let vm = Vm::new(self.config()?)?;
+        let avail = vm.mem_size().saturating_sub(WORKSET_BASE) >> 20;
+        if self.ws_mib == 0 || self.ws_mib > avail {
+            bail!(
+                "--ws-mib must be between 1 and {avail} for {} MiB of RAM",
+                self.memory_mib
+            );
+        }
+        let slice = (self.ws_mib << 20) / 4096 / self.vcpus as u64;
+        if slice == 0 {
+            bail!("the working set is too small for {} vCPUs", self.vcpus);
+        }
+        for v in 0..self.vcpus {
+            let mut p = Program::dirtier(
+                WORKSET_BASE + v as u64 * slice * 4096,
+                slice,
+                self.rate / self.vcpus as f64,
+                self.pattern,
+            );
+            p.dirtier = self.rate > 0.0;
+            // vCPU 0 also drives the accelerator.
+            p.accel_queue = (!self.no_accel && v == 0).then_some(1);
+            vm.load_program(v, &p)?;
+        }
+        Ok(vm)
+    }
+}
