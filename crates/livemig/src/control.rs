@@ -82,18 +82,6 @@ impl Client {
         })
     }
 
-    /// Waits up to `timeout` for the socket to accept.
-    pub fn connect_wait(path: &Path, timeout: Duration) -> Result<Self> {
-        let end = std::time::Instant::now() + timeout;
-        loop {
-            match Self::connect(path) {
-                Ok(c) => return Ok(c),
-                Err(e) if std::time::Instant::now() > end => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-
     /// Runs a command; returns its `return` value or fails with its `error`.
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value> {
         let mut line = serde_json::to_string(&json!({ "execute": cmd, "arguments": args }))?;

@@ -31,8 +31,6 @@ fn vm_args(o: &VmOpts) -> Vec<String> {
         o.vcpus.to_string(),
         "--rate".into(),
         o.rate.to_string(),
-        "--ws-mib".into(),
-        o.ws_mib.to_string(),
         "--dirty-log".into(),
         o.dirty_log.clone(),
         "--ring-entries".into(),
@@ -47,6 +45,9 @@ fn vm_args(o: &VmOpts) -> Vec<String> {
         }
         .into(),
     ];
+    if let Some(ws) = o.ws_mib {
+        a.extend(["--ws-mib".into(), ws.to_string()]);
+    }
     if o.no_accel {
         a.push("--no-accel".into());
     }
@@ -58,6 +59,7 @@ fn vm_args(o: &VmOpts) -> Vec<String> {
 
 pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool) -> Result<()> {
     vmm::kvm_for_tests().map_err(|e| anyhow!("the demo needs KVM: {e}"))?;
+    vm.validate()?;
     vm.config()?;
     let exe = std::env::current_exe().context("finding the livemig binary")?;
     let mut kids = Children(Vec::new());
@@ -71,7 +73,6 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool) -> Result
     let mut dest = Command::new(&exe)
         .args(["receive", "--listen", "127.0.0.1:0", "--exit-after-ms", "1000"])
         .stdout(Stdio::piped())
-        .stderr(if json { Stdio::null() } else { Stdio::inherit() })
         .spawn()
         .context("starting the destination process")?;
     let out = dest
@@ -95,12 +96,23 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool) -> Result
         .arg("--control")
         .arg(&sock)
         .stdout(if json { Stdio::null() } else { Stdio::inherit() })
-        .stderr(if json { Stdio::null() } else { Stdio::inherit() })
         .spawn()
         .context("starting the source VM process")?;
     say(&format!("source VM process {}", src.id()));
     kids.0.push(src);
-    let mut c = Client::connect_wait(&sock, Duration::from_secs(30))?;
+    let t = std::time::Instant::now();
+    let mut c = loop {
+        if let Ok(c) = Client::connect(&sock) {
+            break c;
+        }
+        if let Some(st) = kids.0[1].try_wait()? {
+            bail!("the source VM process exited ({st}) before opening its control socket");
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the source VM process did not open {} within 30 s", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     std::thread::sleep(Duration::from_millis(warmup_ms));
     let st = c.execute("query-status", serde_json::json!({}))?;
     say(&format!(

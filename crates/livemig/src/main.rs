@@ -217,6 +217,19 @@ enum BenchCmd {
         #[arg(long, default_value_t = 200)]
         cycles: u32,
     },
+    /// One verified live migration per device-tracking mode, same guest: downtime, total
+    /// time and bytes sent, against the `none` mode and raw loopback TCP.
+    Migration {
+        #[command(flatten)]
+        vm: VmOpts,
+        /// Modes, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["iommu".to_string(), "device-log".to_string(), "none".to_string()])]
+        modes: Vec<String>,
+        #[arg(long, default_value_t = 1000)]
+        warmup_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        channels: u16,
+    },
     /// 4 KiB DMA writes through the IOTLB against memcpy.
     Dma {
         #[arg(long, default_value_t = 20)]
@@ -288,6 +301,12 @@ fn main() -> Result<()> {
             }),
             BenchCmd::Dma { runs } => bench::dma(runs),
             BenchCmd::Pause { vcpus, cycles } => bench::pause(vcpus, cycles),
+            BenchCmd::Migration {
+                vm,
+                modes,
+                warmup_ms,
+                channels,
+            } => bench::migration(&vm, &modes, warmup_ms, channels),
             BenchCmd::CpuDirty {
                 memory_mib,
                 rates,

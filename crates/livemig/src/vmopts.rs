@@ -18,9 +18,9 @@ pub struct VmOpts {
     /// Dirtier rate in MiB/s per VM (0: no dirtier).
     #[arg(long, default_value_t = 256.0)]
     pub rate: f64,
-    /// Dirtier working set in MiB (from 16 MiB up).
-    #[arg(long, default_value_t = 512)]
-    pub ws_mib: u64,
+    /// Dirtier working set in MiB, placed from 16 MiB up [default: 512, or what fits].
+    #[arg(long)]
+    pub ws_mib: Option<u64>,
     /// Dirtier pattern: sequential, uniform or hotcold.
     #[arg(long, default_value = "uniform", value_parser = parse_pattern)]
     pub pattern: Pattern,
@@ -81,20 +81,35 @@ impl VmOpts {
         })
     }
 
-    /// Builds the VM and loads the guest programs (not started).
-    pub fn build(&self) -> Result<Vm> {
-        if !(self.rate.is_finite() && self.rate >= 0.0) {
-            bail!("--rate must be a non-negative number of MiB/s");
-        }
-        let vm = Vm::new(self.config()?)?;
-        let avail = vm.mem_size().saturating_sub(WORKSET_BASE) >> 20;
-        if self.ws_mib == 0 || self.ws_mib > avail {
+    /// The working set in MiB, checked against the memory size.
+    pub fn ws(&self) -> Result<u64> {
+        let avail = (self.memory_mib << 20).saturating_sub(WORKSET_BASE) >> 20;
+        let ws = self.ws_mib.unwrap_or(avail.min(512));
+        if ws == 0 || ws > avail {
             bail!(
                 "--ws-mib must be between 1 and {avail} for {} MiB of RAM",
                 self.memory_mib
             );
         }
-        let slice = (self.ws_mib << 20) / 4096 / self.vcpus as u64;
+        Ok(ws)
+    }
+
+    /// Checks everything that can be checked without KVM.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.rate.is_finite() && self.rate >= 0.0) {
+            bail!("--rate must be a non-negative number of MiB/s");
+        }
+        if self.vcpus == 0 || self.vcpus > 64 {
+            bail!("--vcpus must be between 1 and 64");
+        }
+        self.ws().map(|_| ())
+    }
+
+    /// Builds the VM and loads the guest programs (not started).
+    pub fn build(&self) -> Result<Vm> {
+        self.validate()?;
+        let vm = Vm::new(self.config()?)?;
+        let slice = (self.ws()? << 20) / 4096 / self.vcpus as u64;
         if slice == 0 {
             bail!("the working set is too small for {} vCPUs", self.vcpus);
         }
