@@ -127,6 +127,7 @@ enum Cmd {
     },
     /// Wait for one incoming VM on HOST:PORT and run it.
     Receive {
+        /// HOST:PORT to listen on (port 0 picks a free one, printed on the first line).
         #[arg(long)]
         listen: String,
         /// Present a different accelerator identity (dev_id) than the source's: the device
@@ -183,10 +184,13 @@ enum BenchCmd {
     },
     /// Dirty bitmap through iommufd against type1 GET_BITMAP (same space, same pages).
     Bitmap {
+        /// IOVA to map, in GiB.
         #[arg(long, default_value_t = 64)]
         iova_gib: u64,
+        /// Dirty fraction (0..=1).
         #[arg(long, default_value_t = 0.01)]
         dirty: f64,
+        /// Runs per measurement; the minimum is reported.
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
@@ -212,8 +216,10 @@ enum BenchCmd {
     /// vCPU pause and resume latency with the dirtier running, against a bare thread
     /// park/unpark round trip measured in the same run.
     Pause {
+        /// vCPUs, each running the dirtier.
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
+        /// Pause/resume cycles measured.
         #[arg(long, default_value_t = 200)]
         cycles: u32,
     },
@@ -225,13 +231,16 @@ enum BenchCmd {
         /// Modes, comma separated.
         #[arg(long, value_delimiter = ',', default_values_t = vec!["iommu".to_string(), "device-log".to_string(), "none".to_string()])]
         modes: Vec<String>,
+        /// How long the guest runs before each migration, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         warmup_ms: u64,
+        /// Parallel page connections.
         #[arg(long, default_value_t = 0)]
         channels: u16,
     },
     /// 4 KiB DMA writes through the IOTLB against memcpy.
     Dma {
+        /// Runs per measurement; the minimum is reported.
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
