@@ -22,6 +22,8 @@ pub struct MigrateArgs {
     pub auto_converge: bool,
     pub compress: bool,
     pub verify: bool,
+    /// Wire bytes per second over all connections; 0 is unlimited (QEMU's max-bandwidth).
+    pub max_bandwidth: u64,
 }
 
 impl Default for MigrateArgs {
@@ -35,6 +37,7 @@ impl Default for MigrateArgs {
             auto_converge: false,
             compress: true,
             verify: true,
+            max_bandwidth: 0,
         }
     }
 }
@@ -60,6 +63,7 @@ impl MigrateArgs {
             auto_converge: self.auto_converge,
             compress: self.compress,
             verify: self.verify,
+            max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
             ..Default::default()
         })
     }

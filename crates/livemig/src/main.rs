@@ -69,6 +69,9 @@ struct MigFlags {
     /// Skip the end-to-end verification of memory, device state and guest progress.
     #[arg(long)]
     no_verify: bool,
+    /// Cap the migration at this many MiB/s on the wire (0: unlimited).
+    #[arg(long, default_value_t = 0.0)]
+    max_bandwidth_mib: f64,
 }
 
 impl MigFlags {
@@ -82,6 +85,7 @@ impl MigFlags {
             auto_converge: self.auto_converge,
             compress: !self.no_compress,
             verify: !self.no_verify,
+            max_bandwidth: (self.max_bandwidth_mib.max(0.0) * 1048576.0) as u64,
         }
     }
 }

@@ -83,10 +83,11 @@ pub fn print(i: &Value) -> Result<()> {
         u(i, "livemig.downtime-limit-ms")
     );
     println!(
-        "  iterations        {} ({} dirty syncs; switchover: {})",
+        "  iterations        {} ({} dirty syncs; switchover: {}; CPU throttle {} %)",
         u(i, "ram.iteration-count"),
         u(i, "ram.dirty-sync-count"),
-        s(i, "livemig.switchover-reason")
+        s(i, "livemig.switchover-reason"),
+        u(i, "cpu-throttle-percentage")
     );
     println!(
         "  bytes sent        {} on the wire: {} pages normal ({}), {} zero, {} compressed into {}; device state {} B",

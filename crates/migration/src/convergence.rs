@@ -4,11 +4,12 @@
 //! the bandwidth; auto-converge throttles the vCPUs after two successive syncs that dirtied
 //! more than half of what was sent in their period (initial 20 %, step 10, max 99).
 //!
-//! One deliberate difference: "bytes" here are guest bytes moved (pages × 4096, plus device
-//! data), not bytes on the wire. QEMU counts wire bytes, so with zero pages and compression
-//! its bandwidth falls far below the rate at which guest memory actually moves, while the
-//! pending amount it compares against is counted in whole pages; the two units would never
-//! meet and a compressible guest would not converge.
+//! One deliberate difference: "bytes" here are guest bytes of the data pages moved (raw or
+//! compressed pages × 4096, plus device data), not bytes on the wire. QEMU counts wire bytes,
+//! so with compression its bandwidth falls far below the rate at which guest memory moves
+//! while the pending amount it compares against is counted in whole pages, and a
+//! compressible guest would not converge. Zero pages are left out: they cost almost nothing,
+//! so a bulk round of mostly zero memory would report a bandwidth no dirty page could see.
 
 use std::time::{Duration, Instant};
 

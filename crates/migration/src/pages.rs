@@ -21,6 +21,11 @@ pub struct PageStats {
 }
 
 impl PageStats {
+    /// Pages sent with data (raw or compressed): what moving dirty pages costs.
+    pub fn data_pages(&self) -> u64 {
+        self.normal_pages.load(Ordering::Relaxed) + self.compressed_pages.load(Ordering::Relaxed)
+    }
+
     pub fn pages(&self) -> u64 {
         self.normal_pages.load(Ordering::Relaxed)
             + self.zero_pages.load(Ordering::Relaxed)

@@ -8,8 +8,9 @@ use std::io::BufWriter;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryMmap;
 use vmm::PageBitmap;
 
@@ -27,6 +28,50 @@ pub enum Job {
     Flush(SyncSender<()>),
 }
 
+/// What every sender of one migration shares.
+pub struct Shared {
+    pub mem: Arc<GuestMemoryMmap>,
+    pub stats: Arc<PageStats>,
+    pub compress: bool,
+    /// QEMU's `max-bandwidth`: wire bytes per second over all connections.
+    pub limit: Option<Limiter>,
+}
+
+/// A token bucket over all connections; a sender that overdraws it sleeps the debt off.
+pub struct Limiter {
+    bytes_per_s: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Limiter {
+    pub fn new(bytes_per_s: u64) -> Self {
+        Self {
+            bytes_per_s: bytes_per_s.max(1) as f64,
+            state: Mutex::new((0.0, Instant::now())),
+        }
+    }
+
+    /// Accounts `n` bytes just written, sleeping while the bucket is in debt.
+    pub fn take(&self, n: u64) {
+        let wait = {
+            let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            // Up to 100 ms of unused allowance carries over (a burst).
+            g.0 = (g.0 + now.duration_since(g.1).as_secs_f64() * self.bytes_per_s).min(self.bytes_per_s / 10.0);
+            g.1 = now;
+            g.0 -= n as f64;
+            if g.0 < 0.0 {
+                Duration::from_secs_f64(-g.0 / self.bytes_per_s)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 pub struct Sender {
     tx: Option<SyncSender<Job>>,
     thread: Option<JoinHandle<Result<(), String>>>,
@@ -34,18 +79,11 @@ pub struct Sender {
 
 impl Sender {
     /// A sender for a connection on which `seq` frames were already sent.
-    pub fn spawn_after(
-        name: String,
-        stream: TcpStream,
-        mem: Arc<GuestMemoryMmap>,
-        stats: Arc<PageStats>,
-        compress: bool,
-        seq: u64,
-    ) -> Self {
+    pub fn spawn_after(name: String, stream: TcpStream, shared: Arc<Shared>, seq: u64) -> Self {
         let (tx, rx) = sync_channel::<Job>(1024);
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(rx, stream, &mem, &stats, compress, seq))
+            .spawn(move || run(rx, stream, &shared, seq))
             .ok();
         Self { tx: Some(tx), thread }
     }
@@ -78,16 +116,10 @@ impl Sender {
     }
 }
 
-fn run(
-    rx: Receiver<Job>,
-    stream: TcpStream,
-    mem: &GuestMemoryMmap,
-    stats: &PageStats,
-    compress: bool,
-    seq: u64,
-) -> Result<(), String> {
+fn run(rx: Receiver<Job>, stream: TcpStream, sh: &Shared, seq: u64) -> Result<(), String> {
+    let (mem, stats) = (&*sh.mem, &*sh.stats);
     let mut w = FrameWriter::with_seq(BufWriter::with_capacity(1 << 20, stream), seq);
-    let mut enc = RunEncoder::new(compress);
+    let mut enc = RunEncoder::new(sh.compress);
     let mut counted = 0u64;
     let err = |e: std::io::Error| e.to_string();
     while let Ok(job) = rx.recv() {
@@ -101,8 +133,12 @@ fn run(
                 let _ = ack.send(());
             }
         }
-        stats.wire_bytes.fetch_add(w.bytes() - counted, Ordering::Relaxed);
+        let n = w.bytes() - counted;
+        stats.wire_bytes.fetch_add(n, Ordering::Relaxed);
         counted = w.bytes();
+        if let Some(l) = &sh.limit {
+            l.take(n);
+        }
     }
     w.flush().map_err(err)
 }

@@ -9,7 +9,7 @@ use crate::frame::{FrameReader, Kind};
 use crate::info::{MigrationInfo, Status};
 use crate::msg::{self, AccelDesc, Ack, Hello, Role, VerifyReport, VmConfigMsg, CAP_LZ4, CAP_VERIFY, VERSION};
 use crate::pages::PageStats;
-use crate::sender::{runs, Job, Sender};
+use crate::sender::{runs, Job, Limiter, Sender, Shared};
 use crate::throttle::Throttle;
 use crate::verify;
 use iommu::FormatKind;
@@ -34,6 +34,9 @@ pub struct SourceOptions {
     pub verify: bool,
     /// How long to wait for the destination at the end (acknowledgement, verification).
     pub peer_timeout: Duration,
+    /// QEMU's `max-bandwidth`, in wire bytes per second over all connections (none: as
+    /// fast as the connections go).
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Default for SourceOptions {
@@ -47,6 +50,7 @@ impl Default for SourceOptions {
             compress: true,
             verify: false,
             peer_timeout: Duration::from_secs(60),
+            max_bandwidth: None,
         }
     }
 }
@@ -373,12 +377,16 @@ fn run(
     let stats = Arc::new(PageStats::default());
     let mem = vm.memory().clone();
     // The control connection's writer continues the sequence the hello writer started.
+    let shared = Arc::new(Shared {
+        mem,
+        stats: stats.clone(),
+        compress: opts.compress,
+        limit: opts.max_bandwidth.map(Limiter::new),
+    });
     let mut senders = vec![Sender::spawn_after(
         "mig-control".into(),
         control.try_clone().map_err(|e| bare(e.into_wire()))?,
-        mem.clone(),
-        stats.clone(),
-        opts.compress,
+        shared.clone(),
         2,
     )];
     for c in 0..opts.channels {
@@ -391,14 +399,7 @@ fn run(
             caps,
         };
         w.send(Kind::Hello, &h.encode()).map_err(|e| bare(e.into_wire()))?;
-        senders.push(Sender::spawn_after(
-            format!("mig-pages-{c}"),
-            s,
-            mem.clone(),
-            stats.clone(),
-            opts.compress,
-            1,
-        ));
+        senders.push(Sender::spawn_after(format!("mig-pages-{c}"), s, shared.clone(), 1));
     }
     let pages: Vec<usize> = if opts.channels == 0 {
         vec![0]
@@ -511,8 +512,8 @@ fn run(
         dev_dirty_total += nd;
         cpu.union(&dev);
         let dirty = cpu.count();
-        // Guest bytes moved, not wire bytes: see `convergence`.
-        let sent = stats.pages() * 4096 + vfio_bytes;
+        // Guest bytes of data pages moved, not wire bytes: see `convergence`.
+        let sent = stats.data_pages() * 4096 + vfio_bytes;
         conv.update(now, sent);
         if let Some(p) = conv.on_sync(dirty * 4096, sent) {
             if let Some(t) = &live.throttle {

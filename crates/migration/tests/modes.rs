@@ -55,3 +55,57 @@ fn four_page_channels() {
     let i = migrate_ok(DeviceTracking::Iommu, 4, DirtyLogMode::Ring { entries: 65536 });
     assert_eq!(i.livemig.channels, 4);
 }
+
+fn outrunning_guest(auto_converge: bool, max_iterations: u32) -> MigrationInfo {
+    use std::sync::Arc;
+    use vmm::*;
+    // An unpaced dirtier over 16 MiB against a 16 MiB/s link: without a throttle every
+    // sync finds far more dirty than fits in 300 ms.
+    let cfg = VmConfig {
+        mem_mib: 128,
+        regions: 1,
+        vcpus: 1,
+        dirty: DirtyLogMode::Bitmap,
+        accel: Some(AccelSetup::default()),
+    };
+    let vm = Vm::new(cfg).unwrap();
+    let mut p = Program::dirtier(vmm::layout::WORKSET_BASE, 4096, 0.0, Pattern::Uniform);
+    p.accel_queue = Some(1);
+    vm.load_program(0, &p).unwrap();
+    vm.resume().unwrap();
+    let vm = Arc::new(vm);
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let ctl = MigrationControl::default();
+    let o = SourceOptions {
+        auto_converge,
+        compress: false,
+        max_bandwidth: Some(16 << 20),
+        max_iterations,
+        ..opts(DeviceTracking::Iommu)
+    };
+    let info = migrate(&vm, &addr, &o, &ctl).unwrap_or_else(|e| panic!("{}", e.chain()));
+    dest.join().unwrap().unwrap();
+    println!(
+        "auto-converge {auto_converge}: throttle {} %, {} iterations, downtime {:?} ms, {}",
+        info.cpu_throttle_percentage, info.ram.iteration_count, info.downtime, info.livemig.switchover_reason
+    );
+    assert_eq!(info.livemig.verified, Some(true), "{}", info.livemig.verify_detail);
+    info
+}
+
+#[test]
+fn auto_converge_throttles_a_guest_that_outruns_the_bandwidth() {
+    need_kvm!();
+    let without = outrunning_guest(false, 6);
+    assert_eq!(
+        without.livemig.switchover_reason, "max-iterations",
+        "without a throttle it does not converge"
+    );
+    assert_eq!(without.cpu_throttle_percentage, 0);
+    let with = outrunning_guest(true, 200);
+    assert!(with.cpu_throttle_percentage >= 20, "auto-converge engaged");
+    assert_eq!(
+        with.livemig.switchover_reason, "converged",
+        "the throttle made it converge"
+    );
+}
