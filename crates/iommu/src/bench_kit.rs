@@ -115,6 +115,27 @@ impl HarvestBench {
         std::hint::black_box(acc)
     }
 
+    /// The floor for any harvest that has to look at every leaf PTE: a read-only pass over
+    /// the PTE-sized array, split over all available cores. Returns the minimum of `runs`.
+    pub fn time_read_floor(&self, runs: usize) -> Duration {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = self.pte_sized.len().div_ceil(threads).max(1);
+        min_time(
+            runs,
+            || {},
+            || {
+                std::thread::scope(|s| {
+                    let hs: Vec<_> = self
+                        .pte_sized
+                        .chunks(chunk)
+                        .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &e| a | (e & 0x40))))
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap_or(0)).fold(0, |a, b| a | b)
+                })
+            },
+        )
+    }
+
     /// Restores the array after a pass, so every pass does the same work (untimed).
     pub fn bandwidth_reset(&mut self) {
         self.pte_sized.fill(0x7000_0000_0000_0061);
