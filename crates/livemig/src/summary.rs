@@ -77,10 +77,11 @@ pub fn print(i: &Value) -> Result<()> {
         u(i, "setup-time")
     );
     println!(
-        "  downtime          {:.1} ms (expected {} ms at switchover, limit {} ms)",
+        "  downtime          {:.1} ms (expected {} ms at switchover, limit {} ms; {} pages sent while paused)",
         downtime_us as f64 / 1e3,
         u(i, "livemig.expected-downtime-at-switchover-ms"),
-        u(i, "livemig.downtime-limit-ms")
+        u(i, "livemig.downtime-limit-ms"),
+        u(i, "livemig.final-pages")
     );
     println!(
         "  iterations        {} ({} dirty syncs; switchover: {}; CPU throttle {} %)",

@@ -60,6 +60,8 @@ pub struct LivemigInfo {
     pub cpu_dirty_pages: u64,
     pub device_dirty_pages: u64,
     pub downtime_limit_ms: u64,
+    /// Dirty pages sent while the vCPUs were paused.
+    pub final_pages: u64,
     /// Expected downtime at the moment of switchover.
     pub expected_downtime_at_switchover_ms: u64,
     /// `converged` or `max-iterations`.

@@ -630,9 +630,9 @@ fn run(
         i.livemig.device_dirty_pages_rate = (dev_dirty_total as f64 / precopy) as u64;
         i.livemig.dest_verify_ms = ack.verify_ns as f64 / 1e6;
         i.livemig.source_vcpus_running = false;
+        i.livemig.final_pages = final_pages;
         fill_ram(i, &stats);
     });
-    let _ = final_pages;
     if opts.verify {
         let detail = verify_with_peer(&mut live, vm, &ack, dev_crcs, opts, &mut peer);
         ctl.update(|i| match &detail {

@@ -17,6 +17,16 @@ const GFN_DIRTY: u32 = 1;
 /// `KVM_DIRTY_GFN_F_RESET`: userspace collected the entry; KVM may recycle it on reset.
 const GFN_RESET: u32 = 2;
 
+/// Asks for transparent huge pages on `[hva, hva + size)`. Advisory: failure changes nothing
+/// but speed.
+pub fn advise_huge_pages(hva: u64, size: u64) {
+    // SAFETY: madvise(MADV_HUGEPAGE) only changes how the kernel backs the range; the range is
+    // guest memory this process mapped and keeps mapped, and no Rust reference is affected.
+    unsafe {
+        libc::madvise(hva as *mut libc::c_void, size as usize, libc::MADV_HUGEPAGE);
+    }
+}
+
 /// Registers `[hva, hva + size)` as guest-physical `[gpa, gpa + size)` in `slot`.
 ///
 /// The caller keeps the host memory mapped for as long as the VM lives (the VM holds the

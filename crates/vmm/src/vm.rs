@@ -538,6 +538,18 @@ impl Vm {
         self.dirty.harvest(&self.fd, out).map_err(VmError::Dirty)
     }
 
+    /// Backs guest RAM with transparent huge pages from here on (a migration destination:
+    /// it first-touches most of its memory while receiving). Not for a VM whose writes are
+    /// dirty-tracked, where KVM would have to split the huge mappings again.
+    pub fn prefer_huge_pages(&self) -> Result<(), VmError> {
+        for s in &self.slots {
+            let hva = vm_memory::GuestMemoryBackend::get_host_address(&*self.mem, GuestAddress(s.gpa))
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+            kvm_sys::advise_huge_pages(hva as u64, s.size);
+        }
+        Ok(())
+    }
+
     /// Time the VM spent collecting dirty rings outside [`Vm::harvest_cpu_dirty`] (the reaper
     /// thread and full-ring exits); zero in bitmap mode.
     pub fn dirty_background_time(&self) -> Duration {
