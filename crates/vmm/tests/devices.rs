@@ -144,9 +144,11 @@ fn guest_continues_on_another_vm() {
     );
     assert!(after.tsc_start >= before.tsc_start);
     assert_eq!(after.errors, 0);
-    // Stamps stay consistent: every one verifies, none is from the future.
+    // Stamps stay consistent: every one verifies, and none is from the future. The counter
+    // is published once per batch, so the batch in progress may be ahead of it by a batch.
     let s = stamps(&b, 4096);
-    assert!(s.iter().all(|x| x.generation <= after.pages_written));
+    let batch = vmm::programs::workload::BATCH as u64;
+    assert!(s.iter().all(|x| x.generation <= after.pages_written + batch));
     assert!(
         s.iter().any(|x| x.generation > before.pages_written),
         "new stamps on the new VM"
