@@ -63,7 +63,7 @@ fn dirty_set_is_exactly_the_written_pages(mode: DirtyLogMode) {
     // Stamps of the batch in progress may be ahead of the published count, by a batch at most.
     assert!(complete
         .iter()
-        .all(|s| s.generation <= c.pages_written + 256 && s.vcpu == 0));
+        .all(|s| s.generation <= c.pages_written + vmm::programs::workload::BATCH as u64 && s.vcpu == 0));
     println!(
         "{mode:?}: {} pages written, {} distinct, all harvested",
         c.pages_written,
