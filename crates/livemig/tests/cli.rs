@@ -9,16 +9,6 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 
-fn kvm_or_skip() -> bool {
-    match vmm::kvm_for_tests() {
-        Ok(_) => true,
-        Err(why) => {
-            println!("skipped: {why}");
-            false
-        }
-    }
-}
-
 struct Kid(Child);
 
 impl Drop for Kid {
@@ -120,9 +110,7 @@ fn bad_input_gets_a_clear_error() {
 
 #[test]
 fn demo_json_reports_a_verified_migration() {
-    if !kvm_or_skip() {
-        return;
-    }
+    vmm::need_kvm!();
     let out = Command::new(BIN)
         .args([
             "demo",
@@ -160,9 +148,7 @@ fn demo_json_reports_a_verified_migration() {
 
 #[test]
 fn killed_destination_leaves_the_source_running_then_a_second_migration_succeeds() {
-    if !kvm_or_skip() {
-        return;
-    }
+    vmm::need_kvm!();
     let sock = format!("/tmp/livemig-cli-test-{}.sock", std::process::id());
     let _src = Kid(Command::new(BIN)
         .args([

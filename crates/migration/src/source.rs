@@ -86,7 +86,6 @@ struct Live {
     device_dirty: Option<DeviceDirty>,
     throttle: Option<Throttle>,
     back: Receiver<Back>,
-    paused: bool,
 }
 
 impl Live {
@@ -112,13 +111,8 @@ impl Live {
             d.stop();
         }
         let _ = self.vm.set_cpu_dirty_logging(false);
-        if self.paused {
-            let _ = self.vm.resume();
-            self.paused = false;
-        } else {
-            // The throttle may have left them parked.
-            let _ = self.vm.resume();
-        }
+        // Paused by the switchover or parked by the throttle: either way, running again.
+        let _ = self.vm.resume();
     }
 
     fn check_back(&self, peer: &mut Peer) -> Result<(), MigError> {
@@ -438,7 +432,6 @@ fn run(
         device_dirty: None,
         throttle: None,
         back,
-        paused: false,
     });
     macro_rules! t {
         ($e:expr) => {
@@ -583,7 +576,6 @@ fn run(
     t!(live.devices.enter_p2p());
     let t_pause = Instant::now();
     t!(vm.pause());
-    live.paused = true;
     let sections = t!(live.devices.stop_copy());
     // Devices are stopped: no more DMA. The last harvest covers both kinds of writers.
     t!(vm.harvest_cpu_dirty(&mut cpu));

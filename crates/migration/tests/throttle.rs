@@ -3,6 +3,7 @@
 mod common;
 use migration::throttle::Throttle;
 use std::time::Duration;
+use vmm::need_kvm;
 use vmm::DirtyLogMode;
 
 fn pages_in(vm: &vmm::Vm, d: Duration) -> u64 {

@@ -72,6 +72,18 @@ pub enum VmError {
     Internal(&'static str),
 }
 
+/// In a test: returns early, printing one line, when KVM is unavailable and not required
+/// (with `LIVEMIG_REQUIRE_KVM=1` a missing KVM fails the test instead).
+#[macro_export]
+macro_rules! need_kvm {
+    () => {
+        if let Err(why) = $crate::kvm_for_tests() {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+}
+
 /// Whether tests may use KVM: `Ok` if `/dev/kvm` opens; otherwise `Err(reason)`, or a panic
 /// when `LIVEMIG_REQUIRE_KVM=1` demands KVM.
 pub fn kvm_for_tests() -> Result<(), String> {

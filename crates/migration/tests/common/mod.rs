@@ -6,16 +6,8 @@ use std::thread::JoinHandle;
 use vmm::layout::WORKSET_BASE;
 use vmm::*;
 
-/// Skips (returns) with one line when KVM is unavailable and not required.
-#[macro_export]
-macro_rules! need_kvm {
-    () => {
-        if let Err(why) = vmm::kvm_for_tests() {
-            println!("skipped: {why}");
-            return;
-        }
-    };
-}
+#[allow(unused_imports)]
+pub use vmm::need_kvm;
 
 /// A running source: the dirtier at `rate` MiB/s over 64 MiB and the accel-client, busy.
 pub fn source_vm(mem_mib: u64, rate: f64, dirty: DirtyLogMode) -> Arc<Vm> {

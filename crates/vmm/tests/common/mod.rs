@@ -3,16 +3,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::programs::ctrl::{check_page, PageCheck, Stamp};
 use vmm::*;
 
-/// Skips (returns) with one line when KVM is unavailable and not required.
-#[macro_export]
-macro_rules! need_kvm {
-    () => {
-        if let Err(why) = vmm::kvm_for_tests() {
-            println!("skipped: {why}");
-            return;
-        }
-    };
-}
+#[allow(unused_imports)]
+pub use vmm::need_kvm;
 
 pub const WS: u64 = vmm::layout::WORKSET_BASE;
 
