@@ -75,6 +75,12 @@ pub enum MigError {
     Other(String),
 }
 
+impl From<std::io::Error> for MigError {
+    fn from(e: std::io::Error) -> Self {
+        MigError::Wire(e.into())
+    }
+}
+
 impl MigError {
     /// The whole chain, for reports and error frames.
     pub fn chain(&self) -> String {

@@ -311,61 +311,56 @@ fn run(
     ctl: &MigrationControl,
     t0: Instant,
 ) -> Result<MigrationInfo, Fail> {
-    let bare = |e: MigError| (e, None);
+    let (mut live, stats) = open(vm, to, opts, t0).map_err(|e| (e, None))?;
+    drive(&mut live, vm, opts, ctl, t0, &stats).map_err(|e| (e, Some(live)))
+}
+
+/// Connections, handshake and configuration, senders and the return-path reader.
+fn open(vm: &Arc<Vm>, to: &str, opts: &SourceOptions, t0: Instant) -> Result<(Box<Live>, Arc<PageStats>), MigError> {
     // ---- connections ----
-    let control = connect(to).map_err(bare)?;
+    let control = connect(to)?;
     let session = (std::process::id() as u64) << 32 ^ t0.elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15;
     let caps = CAP_LZ4 | if opts.verify { CAP_VERIFY } else { 0 };
-    let mut hello_w = crate::frame::FrameWriter::new(control.try_clone().map_err(|e| bare(e.into_wire()))?);
-    let mut reader = FrameReader::new(control.try_clone().map_err(|e| bare(e.into_wire()))?);
+    let mut hello_w = crate::frame::FrameWriter::new(control.try_clone()?);
+    let mut reader = FrameReader::new(control.try_clone()?);
     let hello = Hello {
         version: VERSION,
         role: Role::Control,
         session,
         caps,
     };
-    hello_w
-        .send(Kind::Hello, &hello.encode())
-        .map_err(|e| bare(e.into_wire()))?;
-    let f = reader.expect().map_err(|e| bare(e.into()))?;
+    hello_w.send(Kind::Hello, &hello.encode())?;
+    let f = reader.expect()?;
     let peer = match f.kind {
-        Kind::Hello => Hello::decode(&f.payload).map_err(|e| bare(e.into()))?,
-        Kind::Error => return Err(bare(MigError::Peer(msg::decode_str(&f.payload).unwrap_or_default()))),
+        Kind::Hello => Hello::decode(&f.payload)?,
+        Kind::Error => return Err(MigError::Peer(msg::decode_str(&f.payload).unwrap_or_default())),
         k => {
-            return Err(bare(
-                WireError::Unexpected {
-                    found: k,
-                    expected: "Hello",
-                }
-                .into(),
-            ))
+            return Err(WireError::Unexpected {
+                found: k,
+                expected: "Hello",
+            }
+            .into())
         }
     };
     if peer.version != VERSION {
-        return Err(bare(WireError::Version(peer.version, VERSION).into()));
+        return Err(WireError::Version(peer.version, VERSION).into());
     }
     if opts.verify && peer.caps & CAP_VERIFY == 0 {
-        return Err(bare(MigError::Incompatible("the destination cannot verify".into())));
+        return Err(MigError::Incompatible("the destination cannot verify".into()));
     }
-    hello_w
-        .send(Kind::Config, &vm_config_msg(vm, opts).encode())
-        .map_err(|e| bare(e.into_wire()))?;
-    let f = reader.expect().map_err(|e| bare(e.into()))?;
+    hello_w.send(Kind::Config, &vm_config_msg(vm, opts).encode())?;
+    let f = reader.expect()?;
     match f.kind {
         Kind::ConfigOk => {}
         Kind::Error => {
-            return Err(bare(MigError::Incompatible(
-                msg::decode_str(&f.payload).unwrap_or_default(),
-            )));
+            return Err(MigError::Incompatible(msg::decode_str(&f.payload).unwrap_or_default()));
         }
         k => {
-            return Err(bare(
-                WireError::Unexpected {
-                    found: k,
-                    expected: "ConfigOk",
-                }
-                .into(),
-            ))
+            return Err(WireError::Unexpected {
+                found: k,
+                expected: "ConfigOk",
+            }
+            .into())
         }
     }
     let stats = Arc::new(PageStats::default());
@@ -379,20 +374,20 @@ fn run(
     });
     let mut senders = vec![Sender::spawn_after(
         "mig-control".into(),
-        control.try_clone().map_err(|e| bare(e.into_wire()))?,
+        control.try_clone()?,
         shared.clone(),
         2,
     )];
     for c in 0..opts.channels {
-        let s = connect(to).map_err(bare)?;
-        let mut w = crate::frame::FrameWriter::new(s.try_clone().map_err(|e| bare(e.into_wire()))?);
+        let s = connect(to)?;
+        let mut w = crate::frame::FrameWriter::new(s.try_clone()?);
         let h = Hello {
             version: VERSION,
             role: Role::Pages { channel: c },
             session,
             caps,
         };
-        w.send(Kind::Hello, &h.encode()).map_err(|e| bare(e.into_wire()))?;
+        w.send(Kind::Hello, &h.encode())?;
         senders.push(Sender::spawn_after(format!("mig-pages-{c}"), s, shared.clone(), 1));
     }
     let pages: Vec<usize> = if opts.channels == 0 {
@@ -420,10 +415,10 @@ fn run(
                 }
             }
         })
-        .map_err(|e| bare(MigError::Other(format!("spawning the return-path reader: {e}"))))?;
+        .map_err(|e| MigError::Other(format!("spawning the return-path reader: {e}")))?;
 
     let devices = vfio::vmm::Source::new(vm.iommu().map(|s| s.accel.migration().clone()).into_iter().collect());
-    let mut live = Box::new(Live {
+    let live = Box::new(Live {
         vm: vm.clone(),
         control,
         senders,
@@ -433,25 +428,30 @@ fn run(
         throttle: None,
         back,
     });
-    macro_rules! t {
-        ($e:expr) => {
-            match $e {
-                Ok(v) => v,
-                Err(e) => return Err((MigError::from(e), Some(live))),
-            }
-        };
-    }
+    Ok((live, stats))
+}
 
+/// Everything after the connections: setup, bulk round, pre-copy, switchover, and after the
+/// destination's acknowledgement verification and cleanup. An error before the
+/// acknowledgement makes the caller abort (the source runs on); nothing after it may fail.
+fn drive(
+    live: &mut Live,
+    vm: &Arc<Vm>,
+    opts: &SourceOptions,
+    ctl: &MigrationControl,
+    t0: Instant,
+    stats: &Arc<PageStats>,
+) -> Result<MigrationInfo, MigError> {
     // ---- setup: trackers, then the devices' pre-copy streams ----
     let mut scratch = PageBitmap::new(vm.mem_size() / 4096);
-    t!(vm.set_cpu_dirty_logging(true));
-    t!(vm.harvest_cpu_dirty(&mut scratch)); // the bulk round sends everything anyway
-    live.device_dirty = Some(t!(DeviceDirty::start(vm, opts.mode)));
-    t!(live.device_dirty.as_mut().unwrap().harvest(&mut scratch));
+    vm.set_cpu_dirty_logging(true)?;
+    vm.harvest_cpu_dirty(&mut scratch)?; // the bulk round sends everything anyway
+    live.device_dirty = Some(DeviceDirty::start(vm, opts.mode)?);
+    live.device_dirty.as_mut().unwrap().harvest(&mut scratch)?;
     let mut dev_crcs = vec![0u32; live.devices.devices().count()];
-    for (i, b) in t!(live.devices.setup()) {
-        dev_crcs[i] = t!(verify::device_data_crc(dev_crcs[i], &b).map_err(MigError::Other));
-        t!(live.control_frame(Kind::DeviceData, msg::encode_device_data(i as u16, &b)));
+    for (i, b) in live.devices.setup()? {
+        dev_crcs[i] = verify::device_data_crc(dev_crcs[i], &b).map_err(MigError::Other)?;
+        live.control_frame(Kind::DeviceData, msg::encode_device_data(i as u16, &b))?;
     }
     if opts.auto_converge {
         live.throttle = Some(Throttle::new(vm.clone()));
@@ -474,9 +474,9 @@ fn run(
     let mut iteration = 1u64;
     let mut vfio_bytes = 0u64;
     let (mut cpu_dirty_total, mut dev_dirty_total) = (0u64, 0u64);
-    t!(live.queue_pages(&all));
-    t!(live.end_iteration(1, all.count()));
-    t!(live.flush_all());
+    live.queue_pages(&all)?;
+    live.end_iteration(1, all.count())?;
+    live.flush_all()?;
     let precopy_start = Instant::now();
     let mut last_sync = Instant::now();
     let mut cpu = PageBitmap::new(vm.mem_size() / 4096);
@@ -486,17 +486,17 @@ fn run(
     // ---- iterations ----
     loop {
         if ctl.cancel.load(Ordering::Acquire) {
-            return Err((MigError::Cancelled, Some(live)));
+            return Err(MigError::Cancelled);
         }
-        t!(live.check_back(&mut peer));
+        live.check_back(&mut peer)?;
         // Flow control: the destination applies every iteration before the next sync, so
         // it never lags by more than one iteration of socket buffers and the switchover
         // does not start with a backlog.
-        t!(live.wait_iteration(iteration as u32, opts.peer_timeout, &mut peer));
+        live.wait_iteration(iteration as u32, opts.peer_timeout, &mut peer)?;
         cpu.clear();
         dev.clear();
-        t!(vm.harvest_cpu_dirty(&mut cpu));
-        t!(live.device_dirty.as_mut().unwrap().harvest(&mut dev));
+        vm.harvest_cpu_dirty(&mut cpu)?;
+        live.device_dirty.as_mut().unwrap().harvest(&mut dev)?;
         let now = Instant::now();
         let dt = now.duration_since(last_sync).as_secs_f64().max(1e-6);
         last_sync = now;
@@ -518,7 +518,7 @@ fn run(
         let total_pending = dirty * 4096 + pending.exact;
         publish(
             ctl,
-            &stats,
+            stats,
             &conv,
             t0,
             iteration,
@@ -540,31 +540,28 @@ fn run(
             // Never stop before the destination acknowledged the device's initial data.
             let waited = *max_reached.get_or_insert_with(Instant::now);
             if waited.elapsed() > opts.peer_timeout {
-                return Err((
-                    MigError::Timeout("the destination's switchover acknowledgement"),
-                    Some(live),
-                ));
+                return Err(MigError::Timeout("the destination's switchover acknowledgement"));
             }
         }
         if !allowed && dirty < 64 {
             // Waiting for the destination's acknowledgement with nothing much to send: wait
             // for it a little instead of spinning through empty dirty syncs.
             match live.back.recv_timeout(Duration::from_millis(10)) {
-                Ok(b) => t!(handle_back(b, &mut peer)),
+                Ok(b) => handle_back(b, &mut peer)?,
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Err((MigError::Wire(WireError::Closed), Some(live))),
+                Err(RecvTimeoutError::Disconnected) => return Err(MigError::Wire(WireError::Closed)),
             }
         }
         iteration += 1;
-        t!(live.queue_pages(&cpu));
-        let (sections, _) = t!(live.devices.iterate());
+        live.queue_pages(&cpu)?;
+        let (sections, _) = live.devices.iterate()?;
         for (i, b) in sections {
             vfio_bytes += b.len() as u64;
-            dev_crcs[i] = t!(verify::device_data_crc(dev_crcs[i], &b).map_err(MigError::Other));
-            t!(live.control_frame(Kind::DeviceData, msg::encode_device_data(i as u16, &b)));
+            dev_crcs[i] = verify::device_data_crc(dev_crcs[i], &b).map_err(MigError::Other)?;
+            live.control_frame(Kind::DeviceData, msg::encode_device_data(i as u16, &b))?;
         }
-        t!(live.end_iteration(iteration as u32, dirty));
-        t!(live.flush_all());
+        live.end_iteration(iteration as u32, dirty)?;
+        live.flush_all()?;
     }
     let precopy = precopy_start.elapsed().as_secs_f64().max(1e-6);
     let expected = conv.expected_downtime;
@@ -573,31 +570,31 @@ fn run(
     // ---- switchover ----
     ctl.update(|i| i.status = Status::Device);
     live.stop_throttle();
-    t!(live.devices.enter_p2p());
+    live.devices.enter_p2p()?;
     let t_pause = Instant::now();
-    t!(vm.pause());
-    let sections = t!(live.devices.stop_copy());
+    vm.pause()?;
+    let sections = live.devices.stop_copy()?;
     // Devices are stopped: no more DMA. The last harvest covers both kinds of writers.
-    t!(vm.harvest_cpu_dirty(&mut cpu));
-    t!(live.device_dirty.as_mut().unwrap().harvest(&mut cpu));
+    vm.harvest_cpu_dirty(&mut cpu)?;
+    live.device_dirty.as_mut().unwrap().harvest(&mut cpu)?;
     let final_pages = cpu.count();
-    t!(live.control_frame(Kind::Switchover, Vec::new()));
-    t!(live.queue_pages(&cpu));
+    live.control_frame(Kind::Switchover, Vec::new())?;
+    live.queue_pages(&cpu)?;
     for (i, b) in &sections {
         vfio_bytes += b.len() as u64;
-        dev_crcs[*i] = t!(verify::device_data_crc(dev_crcs[*i], b).map_err(MigError::Other));
-        t!(live.control_frame(Kind::DeviceData, msg::encode_device_data(*i as u16, b)));
+        dev_crcs[*i] = verify::device_data_crc(dev_crcs[*i], b).map_err(MigError::Other)?;
+        live.control_frame(Kind::DeviceData, msg::encode_device_data(*i as u16, b))?;
     }
-    let vcpus = t!(vm.save_vcpus());
-    t!(live.control_frame(Kind::VcpuState, vmm::state::encode(&vcpus)));
+    let vcpus = vm.save_vcpus()?;
+    live.control_frame(Kind::VcpuState, vmm::state::encode(&vcpus))?;
     for k in 1..live.senders.len() {
-        t!(live.senders[k]
+        live.senders[k]
             .send(Job::Frame(Kind::Complete, Vec::new()))
-            .map_err(MigError::Peer));
+            .map_err(MigError::Peer)?;
     }
-    t!(live.control_frame(Kind::Complete, Vec::new()));
-    t!(live.flush_all());
-    let ack = t!(live.wait_back(Kind::Ack, opts.peer_timeout, &mut peer));
+    live.control_frame(Kind::Complete, Vec::new())?;
+    live.flush_all()?;
+    let ack = live.wait_back(Kind::Ack, opts.peer_timeout, &mut peer)?;
     let t_ack = Instant::now();
     // ---- the destination runs the guest now; nothing below may resume the source ----
     let ack = Ack::decode(&ack).unwrap_or_default();
@@ -623,10 +620,10 @@ fn run(
         i.livemig.dest_verify_ms = ack.verify_ns as f64 / 1e6;
         i.livemig.source_vcpus_running = false;
         i.livemig.final_pages = final_pages;
-        fill_ram(i, &stats);
+        fill_ram(i, stats);
     });
     if opts.verify {
-        let detail = verify_with_peer(&mut live, vm, &ack, dev_crcs, opts, &mut peer);
+        let detail = verify_with_peer(live, vm, &ack, dev_crcs, opts, &mut peer);
         ctl.update(|i| match &detail {
             Ok(r) => {
                 i.livemig.dest_pages_before = r.pages_before;
@@ -724,14 +721,4 @@ fn publish(
         i.vfio.transferred = vfio_bytes;
         fill_ram(i, stats);
     });
-}
-
-trait IntoWire {
-    fn into_wire(self) -> MigError;
-}
-
-impl IntoWire for std::io::Error {
-    fn into_wire(self) -> MigError {
-        MigError::Wire(self.into())
-    }
 }
