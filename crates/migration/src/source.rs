@@ -177,6 +177,25 @@ impl Live {
         err.map_or(Ok(()), |e| Err(MigError::Peer(format!("sending pages: {e}"))))
     }
 
+    /// Adds the pages devices wrote since the last harvest.
+    fn harvest_device(&mut self, out: &mut PageBitmap) -> Result<(), MigError> {
+        match &mut self.device_dirty {
+            Some(d) => d.harvest(out),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends device sections on the control connection, counting their bytes and extending
+    /// each device's digest of the data it sent.
+    fn send_sections(&mut self, sections: &[vfio::vmm::Section], dev: &mut DeviceProgress) -> Result<(), MigError> {
+        for (i, b) in sections {
+            dev.bytes += b.len() as u64;
+            dev.crcs[*i] = verify::device_data_crc(dev.crcs[*i], b).map_err(MigError::Other)?;
+            self.control_frame(Kind::DeviceData, msg::encode_device_data(*i as u16, b))?;
+        }
+        Ok(())
+    }
+
     fn control_frame(&mut self, k: Kind, p: Vec<u8>) -> Result<(), MigError> {
         self.senders[0]
             .send(Job::Frame(k, p))
@@ -189,6 +208,12 @@ impl Live {
         }
         Ok(())
     }
+}
+
+/// Device data sent so far: bytes, and per device the CRC32C of its data (`verify`).
+struct DeviceProgress {
+    bytes: u64,
+    crcs: Vec<u32>,
 }
 
 /// What the destination has acknowledged.
@@ -447,12 +472,13 @@ fn drive(
     vm.set_cpu_dirty_logging(true)?;
     vm.harvest_cpu_dirty(&mut scratch)?; // the bulk round sends everything anyway
     live.device_dirty = Some(DeviceDirty::start(vm, opts.mode)?);
-    live.device_dirty.as_mut().unwrap().harvest(&mut scratch)?;
-    let mut dev_crcs = vec![0u32; live.devices.devices().count()];
-    for (i, b) in live.devices.setup()? {
-        dev_crcs[i] = verify::device_data_crc(dev_crcs[i], &b).map_err(MigError::Other)?;
-        live.control_frame(Kind::DeviceData, msg::encode_device_data(i as u16, &b))?;
-    }
+    live.harvest_device(&mut scratch)?;
+    let mut devp = DeviceProgress {
+        bytes: 0,
+        crcs: vec![0; live.devices.devices().count()],
+    };
+    let sections = live.devices.setup()?;
+    live.send_sections(&sections, &mut devp)?;
     if opts.auto_converge {
         live.throttle = Some(Throttle::new(vm.clone()));
     }
@@ -472,7 +498,6 @@ fn drive(
     let mut conv = Convergence::new(opts.downtime_limit, opts.auto_converge, Instant::now(), 0);
     let mut peer = Peer::default();
     let mut iteration = 1u64;
-    let mut vfio_bytes = 0u64;
     let (mut cpu_dirty_total, mut dev_dirty_total) = (0u64, 0u64);
     live.queue_pages(&all)?;
     live.end_iteration(1, all.count())?;
@@ -496,7 +521,7 @@ fn drive(
         cpu.clear();
         dev.clear();
         vm.harvest_cpu_dirty(&mut cpu)?;
-        live.device_dirty.as_mut().unwrap().harvest(&mut dev)?;
+        live.harvest_device(&mut dev)?;
         let now = Instant::now();
         let dt = now.duration_since(last_sync).as_secs_f64().max(1e-6);
         last_sync = now;
@@ -506,7 +531,7 @@ fn drive(
         cpu.union(&dev);
         let dirty = cpu.count();
         // Guest bytes of data pages moved, not wire bytes: see `convergence`.
-        let sent = stats.data_pages() * 4096 + vfio_bytes;
+        let sent = stats.data_pages() * 4096 + devp.bytes;
         conv.update(now, sent);
         if let Some(p) = conv.on_sync(dirty * 4096, sent) {
             if let Some(t) = &live.throttle {
@@ -523,7 +548,7 @@ fn drive(
             t0,
             iteration,
             dirty,
-            vfio_bytes,
+            devp.bytes,
             nc as f64 / dt,
             nd as f64 / dt,
             live.throttle.as_ref().map_or(0, |t| t.pct()),
@@ -555,11 +580,7 @@ fn drive(
         iteration += 1;
         live.queue_pages(&cpu)?;
         let (sections, _) = live.devices.iterate()?;
-        for (i, b) in sections {
-            vfio_bytes += b.len() as u64;
-            dev_crcs[i] = verify::device_data_crc(dev_crcs[i], &b).map_err(MigError::Other)?;
-            live.control_frame(Kind::DeviceData, msg::encode_device_data(i as u16, &b))?;
-        }
+        live.send_sections(&sections, &mut devp)?;
         live.end_iteration(iteration as u32, dirty)?;
         live.flush_all()?;
     }
@@ -576,15 +597,11 @@ fn drive(
     let sections = live.devices.stop_copy()?;
     // Devices are stopped: no more DMA. The last harvest covers both kinds of writers.
     vm.harvest_cpu_dirty(&mut cpu)?;
-    live.device_dirty.as_mut().unwrap().harvest(&mut cpu)?;
+    live.harvest_device(&mut cpu)?;
     let final_pages = cpu.count();
     live.control_frame(Kind::Switchover, Vec::new())?;
     live.queue_pages(&cpu)?;
-    for (i, b) in &sections {
-        vfio_bytes += b.len() as u64;
-        dev_crcs[*i] = verify::device_data_crc(dev_crcs[*i], b).map_err(MigError::Other)?;
-        live.control_frame(Kind::DeviceData, msg::encode_device_data(*i as u16, b))?;
-    }
+    live.send_sections(&sections, &mut devp)?;
     let vcpus = vm.save_vcpus()?;
     live.control_frame(Kind::VcpuState, vmm::state::encode(&vcpus))?;
     for k in 1..live.senders.len() {
@@ -606,7 +623,7 @@ fn drive(
         i.total_time = t0.elapsed().as_millis() as u64;
         i.downtime = Some(downtime.as_millis() as u64);
         i.downtime_us = Some(downtime.as_micros() as u64);
-        i.vfio.transferred = vfio_bytes;
+        i.vfio.transferred = devp.bytes;
         i.ram.precopy_bytes = precopy_bytes;
         i.ram.downtime_bytes = total_bytes - precopy_bytes;
         i.ram.remaining = 0;
@@ -623,7 +640,7 @@ fn drive(
         fill_ram(i, stats);
     });
     if opts.verify {
-        let detail = verify_with_peer(live, vm, &ack, dev_crcs, opts, &mut peer);
+        let detail = verify_with_peer(live, vm, &ack, devp.crcs, opts, &mut peer);
         ctl.update(|i| match &detail {
             Ok(r) => {
                 i.livemig.dest_pages_before = r.pages_before;
