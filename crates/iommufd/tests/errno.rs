@@ -576,6 +576,19 @@ fn attach_to_ioas_uses_an_automatic_domain() {
 
 // ---- GET_HW_INFO ----
 
+/// `IOMMU_GET_HW_INFO` for `dev` into `data`, its length as `data_len`.
+fn hw_info_cmd(dev: u32, data: &mut [u8]) -> HwInfo<'_> {
+    HwInfo {
+        flags: 0,
+        dev_id: dev,
+        data_len: data.len() as u32,
+        data,
+        out_data_type: 0,
+        __reserved: 0,
+        out_capabilities: 0,
+    }
+}
+
 #[test]
 fn hw_info() {
     for (fmt, ty, len) in [
@@ -585,15 +598,7 @@ fn hw_info() {
     ] {
         let fx = fx(fmt, MIB);
         let mut data = [0xffu8; 64];
-        let mut c = HwInfo {
-            flags: 0,
-            dev_id: fx.dev,
-            data_len: 64,
-            data: &mut data,
-            out_data_type: 0,
-            __reserved: 0,
-            out_capabilities: 0,
-        };
+        let mut c = hw_info_cmd(fx.dev, &mut data);
         fx.fd.get_hw_info(&mut c).unwrap();
         assert_eq!(
             (c.out_data_type, c.data_len, c.out_capabilities),
@@ -607,15 +612,8 @@ fn hw_info() {
         let mut spec = DeviceSpec::new("plain", fmt);
         spec.dirty_tracking = false;
         let plain = fx.fd.bind_device(spec);
-        let mut c = HwInfo {
-            flags: 0,
-            dev_id: plain,
-            data_len: 0,
-            data: &mut [],
-            out_data_type: 0,
-            __reserved: 0,
-            out_capabilities: 9,
-        };
+        let mut c = hw_info_cmd(plain, &mut []);
+        c.out_capabilities = 9;
         fx.fd.get_hw_info(&mut c).unwrap();
         assert_eq!((c.out_capabilities, c.data_len), (0, len), "{fmt}: no HWPT needed");
         c.flags = 1;
@@ -627,15 +625,7 @@ fn hw_info() {
     // The capability register itself, as the driver reports it.
     let fx = fx(VtdSs, MIB);
     let mut data = [0u8; 24];
-    let mut c = HwInfo {
-        flags: 0,
-        dev_id: fx.dev,
-        data_len: 24,
-        data: &mut data,
-        out_data_type: 0,
-        __reserved: 0,
-        out_capabilities: 0,
-    };
+    let mut c = hw_info_cmd(fx.dev, &mut data);
     fx.fd.get_hw_info(&mut c).unwrap();
     assert_eq!(
         u64::from_le_bytes(data[16..24].try_into().unwrap()),

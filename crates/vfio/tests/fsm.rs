@@ -224,14 +224,18 @@ fn driver_arcs_per_flag_set_are_the_spec_lists() {
     assert_eq!(driver_arcs(MigFlags(7)).len(), 15);
 }
 
-/// A driver that wrongly opens a stream on an intermediate arc.
-struct Leaky;
-impl MigrationDriver for Leaky {
+/// A driver with the given flags whose arcs do nothing, except that it (wrongly) opens a
+/// save stream on the arc `leak`, if any.
+struct Stub {
+    flags: u64,
+    leak: Option<(MigState, MigState)>,
+}
+impl MigrationDriver for Stub {
     fn migration_flags(&self) -> MigFlags {
-        MigFlags::STOP_COPY
+        MigFlags(self.flags)
     }
     fn step(&mut self, from: MigState, to: MigState) -> Result<Option<StreamKind>, Errno> {
-        Ok(((from, to) == (Running, Stop)).then_some(StreamKind::Save))
+        Ok((self.leak == Some((from, to))).then_some(StreamKind::Save))
     }
     fn save_read(&mut self, _: MigState, _: &mut [u8]) -> Result<usize, Errno> {
         Ok(0)
@@ -250,36 +254,22 @@ impl MigrationDriver for Leaky {
 
 #[test]
 fn a_stream_from_an_intermediate_arc_is_an_error() {
-    let dev = MigrationDevice::new("leaky", Leaky).unwrap();
+    let leaky = Stub {
+        flags: MigFlags::STOP_COPY.bits(),
+        leak: Some((Running, Stop)),
+    };
+    let dev = MigrationDevice::new("leaky", leaky).unwrap();
     assert_eq!(dev.set_state(StopCopy).unwrap_err(), EINVAL);
     assert_eq!(dev.get_state(), Stop, "left on the path");
 }
 
 #[test]
 fn undefined_flag_sets_are_refused() {
-    struct Bad(u64);
-    impl MigrationDriver for Bad {
-        fn migration_flags(&self) -> MigFlags {
-            MigFlags(self.0)
-        }
-        fn step(&mut self, _: MigState, _: MigState) -> Result<Option<StreamKind>, Errno> {
-            Ok(None)
-        }
-        fn save_read(&mut self, _: MigState, _: &mut [u8]) -> Result<usize, Errno> {
-            Ok(0)
-        }
-        fn resume_write(&mut self, b: &[u8]) -> Result<usize, Errno> {
-            Ok(b.len())
-        }
-        fn precopy_info(&mut self) -> PrecopyInfo {
-            PrecopyInfo::default()
-        }
-        fn stop_copy_size(&mut self) -> Result<u64, Errno> {
-            Ok(0)
-        }
-        fn reset(&mut self) {}
-    }
     for f in [0, 2, 4, 6, 8] {
-        assert_eq!(MigrationDevice::new("bad", Bad(f)).unwrap_err(), EINVAL, "flags {f}");
+        assert_eq!(
+            MigrationDevice::new("bad", Stub { flags: f, leak: None }).unwrap_err(),
+            EINVAL,
+            "flags {f}"
+        );
     }
 }
