@@ -294,26 +294,9 @@ fn type1_same_bits_as_iommufd() {
         let mem = Arc::new(AnonMemory::new(8 * MIB as usize, false).unwrap());
         let va = c.register_user_memory(mem.clone());
         // Two mappings; the second starts at page 100, not on a byte of the bitmap.
-        let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
-        c.map_dma(&DmaMap {
-            flags: rw,
-            vaddr: va,
-            iova: IOVA,
-            size: 100 * 4096,
-        })
-        .unwrap();
-        c.map_dma(&DmaMap {
-            flags: rw,
-            vaddr: va + MIB,
-            iova: IOVA + 100 * 4096,
-            size: 156 * 4096,
-        })
-        .unwrap();
-        c.dirty_pages(&mut DirtyPages {
-            flags: VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
-            get: None,
-        })
-        .unwrap();
+        map_rw(&c, va, IOVA, 100 * 4096);
+        map_rw(&c, va + MIB, IOVA + 100 * 4096, 156 * 4096);
+        start_dirty(&c);
         let dma = c.domain().attach(1);
         for (what, mut buf) in placements() {
             write_pattern(&dma);
@@ -349,30 +332,34 @@ fn type1_no_tracker_reports_every_mapped_page() {
     let c = Type1Container::new(&[spec]).unwrap();
     let mem = Arc::new(AnonMemory::new(MIB as usize, false).unwrap());
     let va = c.register_user_memory(mem);
-    let rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
-    c.map_dma(&DmaMap {
-        flags: rw,
-        vaddr: va,
-        iova: IOVA,
-        size: 10 * 4096,
-    })
-    .unwrap();
-    c.map_dma(&DmaMap {
-        flags: rw,
-        vaddr: va,
-        iova: IOVA + 20 * 4096,
-        size: 3 * 4096,
-    })
-    .unwrap();
-    c.dirty_pages(&mut DirtyPages {
-        flags: VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
-        get: None,
-    })
-    .unwrap();
+    map_rw(&c, va, IOVA, 10 * 4096);
+    map_rw(&c, va, IOVA + 20 * 4096, 3 * 4096);
+    start_dirty(&c);
     for _ in 0..3 {
         let mut buf = vec![0u8; 4];
         type1_get(&c, IOVA, 23 * 4096, &mut buf);
         let want: Vec<u64> = (0..10).chain(20..23).collect();
         assert_eq!(bits(&buf), want, "perpetually dirty, every GET");
     }
+}
+
+/// Type1 MAP_DMA of `size` bytes at `iova`, read-write.
+fn map_rw(c: &Type1Container, vaddr: u64, iova: u64, size: u64) {
+    let flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+    c.map_dma(&DmaMap {
+        flags,
+        vaddr,
+        iova,
+        size,
+    })
+    .unwrap();
+}
+
+/// Type1 DIRTY_PAGES START.
+fn start_dirty(c: &Type1Container) {
+    c.dirty_pages(&mut DirtyPages {
+        flags: VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
+        get: None,
+    })
+    .unwrap();
 }
