@@ -52,11 +52,28 @@ fn bfs(cur: MigState, new: MigState, f: MigFlags) -> Option<usize> {
 
 type Arcs = Arc<Mutex<Vec<(MigState, MigState)>>>;
 
-/// Records every arc the framework asks for.
+/// Records every arc the framework asks for. `leak` makes it (wrongly) open a save stream on
+/// one more arc.
 struct Recorder {
     flags: MigFlags,
     arcs: Arcs,
     state: MigState,
+    leak: Option<(MigState, MigState)>,
+}
+
+impl Recorder {
+    fn new(flags: MigFlags, leak: Option<(MigState, MigState)>) -> (Self, Arcs) {
+        let arcs = Arc::new(Mutex::new(Vec::new()));
+        (
+            Self {
+                flags,
+                arcs: arcs.clone(),
+                state: Running,
+                leak,
+            },
+            arcs,
+        )
+    }
 }
 
 impl MigrationDriver for Recorder {
@@ -67,6 +84,9 @@ impl MigrationDriver for Recorder {
         assert_eq!(from, self.state, "the framework tracks the state");
         self.arcs.lock().unwrap().push((from, to));
         self.state = to;
+        if self.leak == Some((from, to)) {
+            return Ok(Some(StreamKind::Save));
+        }
         Ok(match (from, to) {
             (Running, PreCopy) | (RunningP2p, PreCopyP2p) | (Stop, StopCopy) => Some(StreamKind::Save),
             (Stop, Resuming) => Some(StreamKind::Resume),
@@ -92,16 +112,8 @@ impl MigrationDriver for Recorder {
 
 /// Puts a fresh device in `cur` through the framework.
 fn device_in(flags: MigFlags, cur: MigState) -> (MigrationDevice, Arcs) {
-    let arcs = Arc::new(Mutex::new(Vec::new()));
-    let dev = MigrationDevice::new(
-        "rec",
-        Recorder {
-            flags,
-            arcs: arcs.clone(),
-            state: Running,
-        },
-    )
-    .unwrap();
+    let (rec, arcs) = Recorder::new(flags, None);
+    let dev = MigrationDevice::new("rec", rec).unwrap();
     // STOP_COPY and RESUMING are reached from STOP; PRE_COPY_P2P from RUNNING_P2P.
     let route: &[MigState] = match cur {
         Running => &[],
@@ -224,40 +236,9 @@ fn driver_arcs_per_flag_set_are_the_spec_lists() {
     assert_eq!(driver_arcs(MigFlags(7)).len(), 15);
 }
 
-/// A driver with the given flags whose arcs do nothing, except that it (wrongly) opens a
-/// save stream on the arc `leak`, if any.
-struct Stub {
-    flags: u64,
-    leak: Option<(MigState, MigState)>,
-}
-impl MigrationDriver for Stub {
-    fn migration_flags(&self) -> MigFlags {
-        MigFlags(self.flags)
-    }
-    fn step(&mut self, from: MigState, to: MigState) -> Result<Option<StreamKind>, Errno> {
-        Ok((self.leak == Some((from, to))).then_some(StreamKind::Save))
-    }
-    fn save_read(&mut self, _: MigState, _: &mut [u8]) -> Result<usize, Errno> {
-        Ok(0)
-    }
-    fn resume_write(&mut self, b: &[u8]) -> Result<usize, Errno> {
-        Ok(b.len())
-    }
-    fn precopy_info(&mut self) -> PrecopyInfo {
-        PrecopyInfo::default()
-    }
-    fn stop_copy_size(&mut self) -> Result<u64, Errno> {
-        Ok(0)
-    }
-    fn reset(&mut self) {}
-}
-
 #[test]
 fn a_stream_from_an_intermediate_arc_is_an_error() {
-    let leaky = Stub {
-        flags: MigFlags::STOP_COPY.bits(),
-        leak: Some((Running, Stop)),
-    };
+    let (leaky, _) = Recorder::new(MigFlags::STOP_COPY, Some((Running, Stop)));
     let dev = MigrationDevice::new("leaky", leaky).unwrap();
     assert_eq!(dev.set_state(StopCopy).unwrap_err(), EINVAL);
     assert_eq!(dev.get_state(), Stop, "left on the path");
@@ -267,7 +248,7 @@ fn a_stream_from_an_intermediate_arc_is_an_error() {
 fn undefined_flag_sets_are_refused() {
     for f in [0, 2, 4, 6, 8] {
         assert_eq!(
-            MigrationDevice::new("bad", Stub { flags: f, leak: None }).unwrap_err(),
+            MigrationDevice::new("bad", Recorder::new(MigFlags(f), None).0).unwrap_err(),
             EINVAL,
             "flags {f}"
         );
