@@ -12,11 +12,12 @@
 //! Rings are reaped every [`REAP_INTERVAL`] by a thread of the VM, so they never come near
 //! full. That matters: on some hosts (seen on a nested-virtualisation machine where KVM
 //! emulates guest stores) KVM pushes far past a ring's soft limit before the vCPU reaches its
-//! full-ring exit, wraps, and overwrites entries userspace has not collected; its reset index
-//! then disagrees with userspace's and the ring stays "full" for good. A collection that finds
-//! every slot of a ring dirty, or a full-ring exit that finds nothing to collect, is such an
-//! overrun: the tracker is marked broken and every later harvest fails with
-//! [`DirtyError::RingOverrun`] rather than silently missing pages.
+//! full-ring exit, wraps, and overwrites entries userspace has not collected. A collection that
+//! finds every slot of a ring dirty, or a full-ring exit that finds nothing to collect, is such
+//! an overrun. Its log is lost, so the next harvest reports every page of guest RAM as dirty
+//! ([`HarvestStats::lost`]), as a lost log demands, and the rings are realigned with KVM
+//! ([`crate::kvm_sys::DirtyRing::resync`]) so the vCPU can run on and tracking goes on; see
+//! `docs/dirty-tracking.md`.
 //!
 //! On x86 the two are exclusive per VM: with rings on, `KVM_GET_DIRTY_LOG` fails with ENXIO.
 //! Either way the re-protection happens inside the harvest, before the caller copies pages,
@@ -32,12 +33,9 @@ use std::time::Instant;
 /// How often the reaper collects and resets the rings.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(5);
 
-/// A harvest that cannot be trusted.
+/// A harvest that failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DirtyError {
-    /// KVM overran a dirty ring: some dirtied pages were never reported.
-    #[error("KVM overran a dirty ring; dirty pages were lost (use the dirty bitmap, or a larger ring)")]
-    RingOverrun,
     /// A dirty-log ioctl failed.
     #[error("{op} failed with errno {errno}")]
     Ioctl { op: &'static str, errno: i32 },
@@ -90,6 +88,23 @@ impl PageBitmap {
     pub fn clear(&mut self) {
         self.words.fill(0);
     }
+    /// Sets pages `[first, first + count)` (clipped to the bitmap).
+    pub fn set_range(&mut self, first: u64, count: u64) {
+        let end = first.saturating_add(count).min(self.pages);
+        let mut p = first;
+        while p < end && !p.is_multiple_of(64) {
+            self.set(p);
+            p += 1;
+        }
+        while p + 64 <= end {
+            self.words[(p / 64) as usize] = u64::MAX;
+            p += 64;
+        }
+        while p < end {
+            self.set(p);
+            p += 1;
+        }
+    }
     pub fn union(&mut self, o: &PageBitmap) {
         for (a, b) in self.words.iter_mut().zip(&o.words) {
             *a |= *b;
@@ -140,7 +155,12 @@ pub(crate) struct CpuDirty {
     ring_entries: u32,
     /// Pages the reaper and full-ring exits collected, not yet harvested.
     pending: Mutex<PageBitmap>,
+    /// Entries were lost since the last harvest: it must report everything.
     overrun: AtomicBool,
+    /// An overrun happened: rings may hold phantoms, so every collection realigns first.
+    suspect: AtomicBool,
+    /// Harvests that reported every page because the log was lost.
+    lost_harvests: AtomicU64,
     /// Time spent collecting rings outside `harvest` (reaper and full-ring exits), so a
     /// harvest's cost can be charged with the work done on its behalf.
     background_ns: AtomicU64,
@@ -153,6 +173,8 @@ pub struct HarvestStats {
     pub entries: u64,
     /// Pages newly set in the output.
     pub pages: u64,
+    /// A ring overrun lost dirty entries: every page of guest RAM was reported instead.
+    pub lost: bool,
 }
 
 fn gpa_of(slots: &[Slot], slot: u32, offset: u64) -> Option<u64> {
@@ -172,41 +194,54 @@ impl CpuDirty {
             ring_entries,
             pending: Mutex::new(PageBitmap::new(mem_pages)),
             overrun: AtomicBool::new(false),
+            suspect: AtomicBool::new(false),
+            lost_harvests: AtomicU64::new(0),
             background_ns: AtomicU64::new(0),
         }
     }
 
-    /// Whether a ring overrun was detected (see the module documentation).
-    pub fn overrun(&self) -> bool {
-        self.overrun.load(Ordering::Acquire)
+    /// Harvests so far that reported every page because a ring overrun lost its log.
+    pub fn lost_harvests(&self) -> u64 {
+        self.lost_harvests.load(Ordering::Relaxed)
     }
 
-    /// Collects every ring into `pending` and resets them. Returns the entries collected.
-    fn collect_rings(&self, vm: &VmFd, pending: &mut PageBitmap) -> u64 {
-        let mut total = 0u64;
+    fn lost(&self) {
+        self.suspect.store(true, Ordering::Release);
+        self.overrun.store(true, Ordering::Release);
+    }
+
+    /// Collects every ring into `pending` and resets them. Returns the entries collected and
+    /// the phantom entries realigned.
+    fn collect_rings(&self, vm: &VmFd, pending: &mut PageBitmap) -> (u64, u64) {
+        let suspect = self.suspect.load(Ordering::Acquire);
+        let (mut total, mut phantoms) = (0u64, 0u64);
         for r in &self.rings {
-            let n = r.lock().unwrap_or_else(|e| e.into_inner()).collect(|slot, off| {
+            let mut ring = r.lock().unwrap_or_else(|e| e.into_inner());
+            if suspect {
+                phantoms += ring.resync() as u64;
+            }
+            let n = ring.collect(|slot, off| {
                 if let Some(p) = gpa_of(&self.slots, slot, off) {
                     pending.set(p);
                 }
             });
             if n >= self.ring_entries {
                 // KVM never lets a ring fill completely unless it overran it.
-                self.overrun.store(true, Ordering::Release);
+                self.lost();
             }
             total += n as u64;
         }
-        if total > 0 {
+        if total > 0 || phantoms > 0 {
             let _ = reset_dirty_rings(vm);
         }
-        total
+        (total, phantoms)
     }
 
     /// The reaper's periodic pass.
     pub fn reap(&self, vm: &VmFd) {
         let t = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        self.collect_rings(vm, &mut pending);
+        let _ = self.collect_rings(vm, &mut pending);
         self.background_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
@@ -221,12 +256,18 @@ impl CpuDirty {
     }
 
     /// A vCPU thread's full-ring exit: collect and reset so it can run on. Finding nothing
-    /// to collect means KVM and userspace disagree about the ring: an overrun.
+    /// to collect means KVM and userspace disagree about the ring: an overrun, after which
+    /// the rings are realigned.
     pub fn ring_full(&self, vm: &VmFd, _vcpu: usize) {
         let t = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if self.collect_rings(vm, &mut pending) == 0 {
-            self.overrun.store(true, Ordering::Release);
+        if self.collect_rings(vm, &mut pending) == (0, 0) {
+            self.lost();
+            if self.collect_rings(vm, &mut pending) == (0, 0) {
+                // Nothing proves where KVM is yet: let it publish before the vCPU retries,
+                // rather than spin on exits.
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
         self.background_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -236,15 +277,22 @@ impl CpuDirty {
     pub fn harvest(&self, vm: &VmFd, out: &mut PageBitmap) -> Result<HarvestStats, DirtyError> {
         let before = out.count();
         let mut entries = 0u64;
+        let mut lost = false;
         match self.mode {
             DirtyLogMode::Ring { .. } => {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                entries += self.collect_rings(vm, &mut pending);
-                if self.overrun() {
-                    return Err(DirtyError::RingOverrun);
-                }
+                entries += self.collect_rings(vm, &mut pending).0;
                 out.union(&pending);
                 pending.clear();
+                // Swapped after collecting: a loss detected before this point is covered
+                // by this harvest, a later one by the next.
+                if self.overrun.swap(false, Ordering::AcqRel) {
+                    lost = true;
+                    self.lost_harvests.fetch_add(1, Ordering::Relaxed);
+                    for s in &self.slots {
+                        out.set_range(s.gpa / 4096, s.size / 4096);
+                    }
+                }
             }
             DirtyLogMode::Bitmap => {
                 for s in &self.slots {
@@ -279,6 +327,7 @@ impl CpuDirty {
         Ok(HarvestStats {
             entries,
             pages: out.count() - before,
+            lost,
         })
     }
 }
@@ -301,5 +350,10 @@ mod tests {
         assert_eq!(c.iter().collect::<Vec<_>>(), vec![8, 10, 23]);
         b.union(&c);
         assert_eq!(b.count(), 6);
+        let mut r = PageBitmap::new(300);
+        r.set_range(3, 200);
+        assert_eq!(r.iter().collect::<Vec<_>>(), (3..203).collect::<Vec<_>>());
+        r.set_range(250, 1000);
+        assert_eq!(r.count(), 250, "clipped at the end");
     }
 }

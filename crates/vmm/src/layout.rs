@@ -14,6 +14,11 @@
 //! | 0x0100_0000 | to the end of RAM | the dirtier's working sets |
 //! | 0xd000_0000 | 64 KiB | accelerator MMIO registers (`accel::regs`) |
 //!
+//! The device sees guest RAM at IOVA = GPA except inside its IOMMU's reserved regions, which
+//! stay unmapped in the IOAS: on Arm the SMMU driver's software MSI window
+//! `[0x0800_0000, 0x0810_0000)` falls inside RAM of more than 128 MiB, and RAM there is
+//! reachable by the vCPUs only (the dirtier may write it; the accel-client never DMAs there).
+//! The x86 interrupt window `[0xfee0_0000, 0xfef0_0000)` lies above the largest RAM.
 //! Page-table entries are created with Accessed (and, for leaves, Dirty) already set, and GDT
 //! descriptors with Accessed set, so the CPU never writes them: the only pages the guest
 //! dirties are the ones its programs store to.

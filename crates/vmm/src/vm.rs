@@ -120,7 +120,7 @@ fn kvm(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 
 impl Vm {
     pub fn new(cfg: VmConfig) -> Result<Vm, VmError> {
-        let mem_size = cfg.mem_mib << 20;
+        let mem_size = cfg.mem_mib.saturating_mul(1 << 20);
         if !(MIN_MEM..=ACCEL_MMIO).contains(&mem_size) {
             return Err(VmError::Config(format!(
                 "memory must be between {} MiB and {} MiB",
@@ -275,8 +275,16 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Maps guest RAM into an IOAS at IOVA = GPA, allocates a HWPT in front of a new
-    /// accelerator and puts its registers on the MMIO bus at [`ACCEL_MMIO`].
+    /// Allocates a HWPT in front of a new accelerator, maps guest RAM into its IOAS at
+    /// IOVA = GPA around the device's reserved regions, and puts its registers on the MMIO
+    /// bus at [`ACCEL_MMIO`].
+    ///
+    /// The device is attached before anything is mapped, as a VMM on iommufd does, so the
+    /// IOAS knows the device's reserved regions (the x86 interrupt window, the Arm SMMU's
+    /// software MSI window at 128 MiB) and RAM is mapped only in the ranges
+    /// `IOMMU_IOAS_IOVA_RANGES` allows. Guest RAM inside a reserved region stays CPU-only:
+    /// a DMA there faults, as it would on real hardware (the guest programs never DMA
+    /// there; see `layout`).
     fn attach_accel(&self, a: &AccelSetup) -> Result<IommuSetup, VmError> {
         let io = |what: &'static str| move |e: Errno| VmError::Iommu { what, errno: e };
         let fd = Arc::new(IommuFd::new());
@@ -291,19 +299,6 @@ impl Vm {
                 ..Default::default()
             };
             fd.option(&mut o).map_err(io("OPTION HUGE_PAGES"))?;
-        }
-        for s in &self.slots {
-            let region = GuestRamRegion::new(self.mem.clone(), s.gpa).ok_or(VmError::Internal("guest RAM region"))?;
-            let va = fd.register_user_memory(Arc::new(region) as Arc<dyn HostMemory>);
-            let mut m = IoasMap {
-                flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-                ioas_id: ioas,
-                user_va: va,
-                length: s.size,
-                iova: s.gpa,
-                ..Default::default()
-            };
-            fd.ioas_map(&mut m).map_err(io("IOAS_MAP"))?;
         }
         let mut spec = DeviceSpec::new("accel", a.format);
         spec.huge_iova = a.huge_pages;
@@ -323,6 +318,22 @@ impl Vm {
         };
         fd.hwpt_alloc(&mut h).map_err(io("HWPT_ALLOC"))?;
         fd.attach(dev, h.out_hwpt_id).map_err(io("ATTACH"))?;
+        let allowed = allowed_iovas(&fd, ioas).map_err(io("IOAS_IOVA_RANGES"))?;
+        for s in &self.slots {
+            let region = GuestRamRegion::new(self.mem.clone(), s.gpa).ok_or(VmError::Internal("guest RAM region"))?;
+            let va = fd.register_user_memory(Arc::new(region) as Arc<dyn HostMemory>);
+            for (start, end) in clip(s.gpa, s.gpa + s.size, &allowed) {
+                let mut m = IoasMap {
+                    flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+                    ioas_id: ioas,
+                    user_va: va + (start - s.gpa),
+                    length: end - start,
+                    iova: start,
+                    ..Default::default()
+                };
+                fd.ioas_map(&mut m).map_err(io("IOAS_MAP"))?;
+            }
+        }
         let dma = fd.device_dma(dev).map_err(io("device DMA"))?;
         let accel = Arc::new(Accel::new(a.config.clone(), dma).map_err(io("accel"))?);
         if !self.bus.register(ACCEL_MMIO, accel::regs::MMIO_SIZE, accel.clone()) {
@@ -550,6 +561,12 @@ impl Vm {
         Ok(())
     }
 
+    /// Harvests that reported every page of guest RAM because a dirty-ring overrun lost the
+    /// log (always 0 in bitmap mode).
+    pub fn dirty_lost_harvests(&self) -> u64 {
+        self.dirty.lost_harvests()
+    }
+
     /// Time the VM spent collecting dirty rings outside [`Vm::harvest_cpu_dirty`] (the reaper
     /// thread and full-ring exits); zero in bitmap mode.
     pub fn dirty_background_time(&self) -> Duration {
@@ -651,6 +668,35 @@ impl Vm {
         }
         Ok(())
     }
+}
+
+/// The IOVA ranges an IOAS allows, as half-open `(start, end)` pairs.
+fn allowed_iovas(fd: &IommuFd, ioas: u32) -> Result<Vec<(u64, u64)>, Errno> {
+    let mut ranges = vec![IovaRange::default(); 16];
+    let mut cmd = IoasIovaRanges {
+        ioas_id: ioas,
+        num_iovas: ranges.len() as u32,
+        __reserved: 0,
+        allowed_iovas: &mut ranges,
+        out_iova_alignment: 0,
+    };
+    fd.ioas_iova_ranges(&mut cmd)?;
+    let n = cmd.num_iovas as usize;
+    Ok(ranges[..n]
+        .iter()
+        .map(|r| (r.start, r.last.saturating_add(1)))
+        .collect())
+}
+
+/// The parts of `[start, end)` inside `allowed` (half-open, sorted, disjoint).
+fn clip(start: u64, end: u64, allowed: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    allowed
+        .iter()
+        .filter_map(|&(a, b)| {
+            let (s, e) = (start.max(a), end.min(b));
+            (s < e).then_some((s, e))
+        })
+        .collect()
 }
 
 fn read_all(s: &vfio::DataStream) -> Result<Vec<u8>, Errno> {

@@ -213,3 +213,43 @@ fn bad_vcpu_state_is_refused() {
     b.pause().unwrap();
     assert_eq!(b.vcpu_stopped(), None);
 }
+
+#[test]
+fn guest_ram_is_mapped_around_each_formats_reserved_window() {
+    need_kvm!();
+    for format in iommu::FormatKind::ALL {
+        let vm = Vm::new(VmConfig {
+            mem_mib: 256,
+            regions: 2,
+            vcpus: 1,
+            dirty: DirtyLogMode::Bitmap,
+            accel: Some(AccelSetup {
+                format,
+                ..Default::default()
+            }),
+        })
+        .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+        let io = vm.iommu().unwrap();
+        let areas: Vec<(u64, u64)> = io
+            .fd
+            .ioas_areas(io.ioas)
+            .unwrap()
+            .into_iter()
+            .map(|(iova, len, _)| (iova, iova + len))
+            .collect();
+        let want = match format {
+            // The SMMU driver's software MSI window, [128 MiB, 129 MiB), stays unmapped.
+            iommu::FormatKind::ArmLpaeS1 => vec![(0, 128 << 20), (129 << 20, 256 << 20)],
+            // The x86 interrupt window is above this RAM: both slots map whole.
+            _ => vec![(0, 128 << 20), (128 << 20, 256 << 20)],
+        };
+        assert_eq!(areas, want, "{format:?}");
+        let mut p = Program::dirtier(WORKSET_BASE, 4096, 16.0, Pattern::Uniform);
+        p.accel_queue = Some(1);
+        vm.load_program(0, &p).unwrap();
+        vm.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let c = vm.counters(0);
+        assert!(c.jobs_completed > 0 && c.errors == 0, "{format:?}: {c:?}");
+    }
+}
