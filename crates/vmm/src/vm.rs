@@ -415,6 +415,12 @@ impl Vm {
         if !(0.0..=1e6).contains(&prog.rate_mib_s) {
             return Err(VmError::Config("rate must be between 0 and 1e6 MiB/s".into()));
         }
+        if prog.accel_queue.is_some() && self.dma_reach(prog.ws_base, prog.ws_pages) == 0 {
+            return Err(VmError::Config(format!(
+                "the accelerator cannot reach the working set at {:#x} (a reserved IOVA window)",
+                prog.ws_base
+            )));
+        }
         let spec = workload::Spec {
             dirtier: prog.dirtier.then_some(prog.pattern),
             accel: prog.accel_queue.is_some(),
@@ -459,6 +465,7 @@ impl Vm {
             (C_AREA, ACCEL_AREA),
             (C_QN, prog.accel_queue.unwrap_or(0) as u64),
             (C_BURST, workload::DEFAULT_BURST),
+            (C_DMA_PAGES, self.dma_reach(prog.ws_base, prog.ws_pages)),
         ] {
             w(off, v).map_err(merr)?;
         }
@@ -472,6 +479,18 @@ impl Vm {
                 .map_err(merr)?;
         }
         Ok(())
+    }
+
+    /// Pages from `base` (at most `pages`) the accelerator can DMA to without leaving the
+    /// IOAS's mapped areas.
+    fn dma_reach(&self, base: u64, pages: u64) -> u64 {
+        let Some(io) = &self.iommu else { return pages };
+        let areas = io.fd.ioas_areas(io.ioas).unwrap_or_default();
+        let mut end = base;
+        while let Some(&(iova, len, _)) = areas.iter().find(|&&(iova, len, _)| iova <= end && end < iova + len) {
+            end = iova + len;
+        }
+        ((end - base) / 4096).min(pages)
     }
 
     /// The program counters of `vcpu`.

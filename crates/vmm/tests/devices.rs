@@ -252,9 +252,22 @@ fn guest_ram_is_mapped_around_each_formats_reserved_window() {
             _ => vec![(0, 128 << 20), (128 << 20, 256 << 20)],
         };
         assert_eq!(areas, want, "{format:?}");
-        let mut p = Program::dirtier(WORKSET_BASE, 4096, 16.0, Pattern::Uniform);
+        // The working set runs to the end of RAM, across the Arm window: the device reads
+        // only the part below it.
+        let ws_pages = ((256 << 20) - WORKSET_BASE) / 4096;
+        let mut p = Program::dirtier(WORKSET_BASE, ws_pages, 16.0, Pattern::Uniform);
         p.accel_queue = Some(1);
         vm.load_program(0, &p).unwrap();
+        let reach: u64 = vm_memory::Bytes::read_obj(
+            &**vm.memory(),
+            vm_memory::GuestAddress(vmm::layout::ctrl_page(0) + C_DMA_PAGES),
+        )
+        .unwrap();
+        let want = match format {
+            iommu::FormatKind::ArmLpaeS1 => ((128 << 20) - WORKSET_BASE) / 4096,
+            _ => ws_pages,
+        };
+        assert_eq!(reach, want, "{format:?}");
         vm.resume().unwrap();
         std::thread::sleep(Duration::from_millis(200));
         let c = vm.counters(0);

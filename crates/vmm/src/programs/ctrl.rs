@@ -19,6 +19,9 @@ pub const C_AREA: u64 = 0x060;
 pub const C_QN: u64 = 0x068;
 /// Largest backlog of pages the dirtier catches up after it fell behind (a pause).
 pub const C_BURST: u64 = 0x070;
+/// Pages of the working set, from its base, that the accelerator can reach: all of them,
+/// unless an IOVA window its IOMMU reserves (unmapped) cuts the working set short.
+pub const C_DMA_PAGES: u64 = 0x078;
 
 /// Counters (guest → host).
 pub const K_PAGES: u64 = 0x800;

@@ -25,7 +25,8 @@
 //! page while the device copies it, and a torn copy mixes two stamps of the same page); CRC32C over the slot's 16-byte source: equal to a table-driven software CRC; LZ4:
 //! a length within the destination), ring the CQ doorbell; then submit while fewer than 31 are
 //! outstanding (job `tag` is COPY, CRC32C or LZ4_COMPRESS by `tag % 3`; COPY and LZ4 read
-//! working-set page `tag % ws_pages`) and ring the SQ doorbell once.
+//! working-set page `tag % dma_pages`, `C_DMA_PAGES` being the part of the working set the
+//! device can reach) and ring the SQ doorbell once.
 
 use super::ctrl::*;
 use super::Pattern;
@@ -270,7 +271,7 @@ fn emit_accel_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.je(kind1)?;
     a.cmp(edx, 2i32)?;
     a.je(kind2)?;
-    // COPY: the destination starts with a valid stamp of page (tag % ws_pages), or zeros.
+    // COPY: the destination starts with a valid stamp of page (tag % dma_pages), or zeros.
     a.cmp(dword_ptr(rdi), A_SRC_SIZE as i32)?;
     a.jne(bad)?;
     a.mov(rsi, r9)?;
@@ -286,7 +287,7 @@ fn emit_accel_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jne(bad)?;
     a.mov(rax, r8)?;
     a.xor(edx, edx)?;
-    a.div(r13)?;
+    a.div(qword_ptr(r15 + C_DMA_PAGES))?;
     a.mov(rcx, r14)?;
     a.shr(rcx, 12u32)?;
     a.add(rcx, rdx)?; // expected pfn
@@ -371,7 +372,7 @@ fn emit_accel_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.div(rcx)?;
     a.cmp(edx, 1i32)?;
     a.je(crc_job)?;
-    // COPY (1) or LZ4_COMPRESS (3) of working-set page (tag % ws_pages).
+    // COPY (1) or LZ4_COMPRESS (3) of working-set page (tag % dma_pages).
     a.mov(r10d, 1u32)?;
     a.mov(ecx, 3u32)?;
     a.test(edx, edx)?;
@@ -380,7 +381,7 @@ fn emit_accel_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(dword_ptr(rdi + 4), r8d)?;
     a.mov(rax, r8)?;
     a.xor(edx, edx)?;
-    a.div(r13)?;
+    a.div(qword_ptr(r15 + C_DMA_PAGES))?;
     a.shl(rdx, 12u32)?;
     a.add(rdx, r14)?;
     a.mov(qword_ptr(rdi + 8), rdx)?;
