@@ -16,7 +16,9 @@
 //!   default leaves of their level, default leaves become a table of 512 smaller ones), keeping
 //!   the rest mapped and inheriting the dirty state, then removes the requested part.
 //! * `read_and_clear_dirty` reports a dirty leaf clipped to the requested range (generic_pt
-//!   behaviour, not the 6.x drivers' whole-leaf report) and clears the whole leaf.
+//!   behaviour, not the 6.x drivers' whole-leaf report) and clears the whole leaf. Because the
+//!   part outside the range is then reported by no later walk, the recorder is also told the
+//!   leaf's extent ([`RecordDirty::record_leaf`]), and the IOTLB gather gets the whole leaf.
 
 use crate::format::{level_shift, Format, Perm, Pte, LEVELS, PAGE_SHIFT, PAGE_SIZE};
 use crate::mem::{TableArena, TablePage, ENTRIES};
@@ -27,7 +29,17 @@ pub const DIRTY_NO_CLEAR: u32 = 1 << 0;
 
 /// Receives dirty ranges (Linux's `iova_bitmap_set`).
 pub trait RecordDirty {
+    /// `[iova, iova + len)` is dirty; it lies inside the walked range.
     fn record(&mut self, iova: u64, len: u64);
+
+    /// A dirty leaf `[leaf, leaf + leaf_len)`, of which `[iova, iova + len)` lies inside the
+    /// walked range. A clearing walk resets the whole leaf, so a part outside the range is
+    /// reported by no later walk: a caller that walks one request in pieces (iommufd's bitmap
+    /// windows) must keep that part itself, as Linux's `iova_bitmap` sets bits ahead of its
+    /// window. The default records only the part inside.
+    fn record_leaf(&mut self, iova: u64, len: u64, _leaf: u64, _leaf_len: u64) {
+        self.record(iova, len)
+    }
 }
 
 impl<F: FnMut(u64, u64)> RecordDirty for F {
@@ -74,13 +86,19 @@ pub struct DirtyBitmap<'a> {
 }
 
 impl DirtyBitmap<'_> {
+    /// Reports the dirty leaf `[leaf, leaf + leaf_len)` of a walk over `[start, end)`.
     #[inline]
-    fn record(&mut self, iova: u64, len: u64) {
+    fn record_leaf(&mut self, leaf: u64, leaf_len: u64, start: u64, end: u64) {
+        let rs = leaf.max(start);
+        let re = (leaf + leaf_len).min(end);
         if let Some(b) = self.bitmap.as_deref_mut() {
-            b.record(iova, len);
+            b.record_leaf(rs, re - rs, leaf, leaf_len);
         }
         if let Some(g) = self.gather.as_deref_mut() {
-            g.add_range(iova, len);
+            // The whole leaf was cleared, so IOTLB entries anywhere in it may still say "dirty
+            // already set"; invalidating only the part in range would let a later write to
+            // the rest skip the PTE and never be reported.
+            g.add_range(leaf, leaf_len);
         }
     }
 }
@@ -717,9 +735,7 @@ fn scan<F: Format>(w: &mut Walk<'_, '_>, tp: u64, level: usize, base: u64, desce
                 }
                 if dirty {
                     let lb = base + ((first as u64) << shift);
-                    let rs = lb.max(w.start);
-                    let re = (lb + (1u64 << size_lg2)).min(w.end);
-                    w.out.record(rs, re - rs);
+                    w.out.record_leaf(lb, 1u64 << size_lg2, w.start, w.end);
                 }
                 idx = first + n;
             }
@@ -767,9 +783,7 @@ pub(crate) fn read_and_clear_dirty_naive<F: Format>(
                     let sz = 1u64 << size_lg2;
                     let lb = iova & !(sz - 1);
                     if dirty {
-                        let rs = lb.max(start);
-                        let re = (lb + sz).min(end);
-                        out.record(rs, re - rs);
+                        out.record_leaf(lb, sz, start, end);
                     }
                     step = lb + sz - iova;
                     break;

@@ -82,6 +82,59 @@ fn clearing_with_invalidation_loses_nothing() {
 }
 
 #[test]
+fn harvest_of_part_of_a_leaf_gathers_the_whole_leaf() {
+    const MIB: u64 = 1 << 20;
+    for fmt in FormatKind::ALL {
+        let mem = Arc::new(AnonMemory::new(2 << 20, false).unwrap());
+        let dom = Domain::new(DomainConfig::new(fmt)).unwrap();
+        dom.map(BASE, 2 * MIB, mem, 0, Perm::RW).unwrap();
+        assert_eq!(dom.leaf_histogram().into_iter().collect::<Vec<_>>(), vec![(21, 1)]);
+        dom.read_and_clear_dirty(BASE, 2 * MIB, 0, &mut DirtyBitmap::default())
+            .unwrap();
+        dom.set_dirty_tracking(true).unwrap();
+        let dma = dom.attach(1);
+        // Caches "dirty already set" for the first page.
+        dma.write(BASE + 0x5000, &[1]).unwrap();
+        let mut got = Vec::new();
+        let mut gather = IotlbGather::new();
+        {
+            let mut rec = |iova: u64, len: u64| got.push((iova, len));
+            let mut out = DirtyBitmap {
+                bitmap: Some(&mut rec),
+                gather: Some(&mut gather),
+            };
+            dom.read_and_clear_dirty(BASE + MIB, MIB, 0, &mut out).unwrap();
+        }
+        assert_eq!(got, vec![(BASE + MIB, MIB)], "{fmt}: reported clipped");
+        // The whole leaf was reset, so its whole IOVA range is stale in the IOTLB.
+        assert_eq!(
+            gather,
+            IotlbGather {
+                start: BASE,
+                end: BASE + 2 * MIB
+            },
+            "{fmt}"
+        );
+        dom.iotlb_sync(&gather);
+        dma.write(BASE + 0x5000, &[2]).unwrap();
+        let mut again = Vec::new();
+        {
+            let mut rec = |iova: u64, len: u64| again.push((iova, len));
+            let mut out = DirtyBitmap {
+                bitmap: Some(&mut rec),
+                gather: None,
+            };
+            dom.read_and_clear_dirty(BASE, 2 * MIB, 0, &mut out).unwrap();
+        }
+        assert_eq!(
+            again,
+            vec![(BASE, 2 * MIB)],
+            "{fmt}: the write after the harvest is seen"
+        );
+    }
+}
+
+#[test]
 fn faults_are_logged_and_touch_no_memory() {
     for fmt in FormatKind::ALL {
         let mem = Arc::new(AnonMemory::new(16 << 12, false).unwrap());

@@ -576,8 +576,8 @@ impl IommuFd {
     // ---- HWPT ----
 
     /// `IOMMU_HWPT_ALLOC` of a paging HWPT on an IOAS. Flags: `DIRTY_TRACKING`, and livemig's
-    /// `LIVEMIG_HWPT_ALLOC_EAGER_SPLIT`. Nesting, PASID and fault queues are not modelled
-    /// (`EOPNOTSUPP`).
+    /// `LIVEMIG_HWPT_ALLOC_EAGER_SPLIT`. Nesting (a paging HWPT as `pt_id`), PASID and fault
+    /// queues are not modelled (`EOPNOTSUPP`).
     pub fn hwpt_alloc(&self, cmd: &mut HwptAlloc) -> Result<(), Errno> {
         if cmd.__reserved != 0 {
             return err(EOPNOTSUPP, "reserved field set");
@@ -589,8 +589,14 @@ impl IommuFd {
         }
         let mut st = self.lock();
         let spec = st.device(cmd.dev_id)?.spec.clone();
-        if !matches!(st.objs.get(&cmd.pt_id), Some(Obj::Ioas(_))) {
-            return err(EINVAL, "pt_id is not an IOAS");
+        match st.objs.get(&cmd.pt_id) {
+            Some(Obj::Ioas(_)) => {}
+            // Linux takes a paging HWPT as the parent of a nested allocation, and that path
+            // refuses with EOPNOTSUPP (before it looks at the parent) when the driver has no
+            // nested domains, as no modelled IOMMU does, or when no data is given.
+            Some(Obj::Hwpt(_)) => return err(EOPNOTSUPP, "nested HWPTs are not modelled"),
+            // A missing object is EINVAL too, not ENOENT: Linux looks pt_id up as any type.
+            _ => return err(EINVAL, "pt_id is neither an IOAS nor a HWPT"),
         }
         let known = IOMMU_HWPT_ALLOC_DIRTY_TRACKING | LIVEMIG_HWPT_ALLOC_EAGER_SPLIT;
         if cmd.flags & !known != 0 {
@@ -726,9 +732,12 @@ impl IommuFd {
     }
 
     /// `IOMMU_HWPT_GET_DIRTY_BITMAP`. Sets (never clears) the bits of dirty pages in the
-    /// caller's buffer, window by window. Deviations from Linux, as the spec marks them: a
-    /// non-power-of-two `page_size`, disabled tracking and holes fail with `EINVAL`, and a
-    /// buffer too short for the range fails with `EFAULT`, instead of a silent partial result.
+    /// caller's buffer, window by window; a huge leaf that crosses a window's end is still
+    /// reported whole within the range (see `bitmap.rs`), while the part of a leaf outside the
+    /// range is cleared with it but not reported, as in Linux. Deviations from Linux, as the
+    /// spec marks them: a non-power-of-two `page_size`, disabled tracking and holes fail with
+    /// `EINVAL`, and a buffer too short for the range fails with `EFAULT`, instead of a silent
+    /// partial result.
     pub fn hwpt_get_dirty_bitmap(&self, cmd: &mut HwptGetDirtyBitmap<'_>) -> Result<(), Errno> {
         if cmd.flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || cmd.__reserved != 0 {
             return err(EOPNOTSUPP, "unknown flags or reserved field set");

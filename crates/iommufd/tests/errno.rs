@@ -477,8 +477,36 @@ fn hwpt_alloc_each_errno() {
         EINVAL,
         "absent pt_id is EINVAL, not ENOENT"
     );
+    assert_eq!(
+        e(alloc(&fx, |h| h.pt_id = fx.dev)),
+        EINVAL,
+        "a device is not a page table"
+    );
+    // A paging HWPT as pt_id asks for a nested HWPT on it: EOPNOTSUPP, whatever the flags and
+    // data, since no modelled IOMMU has nested domains.
     let h = alloc(&fx, |_| {}).unwrap();
-    assert_eq!(e(alloc(&fx, |c| c.pt_id = h)), EINVAL, "a HWPT is not a suitable pt_id");
+    assert_eq!(e(alloc(&fx, |c| c.pt_id = h)), EOPNOTSUPP, "paging HWPT, no data");
+    assert_eq!(
+        e(alloc(&fx, |c| {
+            c.pt_id = h;
+            c.data_type = 1;
+            c.data_len = 8
+        })),
+        EOPNOTSUPP,
+        "paging HWPT with data"
+    );
+    let dirty = alloc(&fx, |c| c.flags = IOMMU_HWPT_ALLOC_DIRTY_TRACKING).unwrap();
+    assert_eq!(
+        e(alloc(&fx, |c| {
+            c.pt_id = dirty;
+            c.flags = IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+        })),
+        EOPNOTSUPP,
+        "paging HWPT with flags"
+    );
+    let auto = fx.fd.attach(fx.dev, fx.ioas).unwrap();
+    assert_eq!(e(alloc(&fx, |c| c.pt_id = auto)), EOPNOTSUPP, "automatic paging HWPT");
+    fx.fd.detach(fx.dev).unwrap();
     assert_eq!(e(alloc(&fx, |h| h.flags = 1 << 5)), EOPNOTSUPP, "unknown flag");
     assert_eq!(
         e(alloc(&fx, |h| h.flags = IOMMU_HWPT_ALLOC_NEST_PARENT)),
@@ -534,6 +562,22 @@ fn hwpt_alloc_check_order() {
         e(alloc(&fx, |h| {
             h.pt_id = 999;
             h.flags = 1 << 5
+        })),
+        EINVAL
+    );
+    // With a paging HWPT as pt_id, the device and data checks still come first.
+    let hw = alloc(&fx, |_| {}).unwrap();
+    assert_eq!(
+        e(alloc(&fx, |h| {
+            h.pt_id = hw;
+            h.dev_id = 999
+        })),
+        ENOENT
+    );
+    assert_eq!(
+        e(alloc(&fx, |h| {
+            h.pt_id = hw;
+            h.data_len = 8
         })),
         EINVAL
     );

@@ -153,13 +153,26 @@ impl DmaLogging for Arc<DmaLog> {
             }
             let first = (iova.max(s) - s) >> st.page_shift;
             let last = (qlast.min(e) - s) >> st.page_shift;
+            // A logged page that sticks out of the queried range is reported but not cleared:
+            // its one bit stands for the whole page, so clearing it would also forget a write
+            // to the part outside, which the REPORT covering that part must still see. Seeing
+            // the inside part again in a later REPORT is harmless; losing a write is not.
+            let keep = [
+                (s + (first << st.page_shift) < iova).then_some(first),
+                (s + (last << st.page_shift) + (lps - 1) > qlast).then_some(last),
+            ];
             let mut p = first;
             while p <= last {
                 let w = (p / 64) as usize;
                 let lo = p % 64;
                 let hi = (last - (p - lo)).min(63);
                 let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
-                let mut got = l.bits[w].fetch_and(!mask, Ordering::Relaxed) & mask;
+                let kept = keep
+                    .iter()
+                    .flatten()
+                    .filter(|&&k| k / 64 == w as u64)
+                    .fold(0u64, |m, &k| m | 1 << (k % 64));
+                let mut got = l.bits[w].fetch_and(!(mask & !kept), Ordering::Relaxed) & mask;
                 while got != 0 {
                     let b = got.trailing_zeros() as u64;
                     got &= got - 1;
@@ -235,5 +248,45 @@ mod tests {
         assert_eq!(bm4, [1]);
         log.log_stop().unwrap();
         assert_eq!(log.log_read_and_clear(0, 4096, 4096, &mut bm4).unwrap_err(), EINVAL);
+    }
+
+    #[test]
+    fn logged_page_across_the_report_edge_is_kept() {
+        // The device logs 64 KiB pages; the VMM reports 4 KiB bits over ranges whose edges fall
+        // inside logged pages. Before the fix, the first REPORT cleared logged page 1 whole
+        // while showing only its first half, and the second REPORT came back empty.
+        let mut log = DmaLog::new(64 << 10);
+        let mut ps = 4096;
+        log.log_start(&[r(0, 1 << 20)], &mut ps).unwrap();
+        assert_eq!(ps, 64 << 10);
+        log.record(0x1_c000, 8); // logged page 1: [0x1_0000, 0x2_0000)
+        log.record(0x8, 8); // logged page 0, wholly inside the first report
+        let mut a = [0u8; 5];
+        log.log_read_and_clear(0, 0x1_8000, 4096, &mut a).unwrap();
+        assert_eq!(
+            a,
+            [0xff, 0xff, 0xff, 0, 0],
+            "page 0: bits 0..=15; page 1's inside half: 16..=23"
+        );
+        let mut b = [0u8; 2];
+        log.log_read_and_clear(0x1_8000, 0x8000, 4096, &mut b).unwrap();
+        assert_eq!(b, [0xff, 0], "bits 0..=7: its other half, still logged");
+        // A report covering the page whole clears it.
+        let mut c = [0u8; 32];
+        log.log_read_and_clear(0, 1 << 20, 65536, &mut c[..2]).unwrap();
+        assert_eq!(c[..2], [0x02, 0], "page 1 whole (page 0 was cleared by the first report)");
+        log.log_read_and_clear(0, 1 << 20, 65536, &mut c[2..4]).unwrap();
+        assert_eq!(c[2..4], [0, 0], "nothing left");
+        // Both edges in one logged page: reported, kept.
+        log.record(0x3_0000, 1);
+        let mut d = [0u8; 1];
+        log.log_read_and_clear(0x3_4000, 0x8000, 4096, &mut d).unwrap();
+        assert_eq!(d, [0xff]);
+        let mut e = [0u8; 2];
+        log.log_read_and_clear(0x3_0000, 0x1_0000, 4096, &mut e).unwrap();
+        assert_eq!(e, [0xff, 0xff]);
+        let mut f = [0u8; 2];
+        log.log_read_and_clear(0x3_0000, 0x1_0000, 4096, &mut f).unwrap();
+        assert_eq!(f, [0, 0]);
     }
 }
