@@ -1,7 +1,7 @@
 //! The control socket of `livemig run`: a unix socket carrying one JSON object per line,
 //! QMP-shaped (`{"execute": "...", "arguments": {...}}` → `{"return": ...}` or
 //! `{"error": {"desc": "..."}}`). Commands: `query-status`, `migrate`, `query-migrate`,
-//! `migrate-cancel`, `quit`.
+//! `migrate-cancel`, `cont`, `quit`.
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -9,6 +9,27 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+
+/// `"verify"`: a mode name, or the boolean older scripts send (`true`: the default mode,
+/// gate; `false`: off).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum VerifyArg {
+    Flag(bool),
+    Mode(String),
+}
+
+impl VerifyArg {
+    pub fn mode(&self) -> Result<migration::VerifyMode> {
+        match self {
+            VerifyArg::Flag(true) => Ok(migration::VerifyMode::Gate),
+            VerifyArg::Flag(false) => Ok(migration::VerifyMode::Off),
+            VerifyArg::Mode(m) => {
+                migration::VerifyMode::parse(m).ok_or_else(|| anyhow!("unknown verify mode '{m}' (gate, audit, off)"))
+            }
+        }
+    }
+}
 
 /// Arguments of `migrate`, with the CLI's defaults.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -21,9 +42,11 @@ pub struct MigrateArgs {
     pub max_iterations: u32,
     pub auto_converge: bool,
     pub compress: bool,
-    pub verify: bool,
+    pub verify: VerifyArg,
     /// Wire bytes per second over all connections; 0 is unlimited (QEMU's max-bandwidth).
     pub max_bandwidth: u64,
+    /// Milliseconds the source waits on a silent destination before it gives up.
+    pub peer_timeout: u64,
 }
 
 impl Default for MigrateArgs {
@@ -36,8 +59,9 @@ impl Default for MigrateArgs {
             max_iterations: 30,
             auto_converge: false,
             compress: true,
-            verify: true,
+            verify: VerifyArg::Flag(true),
             max_bandwidth: 0,
+            peer_timeout: 10_000,
         }
     }
 }
@@ -55,6 +79,12 @@ impl MigrateArgs {
         if self.channels > 64 {
             bail!("at most 64 page channels");
         }
+        if !(100..=3_600_000).contains(&self.peer_timeout) {
+            bail!("peer-timeout must be between 100 ms and one hour");
+        }
+        if self.downtime_limit > 3_600_000 {
+            bail!("downtime-limit must be at most one hour (in milliseconds)");
+        }
         Ok(migration::SourceOptions {
             mode,
             channels: self.channels,
@@ -62,8 +92,9 @@ impl MigrateArgs {
             max_iterations: self.max_iterations,
             auto_converge: self.auto_converge,
             compress: self.compress,
-            verify: self.verify,
+            verify: self.verify.mode()?,
             max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
+            peer_timeout: Duration::from_millis(self.peer_timeout),
             ..Default::default()
         })
     }
@@ -134,5 +165,22 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.options().unwrap_err().to_string().contains("unknown mode 'fast'"));
+        // "verify": the booleans of older scripts, or a mode.
+        for (v, want) in [
+            (json!(true), "gate"),
+            (json!(false), "off"),
+            (json!("audit"), "audit"),
+            (json!("gate"), "gate"),
+        ] {
+            let a: MigrateArgs = serde_json::from_value(json!({"uri": "h:1", "verify": v})).unwrap();
+            assert_eq!(a.options().unwrap().verify.name(), want, "{v}");
+        }
+        let a: MigrateArgs = serde_json::from_value(json!({"uri": "h:1", "verify": "maybe"})).unwrap();
+        assert!(a
+            .options()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown verify mode 'maybe'"));
+        assert!(serde_json::from_value::<MigrateArgs>(json!({"uri": "h:1", "verify": 3})).is_err());
     }
 }

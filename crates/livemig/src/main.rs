@@ -19,6 +19,7 @@ macro_rules! eout {
 
 mod bench;
 mod control;
+mod ctlsock;
 mod demo;
 mod iommu_demo;
 mod receive;
@@ -51,14 +52,14 @@ struct MigFlags {
     #[arg(long, default_value = "iommu", value_parser = ["iommu", "device-log", "none"])]
     mode: String,
     /// Parallel page connections besides the control connection (0: pages on the control
-    /// connection).
-    #[arg(long, default_value_t = 0)]
+    /// connection; at most 64).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
     channels: u16,
     /// Downtime limit in milliseconds (QEMU's downtime-limit).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     downtime_limit: u64,
     /// Switch over after this many iterations even if not converged.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     max_iterations: u32,
     /// Throttle the vCPUs while the dirty rate outruns the bandwidth.
     #[arg(long)]
@@ -66,12 +67,23 @@ struct MigFlags {
     /// Send pages uncompressed (zero pages are still sent as zero runs).
     #[arg(long)]
     no_compress: bool,
-    /// Skip the end-to-end verification of memory, device state and guest progress.
-    #[arg(long)]
+    /// How the destination proves it holds the source's guest (memory, device and vCPU
+    /// state): gate (compared before the guest resumes there; a mismatch rolls back, at the
+    /// cost of hashing the source's memory inside the downtime), audit (the guest resumes at
+    /// once and is compared after; a mismatch fails loudly and the source holds the original)
+    /// or off.
+    #[arg(long, default_value = "gate", value_parser = ["gate", "audit", "off"])]
+    verify: String,
+    /// The same as --verify off.
+    #[arg(long, conflicts_with = "verify")]
     no_verify: bool,
     /// Cap the migration at this many MiB/s on the wire (0: unlimited).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_mib_rate)]
     max_bandwidth_mib: f64,
+    /// Seconds without progress from the destination (no reply, or a write that does not
+    /// move) before the source gives up on it.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_timeout)]
+    peer_timeout: f64,
 }
 
 impl MigFlags {
@@ -84,8 +96,13 @@ impl MigFlags {
             max_iterations: self.max_iterations,
             auto_converge: self.auto_converge,
             compress: !self.no_compress,
-            verify: !self.no_verify,
-            max_bandwidth: (self.max_bandwidth_mib.max(0.0) * 1048576.0) as u64,
+            verify: control::VerifyArg::Mode(if self.no_verify {
+                "off".into()
+            } else {
+                self.verify.clone()
+            }),
+            max_bandwidth: (self.max_bandwidth_mib * 1048576.0) as u64,
+            peer_timeout: (self.peer_timeout * 1000.0) as u64,
         }
     }
 }
@@ -107,15 +124,30 @@ enum Cmd {
         json: bool,
     },
     /// Start a VM running its guest programs, controlled through a unix socket (JSON lines:
-    /// query-status, migrate, query-migrate, migrate-cancel, quit).
+    /// query-status, migrate, query-migrate, migrate-cancel, cont, quit). After a migration
+    /// hands the guest over, the process keeps it paused (postmigrate) until `quit`, or until
+    /// --release-after.
     Run {
         #[command(flatten)]
         vm: VmOpts,
-        /// The control socket's path.
+        /// The control socket's path. An existing file there is never removed unless it is a
+        /// socket nobody listens on; a path another VM listens on is refused.
         #[arg(long, default_value = "/tmp/livemig.sock")]
         control: PathBuf,
+        /// After a confirmed handover, release the paused guest and exit this many seconds
+        /// later (default: keep it until `quit`). A handover the destination never confirmed
+        /// is always kept.
+        #[arg(long, value_parser = parse_timeout)]
+        release_after: Option<f64>,
     },
     /// Ask a `livemig run` process to migrate its VM, follow it and print the summary.
+    #[command(after_help = "Exit status:
+  0  completed: the destination runs the guest (verified, unless --verify off); the source holds
+     its paused copy until `quit`
+  2  failed and rolled back: the source runs the guest (also after migrate-cancel)
+  3  failed after the source committed: the source holds the guest paused and resumable; check
+     the destination, then `quit` the source or `cont` it (query-status says which)
+  1  anything else (bad arguments, no control socket, ...)")]
     Migrate {
         /// The control socket of the `livemig run` process.
         #[arg(long, default_value = "/tmp/livemig.sock")]
@@ -141,6 +173,10 @@ enum Cmd {
         /// Exit this long after the guest resumed here (default: run until killed).
         #[arg(long)]
         exit_after_ms: Option<u64>,
+        /// Seconds without progress from the source (no bytes, or a write that does not move)
+        /// before this side gives up; without the source's commit the VM is discarded.
+        #[arg(long, default_value_t = 10.0, value_parser = parse_timeout)]
+        peer_timeout: f64,
     },
     /// The emulated IOMMU alone: map a guest-sized space in every format, DMA from device
     /// threads with dirty tracking on, harvest, and compare what was found with what was written.
@@ -235,11 +271,14 @@ enum BenchCmd {
         /// Modes, comma separated.
         #[arg(long, value_delimiter = ',', default_values_t = vec!["iommu".to_string(), "device-log".to_string(), "none".to_string()])]
         modes: Vec<String>,
+        /// Verification modes, comma separated (gate, audit, off).
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["gate".to_string()])]
+        verify: Vec<String>,
         /// How long the guest runs before each migration, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         warmup_ms: u64,
         /// Parallel page connections.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
         channels: u16,
     },
     /// 4 KiB DMA writes through the IOTLB against memcpy.
@@ -254,6 +293,24 @@ fn parse_format(s: &str) -> Result<FormatKind, String> {
     vmopts::parse_format(s)
 }
 
+fn parse_mib_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=1e7).contains(&v) => Ok(v),
+        Ok(_) => Err(format!(
+            "'{s}': must be a number of MiB/s from 0 (unlimited) to 10000000"
+        )),
+        Err(e) => Err(format!("'{s}': {e}")),
+    }
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.1..=3600.0).contains(&v) => Ok(v),
+        Ok(_) => Err(format!("'{s}': must be between 0.1 and 3600 seconds")),
+        Err(e) => Err(format!("'{s}': {e}")),
+    }
+}
+
 fn parse_u32(s: &str) -> Result<u32, String> {
     let r = match s.strip_prefix("0x") {
         Some(h) => u32::from_str_radix(h, 16),
@@ -262,7 +319,28 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     r.map_err(|e| format!("'{s}': {e}"))
 }
 
-fn main() -> Result<()> {
+fn main() {
+    let code = match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eout!("Error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// The process's exit status for a migration's final state (`livemig migrate --help`).
+fn exit_code(info: &serde_json::Value) -> i32 {
+    match info["livemig"]["outcome"].as_str() {
+        Some("completed") => 0,
+        Some("rolled-back") => 2,
+        Some("held") => 3,
+        _ => 1,
+    }
+}
+
+fn run() -> Result<i32> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Demo {
@@ -271,32 +349,46 @@ fn main() -> Result<()> {
             warmup_ms,
             json,
         } => demo::demo(&vm, mig.args(String::new()), warmup_ms, json),
-        Cmd::Run { vm, control } => run::run(&vm, &control),
+        Cmd::Run {
+            vm,
+            control,
+            release_after,
+        } => run::run(&vm, &control, release_after.map(std::time::Duration::from_secs_f64)).map(|()| 0),
         Cmd::Migrate { control, to, mig, json } => {
             let mut c = control::Client::connect(&control)?;
             c.execute("migrate", serde_json::to_value(mig.args(to))?)?;
             let info = summary::follow(&mut c, !json)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-                if info["status"] != "completed" {
-                    anyhow::bail!("migration {}", info["status"]);
-                }
-                Ok(())
+                out!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                summary::print(&info)
+                summary::print(&info);
             }
+            Ok(exit_code(&info))
         }
         Cmd::Receive {
             listen,
             accel_dev_id,
             exit_after_ms,
-        } => receive::receive(&listen, accel_dev_id, exit_after_ms),
+            peer_timeout,
+        } => receive::receive(
+            &listen,
+            accel_dev_id,
+            exit_after_ms,
+            std::time::Duration::from_secs_f64(peer_timeout),
+        )
+        .map(|()| 0),
         Cmd::IommuDemo {
             memory_mib,
             threads,
             writes,
-        } => iommu_demo::run(memory_mib, threads, writes),
-        Cmd::Bench { what } => match what {
+        } => iommu_demo::run(memory_mib, threads, writes).map(|()| 0),
+        Cmd::Bench { what } => bench_cmd(what).map(|()| 0),
+    }
+}
+
+fn bench_cmd(what: BenchCmd) -> Result<()> {
+    {
+        match what {
             BenchCmd::Harvest {
                 iova_gib,
                 dirty,
@@ -317,9 +409,10 @@ fn main() -> Result<()> {
             BenchCmd::Migration {
                 vm,
                 modes,
+                verify,
                 warmup_ms,
                 channels,
-            } => bench::migration(&vm, &modes, warmup_ms, channels),
+            } => bench::migration(&vm, &modes, &verify, warmup_ms, channels),
             BenchCmd::CpuDirty {
                 memory_mib,
                 rates,
@@ -328,6 +421,6 @@ fn main() -> Result<()> {
                 ms,
             } => bench::cpu_dirty(memory_mib, &rates, vcpus, interval_ms, ms),
             BenchCmd::Bitmap { iova_gib, dirty, runs } => bench::bitmap(iova_gib, dirty, runs),
-        },
+        }
     }
 }

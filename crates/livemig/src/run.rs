@@ -1,35 +1,58 @@
 //! `livemig run`: a VM with its guest programs running, controlled through a unix socket.
+//!
+//! After a migration hands the guest over, this process keeps the paused guest, resumable,
+//! in QEMU's `postmigrate`, until `quit` (or `--release-after`, for a confirmed handover):
+//! a destination that dies at any point loses nothing, and `cont` runs the guest here again
+//! (`docs/protocol.md`, "Who decides").
 
 use crate::control::{parse_request, MigrateArgs};
+use crate::ctlsock::ControlSocket;
 use crate::vmopts::VmOpts;
-use anyhow::{Context, Result};
-use migration::{MigrationControl, Status};
+use anyhow::Result;
+use migration::{DestState, MigrationControl, Outcome};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmm::Vm;
 
-struct Server {
-    vm: Mutex<Option<Arc<Vm>>>,
-    mig: Arc<MigrationControl>,
-    migrating: AtomicBool,
-    /// A client saw the completed migration: the process can end.
-    delivered: AtomicBool,
-    quit: AtomicBool,
+/// Where the guest is, as this process sees it.
+#[derive(Clone, Debug)]
+enum Where {
+    /// It runs here (never migrated, or rolled back, or resumed with `cont`).
+    Here,
+    Migrating,
+    /// Handed over or held after a failure past the commit: paused here, resumable.
+    Held {
+        outcome: Outcome,
+        dest: DestState,
+        reason: String,
+        since: Instant,
+    },
 }
 
-pub fn run(opts: &VmOpts, control: &Path) -> Result<()> {
+struct Server {
+    vm: Arc<Vm>,
+    mig: Arc<MigrationControl>,
+    at: Mutex<Where>,
+    quit: AtomicBool,
+    /// The migration thread, while one runs.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Server {
+    fn at(&self) -> std::sync::MutexGuard<'_, Where> {
+        self.at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub fn run(opts: &VmOpts, control: &Path, release_after: Option<Duration>) -> Result<()> {
+    raise_fd_limit();
+    // Claim the socket before building the VM: a refused path costs nothing.
+    let sock = ControlSocket::bind(control)?;
     let vm = Arc::new(opts.build()?);
     vm.resume()?;
-    if control.exists() {
-        std::fs::remove_file(control).with_context(|| format!("removing the stale socket {}", control.display()))?;
-    }
-    let l = UnixListener::bind(control).with_context(|| format!("binding the control socket {}", control.display()))?;
-    l.set_nonblocking(true)?;
     out!(
         "VM running: {} MiB, {} vCPU(s), dirtier at {} MiB/s{}; control socket {}",
         opts.memory_mib,
@@ -39,33 +62,34 @@ pub fn run(opts: &VmOpts, control: &Path) -> Result<()> {
         control.display()
     );
     let srv = Arc::new(Server {
-        vm: Mutex::new(Some(vm)),
+        vm,
         mig: Arc::new(MigrationControl::default()),
-        migrating: AtomicBool::new(false),
-        delivered: AtomicBool::new(false),
+        at: Mutex::new(Where::Here),
         quit: AtomicBool::new(false),
+        thread: Mutex::new(None),
     });
-    while !srv.quit.load(Ordering::Acquire) && !srv.delivered.load(Ordering::Acquire) {
-        match l.accept() {
-            Ok((s, _)) => {
-                let srv = srv.clone();
-                std::thread::spawn(move || serve(&srv, s));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(e.into()),
-        }
+    if let Some(after) = release_after {
+        let s = srv.clone();
+        std::thread::spawn(move || release_when_confirmed(&s, after));
     }
-    // Let the last reply reach its client, and the migration thread shut the VM down.
-    std::thread::sleep(Duration::from_millis(100));
-    while srv.migrating.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = std::fs::remove_file(control);
-    let moved = srv.vm.lock().unwrap_or_else(|e| e.into_inner()).is_none();
+    let s2 = srv.clone();
+    sock.serve(
+        &srv.quit,
+        Arc::new(move |line: &str| {
+            let reply = match parse_request(line).and_then(|(cmd, args)| handle(&s2, &cmd, args)) {
+                Ok(v) => json!({ "return": v }),
+                Err(e) => json!({ "error": { "class": "GenericError", "desc": e } }),
+            };
+            reply.to_string()
+        }),
+    );
+    // Let the last reply reach its client.
+    std::thread::sleep(Duration::from_millis(50));
+    let held = matches!(&*srv.at(), Where::Held { .. });
     out!(
         "{}",
-        if moved {
-            "the VM moved to the destination; source shut down"
+        if held {
+            "quit: the paused guest held after the migration is released"
         } else {
             "quit"
         }
@@ -73,81 +97,187 @@ pub fn run(opts: &VmOpts, control: &Path) -> Result<()> {
     Ok(())
 }
 
-fn serve(srv: &Arc<Server>, s: UnixStream) {
-    let _ = s.set_nonblocking(false);
-    let Ok(w) = s.try_clone() else { return };
-    let mut w = w;
-    for line in BufReader::new(s).lines() {
-        let Ok(line) = line else { return };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = match parse_request(&line).and_then(|(cmd, args)| handle(srv, &cmd, args)) {
-            Ok(v) => json!({ "return": v }),
-            Err(e) => json!({ "error": { "class": "GenericError", "desc": e } }),
+/// A process serving many control connections needs more descriptors than the usual soft
+/// limit of 1024; take what the hard limit allows.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
+/// `--release-after`: exit that long after a handover the destination confirmed.
+fn release_when_confirmed(srv: &Server, after: Duration) {
+    while !srv.quit.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+        let due = match &*srv.at() {
+            Where::Held {
+                outcome: Outcome::Completed,
+                since,
+                ..
+            } => since.elapsed() >= after,
+            _ => false,
         };
-        if writeln!(w, "{reply}").is_err() {
-            return;
+        if due {
+            out!("--release-after: the destination confirmed the handover; releasing the guest held here");
+            srv.quit.store(true, Ordering::Release);
         }
     }
 }
 
 fn handle(srv: &Arc<Server>, cmd: &str, args: Value) -> Result<Value, String> {
-    let vm = srv.vm.lock().unwrap_or_else(|e| e.into_inner()).clone();
     match cmd {
-        "query-status" => Ok(match &vm {
-            None => json!({ "status": "postmigrate", "running": false }),
-            Some(vm) => {
-                let c = vm.counters(0);
-                let migrating = srv.migrating.load(Ordering::Acquire);
-                json!({
-                    "status": if migrating { "inmigrate" } else { "running" },
-                    "running": vm.vcpu_stopped().is_none(),
-                    "pages-written": c.pages_written,
-                    "jobs-completed": c.jobs_completed,
-                    "guest-errors": c.errors,
-                })
-            }
-        }),
-        "migrate" => {
-            let a: MigrateArgs = serde_json::from_value(args).map_err(|e| format!("bad arguments: {e}"))?;
-            let opts = a.options().map_err(|e| e.to_string())?;
-            let vm = vm.ok_or("the VM has already moved")?;
-            if srv.migrating.swap(true, Ordering::AcqRel) {
-                return Err("a migration is already running".into());
-            }
-            // A query right after this reply must see the new migration, not the last one.
-            *srv.mig.info.lock().unwrap_or_else(|e| e.into_inner()) = migration::MigrationInfo {
-                status: Status::Setup,
-                ..Default::default()
-            };
-            let srv2 = srv.clone();
-            std::thread::spawn(move || {
-                let r = migration::migrate(&vm, &a.uri, &opts, &srv2.mig);
-                if r.is_ok() {
-                    // The source shuts down: its vCPUs and devices stop for good.
-                    srv2.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
-                }
-                srv2.migrating.store(false, Ordering::Release);
-            });
-            Ok(json!({}))
-        }
-        "query-migrate" => {
-            let info = srv.mig.snapshot();
-            let v = serde_json::to_value(&info).map_err(|e| e.to_string())?;
-            if info.status == Status::Completed {
-                srv.delivered.store(true, Ordering::Release);
-            }
-            Ok(v)
-        }
-        "migrate-cancel" => {
-            srv.mig.cancel.store(true, Ordering::Release);
-            Ok(json!({}))
-        }
+        "query-status" => Ok(status(srv)),
+        "migrate" => migrate(srv, args),
+        "query-migrate" => serde_json::to_value(srv.mig.snapshot()).map_err(|e| e.to_string()),
+        "migrate-cancel" => srv.mig.cancel().map(|()| json!({})).map_err(|e| e.to_string()),
+        "cont" => cont(srv, &args),
         "quit" => {
-            srv.quit.store(true, Ordering::Release);
+            quit(srv);
             Ok(json!({}))
         }
-        other => Err(format!("unknown command '{other}'")),
+        other => Err(format!(
+            "unknown command '{other}' (query-status, migrate, query-migrate, migrate-cancel, cont, quit)"
+        )),
     }
+}
+
+/// QEMU's run states: `running`, `finish-migrate` while the switchover has the guest paused,
+/// `postmigrate` while this process holds a guest it handed over (or tried to).
+fn status(srv: &Server) -> Value {
+    let c = srv.vm.counters(0);
+    let running = srv.vm.running();
+    let mut v = json!({
+        "running": running,
+        "pages-written": c.pages_written,
+        "jobs-completed": c.jobs_completed,
+        "guest-errors": c.errors,
+    });
+    match &*srv.at() {
+        Where::Here => v["status"] = json!("running"),
+        Where::Migrating => {
+            let switching = srv.mig.snapshot().status == migration::Status::Device;
+            v["status"] = json!(if switching { "finish-migrate" } else { "running" });
+            v["migrating"] = json!(true);
+        }
+        Where::Held {
+            outcome, dest, reason, ..
+        } => {
+            v["status"] = json!("postmigrate");
+            v["outcome"] = json!(outcome);
+            v["destination"] = json!(dest);
+            v["reason"] = json!(reason);
+            v["resumable"] = json!(true);
+        }
+    }
+    v
+}
+
+fn migrate(srv: &Arc<Server>, args: Value) -> Result<Value, String> {
+    let a: MigrateArgs = serde_json::from_value(args).map_err(|e| format!("bad arguments: {e}"))?;
+    let opts = a.options().map_err(|e| e.to_string())?;
+    {
+        let mut at = srv.at();
+        match &*at {
+            Where::Migrating => return Err("a migration is already running".into()),
+            Where::Held { .. } => {
+                return Err(
+                    "the guest was handed over and is held here (postmigrate): `quit` releases it, \
+                            `cont` runs it here again"
+                        .into(),
+                )
+            }
+            Where::Here => {}
+        }
+        *at = Where::Migrating;
+    }
+    // Before the reply: a query right after it sees this migration, and a cancel right after
+    // it is kept for it.
+    srv.mig.begin();
+    let s = srv.clone();
+    let t = std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let _ = migration::migrate(&s.vm, &a.uri, &opts, &s.mig);
+            let info = s.mig.snapshot();
+            *s.at() = match info.livemig.outcome {
+                Outcome::Completed | Outcome::Held => Where::Held {
+                    outcome: info.livemig.outcome,
+                    dest: info.livemig.destination,
+                    reason: match info.livemig.outcome {
+                        Outcome::Completed => "handed over: the destination confirmed that it runs the guest".into(),
+                        _ => info.error_desc.unwrap_or_default(),
+                    },
+                    since: Instant::now(),
+                },
+                _ => Where::Here,
+            };
+        })
+        .map_err(|e| format!("starting the migration: {e}"));
+    match t {
+        Ok(t) => {
+            *srv.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+            Ok(json!({}))
+        }
+        Err(e) => {
+            *srv.at() = Where::Here;
+            Err(e)
+        }
+    }
+}
+
+/// Runs a held guest here again. Safe without `force` only when the destination is known not
+/// to run it (it said it discarded it).
+fn cont(srv: &Server, args: &Value) -> Result<Value, String> {
+    let force = args.get("force").and_then(Value::as_bool).unwrap_or(false);
+    let mut at = srv.at();
+    match &*at {
+        Where::Here => return Ok(json!({})),
+        Where::Migrating => return Err("a migration is running: migrate-cancel it first".into()),
+        Where::Held { dest, .. } => match dest {
+            DestState::Discarded => {}
+            _ if force => {}
+            DestState::Running => {
+                return Err(
+                    "the destination confirmed that it runs the guest: resuming here too would run it \
+                            twice. Stop the destination first, then cont with {\"force\": true}"
+                        .into(),
+                )
+            }
+            _ => {
+                return Err(
+                    "whether the destination runs the guest is unknown: check it (or stop it) first, then \
+                            cont with {\"force\": true}"
+                        .into(),
+                )
+            }
+        },
+    }
+    srv.vm
+        .resume_devices()
+        .map_err(|e| format!("devices to RUNNING: {e}"))?;
+    srv.vm.resume().map_err(|e| format!("resuming the vCPUs: {e}"))?;
+    *at = Where::Here;
+    Ok(json!({}))
+}
+
+/// Ends the process, within bounded time: a migration that has not committed is cancelled
+/// (the guest was running here and would be lost otherwise only by exiting, which quit asks
+/// for); one that committed is let finish first, bounded by its own timeouts.
+fn quit(srv: &Arc<Server>) {
+    if matches!(&*srv.at(), Where::Migrating) {
+        let _ = srv.mig.cancel();
+        let s = srv.clone();
+        // Reply first; the wait happens off the client's thread.
+        std::thread::spawn(move || {
+            if let Some(t) = s.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = t.join();
+            }
+            s.quit.store(true, Ordering::Release);
+        });
+        return;
+    }
+    srv.quit.store(true, Ordering::Release);
 }

@@ -2,7 +2,7 @@
 //! summary.
 
 use crate::control::Client;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -21,6 +21,10 @@ fn s<'a>(v: &'a Value, path: &str) -> &'a str {
 
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.1} ms", us as f64 / 1e3)
 }
 
 /// Polls `query-migrate` until the migration ends; returns its final state.
@@ -53,75 +57,117 @@ pub fn follow(c: &mut Client, show: bool) -> Result<Value> {
     }
 }
 
-/// Prints the human summary; fails when the migration failed or did not verify.
-pub fn print(i: &Value) -> Result<()> {
+/// What became of the source's guest, in words.
+fn outcome(i: &Value) -> String {
+    match s(i, "livemig.outcome") {
+        "completed" => "the destination runs the guest; the source holds its paused copy until `quit`".into(),
+        "rolled-back" => "rolled back: the source runs the guest".into(),
+        "held" => format!(
+            "the source holds the guest PAUSED and resumable; destination: {}; an operator must decide \
+             (see query-status)",
+            s(i, "livemig.destination")
+        ),
+        o => o.into(),
+    }
+}
+
+/// Prints the human summary.
+pub fn print(i: &Value) {
     let status = s(i, "status");
-    println!(
-        "migration {status} (mode {}, {} page channel(s), CPU dirty log {})",
+    out!(
+        "migration {status} (mode {}, verify {}, {} page channel(s), CPU dirty log {})",
         s(i, "livemig.mode"),
+        s(i, "livemig.verify"),
         u(i, "livemig.channels"),
         s(i, "livemig.cpu-dirty-log")
     );
+    out!("  outcome           {}", outcome(i));
     if status != "completed" {
-        println!("  reason: {}", s(i, "error-desc"));
-        println!(
-            "  source vCPUs running: {}",
-            i["livemig"]["source-vcpus-running"].as_bool().unwrap_or(false)
-        );
-        bail!("migration {status}: {}", s(i, "error-desc"));
+        out!("  reason            {}", s(i, "error-desc"));
     }
-    let downtime_us = u(i, "downtime-us");
-    println!(
+    out!(
         "  total time        {} ms (setup {} ms)",
         u(i, "total-time"),
         u(i, "setup-time")
     );
-    println!(
-        "  downtime          {:.1} ms (expected {} ms at switchover, limit {} ms; {} pages sent while paused)",
-        downtime_us as f64 / 1e3,
-        u(i, "livemig.expected-downtime-at-switchover-ms"),
-        u(i, "livemig.downtime-limit-ms"),
-        u(i, "livemig.final-pages")
-    );
-    println!(
-        "  iterations        {} ({} dirty syncs; switchover: {}; CPU throttle {} %)",
+    if !i["downtime-us"].is_null() {
+        let p = &i["livemig"]["downtime-parts"];
+        out!(
+            "  downtime          {} from the source's pause to the destination's resume ({} clock; expected {} ms at \
+             switchover, limit {} ms)",
+            ms(u(i, "downtime-us")),
+            s(i, "livemig.downtime-clock"),
+            u(i, "livemig.expected-downtime-at-switchover-ms"),
+            u(i, "livemig.downtime-limit-ms"),
+        );
+        out!(
+            "    parts           pause {}, device state {}, final pages {} ({} pages), vCPU state {}, verification {}, \
+             destination {}, commit {}",
+            ms(u(p, "pause")),
+            ms(u(p, "device-state")),
+            ms(u(p, "final-pages")),
+            u(i, "livemig.final-pages"),
+            ms(u(p, "vcpu-state")),
+            ms(u(p, "verification")),
+            ms(u(p, "destination")),
+            ms(u(p, "commit")),
+        );
+        if !i["livemig"]["guest-blackout-us"].is_null() {
+            out!(
+                "    as the guest saw it {} (its last progress here to its first there)",
+                ms(u(i, "livemig.guest-blackout-us"))
+            );
+        }
+    }
+    out!(
+        "  iterations        {} ({} dirty syncs; switchover: {}; CPU throttle {} %{})",
         u(i, "ram.iteration-count"),
         u(i, "ram.dirty-sync-count"),
         s(i, "livemig.switchover-reason"),
-        u(i, "cpu-throttle-percentage")
+        u(i, "cpu-throttle-percentage"),
+        match u(i, "livemig.dirty-ring-overruns") {
+            0 => String::new(),
+            n => format!("; {n} dirty-ring overrun(s): every page counted dirty"),
+        }
     );
-    println!(
-        "  bytes sent        {} on the wire: {} pages normal ({}), {} zero, {} compressed into {}; device state {} B",
+    out!(
+        "  bytes sent        {} on the wire: {} pages with data ({} of them compressed into {}), {} zero; device \
+         state {} B",
         mib(u(i, "ram.transferred")),
         u(i, "ram.normal"),
-        mib(u(i, "ram.normal-bytes")),
-        u(i, "ram.duplicate"),
         u(i, "livemig.compressed-pages"),
         mib(u(i, "livemig.compressed-bytes")),
+        u(i, "ram.duplicate"),
         u(i, "vfio.transferred"),
     );
-    println!(
+    out!(
         "  dirty rates       CPU {:.1} MiB/s, device {:.1} MiB/s ({} and {} pages over pre-copy)",
         u(i, "livemig.cpu-dirty-pages-rate") as f64 * 4096.0 / 1048576.0,
         u(i, "livemig.device-dirty-pages-rate") as f64 * 4096.0 / 1048576.0,
         u(i, "livemig.cpu-dirty-pages"),
         u(i, "livemig.device-dirty-pages"),
     );
-    println!(
-        "  destination       guest pages written {} -> {}, accel jobs {} -> {} (verification took {:.1} ms, outside the downtime)",
-        u(i, "livemig.dest-pages-before"),
-        u(i, "livemig.dest-pages-after"),
-        u(i, "livemig.dest-jobs-before"),
-        u(i, "livemig.dest-jobs-after"),
-        f(i, "livemig.dest-verify-ms"),
-    );
-    match i["livemig"]["verified"].as_bool() {
-        Some(true) => println!("  verified          yes: {}", s(i, "livemig.verify-detail")),
-        Some(false) => {
-            println!("  verified          NO: {}", s(i, "livemig.verify-detail"));
-            bail!("verification failed");
-        }
-        None => println!("  verified          not asked (--verify)"),
+    if u(i, "livemig.dest-pages-after") > 0 {
+        out!(
+            "  destination       guest pages written {} -> {}, accel jobs {} -> {}",
+            u(i, "livemig.dest-pages-before"),
+            u(i, "livemig.dest-pages-after"),
+            u(i, "livemig.dest-jobs-before"),
+            u(i, "livemig.dest-jobs-after"),
+        );
     }
-    Ok(())
+    match i["livemig"]["verified"].as_bool() {
+        Some(true) => out!(
+            "  verified          yes ({}): {}",
+            s(i, "livemig.verify"),
+            s(i, "livemig.verify-detail")
+        ),
+        Some(false) => out!(
+            "  verified          NO ({}): {}",
+            s(i, "livemig.verify"),
+            s(i, "livemig.verify-detail")
+        ),
+        None if s(i, "livemig.verify") == "off" => out!("  verified          not asked (--verify off)"),
+        None => out!("  verified          not reached"),
+    }
 }

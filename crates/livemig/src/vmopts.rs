@@ -9,14 +9,14 @@ use vmm::{AccelSetup, DirtyLogMode, Pattern, Program, Vm, VmConfig};
 
 #[derive(Args, Clone, Debug)]
 pub struct VmOpts {
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 1024)]
+    /// Guest RAM in MiB (18 to 3328: RAM ends below the accelerator's registers at 3.25 GiB).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
     pub memory_mib: u64,
-    /// vCPUs; each runs the dirtier over its own slice of the working set.
-    #[arg(long, default_value_t = 1)]
+    /// vCPUs (1 to 32); each runs the dirtier over its own slice of the working set.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_VCPUS as i64))]
     pub vcpus: u32,
     /// Dirtier rate in MiB/s per VM (0: no dirtier).
-    #[arg(long, default_value_t = 256.0)]
+    #[arg(long, default_value_t = 256.0, value_parser = parse_rate)]
     pub rate: f64,
     /// Dirtier working set in MiB, placed from 16 MiB up [default: 512, or what fits].
     #[arg(long)]
@@ -40,6 +40,18 @@ pub struct VmOpts {
     /// eagerly when dirty tracking starts).
     #[arg(long)]
     pub iommu_4k: bool,
+}
+
+const MIN_MEM_MIB: u64 = vmm::layout::MIN_MEM >> 20;
+const MAX_MEM_MIB: u64 = vmm::layout::ACCEL_MMIO >> 20;
+use vmm::layout::MAX_VCPUS;
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=1e6).contains(&v) => Ok(v),
+        Ok(_) => Err(format!("'{s}': must be a number of MiB/s from 0 to 1000000")),
+        Err(e) => Err(format!("'{s}': {e}")),
+    }
 }
 
 fn parse_pattern(s: &str) -> Result<Pattern, String> {
@@ -83,7 +95,7 @@ impl VmOpts {
 
     /// The working set in MiB, checked against the memory size.
     pub fn ws(&self) -> Result<u64> {
-        let avail = (self.memory_mib << 20).saturating_sub(WORKSET_BASE) >> 20;
+        let avail = self.memory_mib.saturating_mul(1 << 20).saturating_sub(WORKSET_BASE) >> 20;
         let ws = self.ws_mib.unwrap_or(avail.min(512));
         if ws == 0 || ws > avail {
             bail!(
@@ -96,11 +108,14 @@ impl VmOpts {
 
     /// Checks everything that can be checked without KVM.
     pub fn validate(&self) -> Result<()> {
-        if !(self.rate.is_finite() && self.rate >= 0.0) {
-            bail!("--rate must be a non-negative number of MiB/s");
+        if !(self.rate.is_finite() && (0.0..=1e6).contains(&self.rate)) {
+            bail!("--rate must be a number of MiB/s from 0 to 1000000");
         }
-        if self.vcpus == 0 || self.vcpus > 64 {
-            bail!("--vcpus must be between 1 and 64");
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            bail!("--vcpus must be between 1 and {MAX_VCPUS}");
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.memory_mib) {
+            bail!("--memory-mib must be between {MIN_MEM_MIB} and {MAX_MEM_MIB}");
         }
         self.ws().map(|_| ())
     }

@@ -9,6 +9,8 @@ pub enum WireError {
     Closed,
     #[error("connection closed in the middle of a frame")]
     Truncated,
+    #[error("the peer stalled: nothing arrived within the peer timeout")]
+    Stalled,
     #[error("I/O error ({0:?}): {1}")]
     Io(std::io::ErrorKind, String),
     #[error("bad frame magic {0:#010x}")]
@@ -69,6 +71,8 @@ pub enum MigError {
     },
     #[error("migration cancelled")]
     Cancelled,
+    #[error("verification failed: {0}")]
+    Verification(String),
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
     #[error("{0}")]

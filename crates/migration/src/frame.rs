@@ -1,5 +1,10 @@
 //! Frame layer: every message on every connection is one frame, a fixed 24-byte header and a
-//! bounded payload, checksummed together (layout in `docs/protocol.md`).
+//! bounded payload, checksummed together with the session key (layout in `docs/protocol.md`).
+//!
+//! The key binds every frame after the handshake to its session: a frame recorded from
+//! another session fails its CRC here, however well-formed it is. A CRC is not a MAC; it
+//! catches accidents (a stream replayed to the wrong destination, a stale connection), not a
+//! forger.
 
 use crate::error::WireError;
 use std::io::{Read, Write};
@@ -25,11 +30,13 @@ pub enum Kind {
     VcpuState = 8,
     Complete = 9,
     InitAck = 10,
-    Ack = 11,
-    Verify = 12,
-    VerifyReport = 13,
+    Ready = 11,
+    Digest = 12,
+    Report = 13,
     Error = 14,
     IterationAck = 15,
+    Commit = 16,
+    Running = 17,
 }
 
 impl Kind {
@@ -46,11 +53,13 @@ impl Kind {
             8 => VcpuState,
             9 => Complete,
             10 => InitAck,
-            11 => Ack,
-            12 => Verify,
-            13 => VerifyReport,
+            11 => Ready,
+            12 => Digest,
+            13 => Report,
             14 => Error,
             15 => IterationAck,
+            16 => Commit,
+            17 => Running,
             _ => return None,
         })
     }
@@ -73,16 +82,24 @@ fn header(kind: Kind, len: u32, seq: u64) -> [u8; HEADER_LEN] {
     h
 }
 
-fn checksum(h: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&h[..20]), payload)
+/// CRC32C of the session key (8 bytes, little-endian; 0 before the handshake has set it),
+/// the header's first 20 bytes and the payload.
+fn checksum(key: u64, h: &[u8; HEADER_LEN], payload: &[u8]) -> u32 {
+    let c = crc32c::crc32c_append(crc32c::crc32c(&key.to_le_bytes()), &h[..20]);
+    crc32c::crc32c_append(c, payload)
 }
 
 /// Encodes a frame into `out` (appending). Payloads over [`MAX_PAYLOAD`] are a bug of the
 /// sender and panic in debug builds; callers split data into runs and chunks first.
 pub fn encode(out: &mut Vec<u8>, kind: Kind, seq: u64, payload: &[u8]) {
+    encode_keyed(out, 0, kind, seq, payload)
+}
+
+/// [`encode`] under session key `key`.
+pub fn encode_keyed(out: &mut Vec<u8>, key: u64, kind: Kind, seq: u64, payload: &[u8]) {
     debug_assert!(payload.len() <= MAX_PAYLOAD as usize);
     let mut h = header(kind, payload.len() as u32, seq);
-    let crc = checksum(&h, payload);
+    let crc = checksum(key, &h, payload);
     h[20..24].copy_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&h);
     out.extend_from_slice(payload);
@@ -92,6 +109,7 @@ pub fn encode(out: &mut Vec<u8>, kind: Kind, seq: u64, payload: &[u8]) {
 pub struct FrameWriter<W: Write> {
     w: W,
     seq: u64,
+    key: u64,
     buf: Vec<u8>,
     bytes: u64,
 }
@@ -105,13 +123,26 @@ impl<W: Write> FrameWriter<W> {
         Self {
             w,
             seq,
+            key: 0,
             buf: Vec::new(),
             bytes: 0,
         }
     }
+    /// Frames from here on carry the session key in their CRC.
+    pub fn with_key(mut self, key: u64) -> Self {
+        self.key = key;
+        self
+    }
+    pub fn set_key(&mut self, key: u64) {
+        self.key = key;
+    }
+    /// Frames sent so far (the next sequence number).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
     pub fn send(&mut self, kind: Kind, payload: &[u8]) -> std::io::Result<()> {
         self.buf.clear();
-        encode(&mut self.buf, kind, self.seq, payload);
+        encode_keyed(&mut self.buf, self.key, kind, self.seq, payload);
         self.seq += 1;
         self.bytes += self.buf.len() as u64;
         self.w.write_all(&self.buf)
@@ -132,12 +163,38 @@ impl<W: Write> FrameWriter<W> {
 pub struct FrameReader<R: Read> {
     r: R,
     seq: u64,
+    key: u64,
     bytes: u64,
+}
+
+fn io_err(e: std::io::Error) -> WireError {
+    match e.kind() {
+        // A socket read timeout: the peer sent nothing for that long.
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => WireError::Stalled,
+        std::io::ErrorKind::UnexpectedEof => WireError::Truncated,
+        k => WireError::Io(k, e.to_string()),
+    }
 }
 
 impl<R: Read> FrameReader<R> {
     pub fn new(r: R) -> Self {
-        Self { r, seq: 0, bytes: 0 }
+        Self {
+            r,
+            seq: 0,
+            key: 0,
+            bytes: 0,
+        }
+    }
+    /// Frames from here on must carry the session key in their CRC.
+    pub fn set_key(&mut self, key: u64) {
+        self.key = key;
+    }
+    pub fn with_key(mut self, key: u64) -> Self {
+        self.key = key;
+        self
+    }
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
     }
 
     /// The next frame; `Ok(None)` on a clean end of stream at a frame boundary.
@@ -150,7 +207,7 @@ impl<R: Read> FrameReader<R> {
                 Ok(0) => return Err(WireError::Truncated),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(WireError::Io(e.kind(), e.to_string())),
+                Err(e) => return Err(io_err(e)),
             }
         }
         let magic = u32::from_le_bytes(h[0..4].try_into().unwrap());
@@ -162,14 +219,11 @@ impl<R: Read> FrameReader<R> {
             return Err(WireError::TooLong(len));
         }
         let mut payload = vec![0u8; len as usize];
-        self.r.read_exact(&mut payload).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => WireError::Truncated,
-            k => WireError::Io(k, e.to_string()),
-        })?;
+        self.r.read_exact(&mut payload).map_err(io_err)?;
         let want = u32::from_le_bytes(h[20..24].try_into().unwrap());
         let mut hh = h;
         hh[20..24].fill(0);
-        if checksum(&hh, &payload) != want {
+        if checksum(self.key, &hh, &payload) != want {
             return Err(WireError::Checksum { seq: self.seq });
         }
         // Checked after the checksum, so a corrupted kind or reserved byte reads as corruption.
@@ -212,6 +266,28 @@ mod tests {
         assert_eq!(&v[8..12], &3u32.to_le_bytes());
         assert_eq!(&v[12..20], &7u64.to_le_bytes());
         assert_eq!(v.len(), HEADER_LEN + 3);
+    }
+
+    #[test]
+    fn a_frame_of_another_session_is_refused() {
+        let mut v = Vec::new();
+        encode_keyed(&mut v, 0x1234, Kind::Pages, 0, b"data");
+        assert_eq!(
+            FrameReader::new(&v[..])
+                .with_key(0x1234)
+                .read_frame()
+                .unwrap()
+                .unwrap()
+                .payload,
+            b"data"
+        );
+        for key in [0, 0x1235, u64::MAX] {
+            assert_eq!(
+                FrameReader::new(&v[..]).with_key(key).read_frame(),
+                Err(WireError::Checksum { seq: 0 }),
+                "key {key:#x}"
+            );
+        }
     }
 
     #[test]

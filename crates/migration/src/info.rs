@@ -3,6 +3,9 @@
 
 use serde::Serialize;
 
+/// QEMU's `MigrationStatus` values livemig uses. `completed` only when the destination
+/// confirmed that it runs the guest and verification (if asked for) passed; any failure,
+/// verification included, is `failed`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Status {
@@ -16,6 +19,60 @@ pub enum Status {
     Cancelled,
 }
 
+/// How a migration ended for the source's VM (livemig's own field).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Still running.
+    #[default]
+    None,
+    /// The destination runs the guest (and it verified, if asked); the source holds its
+    /// paused copy until it is released.
+    Completed,
+    /// Failed before the source committed: the source runs the guest again.
+    RolledBack,
+    /// Failed after the source committed: the source holds the guest paused and resumable,
+    /// and an operator decides (see `destination` and `docs/protocol.md`).
+    Held,
+}
+
+/// What the source knows of the destination's guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DestState {
+    /// Not built, or still receiving.
+    #[default]
+    None,
+    /// It holds the whole guest and waits for the commit.
+    Ready,
+    /// It confirmed that its guest runs.
+    Running,
+    /// It said it discarded its guest (it never ran it, or it failed verification).
+    Discarded,
+    /// The commit was sent, but no word came back: it may run the guest or not.
+    Unknown,
+}
+
+/// The parts of the downtime as the source sees them, in microseconds, in order.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DowntimeParts {
+    /// Parking the vCPUs.
+    pub pause: u64,
+    /// Devices to STOP_COPY and reading their state.
+    pub device_state: u64,
+    /// The last harvest and sending the pages it found.
+    pub final_pages: u64,
+    /// Saving and sending the vCPU state, and the end of the stream.
+    pub vcpu_state: u64,
+    /// Hashing the source's memory for the gate (0 without it).
+    pub verification: u64,
+    /// Waiting for the destination to apply, load, compare and report ready.
+    pub destination: u64,
+    /// From the commit to the destination's vCPUs running.
+    pub commit: u64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct RamInfo {
@@ -26,7 +83,7 @@ pub struct RamInfo {
     pub total: u64,
     /// Zero pages (sent as zero runs).
     pub duplicate: u64,
-    /// Pages sent raw.
+    /// Pages sent with their data, raw or compressed (QEMU's meaning: not zero pages).
     pub normal: u64,
     pub normal_bytes: u64,
     /// Pages per second dirtied (CPU and device), at the last sync.
@@ -62,6 +119,22 @@ pub struct LivemigInfo {
     pub downtime_limit_ms: u64,
     /// Dirty pages sent while the vCPUs were paused.
     pub final_pages: u64,
+    /// `gate`, `audit` or `off`.
+    pub verify: String,
+    pub outcome: Outcome,
+    pub destination: DestState,
+    pub downtime_parts: DowntimeParts,
+    /// `shared`: the downtime is from the source's pause to the destination's resume on the
+    /// one monotonic clock both processes read; `source`: they run on different kernels, and
+    /// it ends when the source heard that the destination runs (a bound from above).
+    pub downtime_clock: String,
+    /// The guest's own blackout: from its last visible progress on the source to its first
+    /// on the destination (shared clock only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_blackout_us: Option<u64>,
+    /// Harvests during this migration that found a dirty-ring overrun and counted every page
+    /// as dirty.
+    pub dirty_ring_overruns: u64,
     /// Expected downtime at the moment of switchover.
     pub expected_downtime_at_switchover_ms: u64,
     /// `converged` or `max-iterations`.
@@ -74,7 +147,8 @@ pub struct LivemigInfo {
     pub dest_pages_after: u64,
     pub dest_jobs_before: u64,
     pub dest_jobs_after: u64,
-    /// Time the destination spent verifying, excluded from `downtime`.
+    /// Time the destination spent comparing digests before resuming (gate), part of the
+    /// downtime.
     pub dest_verify_ms: f64,
     pub source_vcpus_running: bool,
     /// The phase a failed or cancelled migration was in: setup, active or device.

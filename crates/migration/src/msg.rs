@@ -3,7 +3,7 @@
 
 use crate::error::WireError;
 
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Capability bits of `Hello`.
 pub const CAP_LZ4: u64 = 1;
 pub const CAP_VERIFY: u64 = 2;
@@ -111,8 +111,9 @@ pub enum Role {
 pub struct Hello {
     pub version: u16,
     pub role: Role,
-    /// Ties page channels to their control connection.
-    pub session: u64,
+    /// A fresh random number from each side of the control connection; the two make the
+    /// session key (`session::key`). Page connections repeat the source's.
+    pub nonce: u64,
     pub caps: u64,
 }
 
@@ -123,7 +124,7 @@ impl Hello {
             Role::Pages { channel } => (1, channel),
         };
         let mut w = Wr::default();
-        w.u16(self.version).u8(role).u16(ch).u64(self.session).u64(self.caps);
+        w.u16(self.version).u8(role).u16(ch).u64(self.nonce).u64(self.caps);
         w.0
     }
     pub fn decode(b: &[u8]) -> R<Self> {
@@ -137,7 +138,7 @@ impl Hello {
         let h = Hello {
             version,
             role,
-            session: r.u64()?,
+            nonce: r.u64()?,
             caps: r.u64()?,
         };
         r.end()?;
@@ -159,6 +160,51 @@ pub struct AccelDesc {
     pub dma_logging: bool,
 }
 
+/// How a migration proves that the destination holds the source's guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyMode {
+    /// Nothing beyond the wire's own checks.
+    Off = 0,
+    /// The destination compares digests before it resumes; a mismatch rolls back.
+    #[default]
+    Gate = 1,
+    /// The destination resumes at once and compares afterwards; a mismatch fails loudly.
+    Audit = 2,
+}
+
+impl VerifyMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "off" => Some(Self::Off),
+            "gate" => Some(Self::Gate),
+            "audit" => Some(Self::Audit),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Gate => "gate",
+            Self::Audit => "audit",
+        }
+    }
+    fn from_u8(v: u8) -> R<Self> {
+        match v {
+            0 => Ok(Self::Off),
+            1 => Ok(Self::Gate),
+            2 => Ok(Self::Audit),
+            _ => Err(WireError::Malformed("unknown verification mode")),
+        }
+    }
+}
+
+impl std::fmt::Display for VerifyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The VM's shape: the destination builds its VM from this and checks its memory map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfigMsg {
@@ -167,7 +213,7 @@ pub struct VmConfigMsg {
     /// (gpa, size) of every RAM region, ascending.
     pub regions: Vec<(u64, u64)>,
     pub channels: u16,
-    pub verify: bool,
+    pub verify: VerifyMode,
     pub accel: Option<AccelDesc>,
 }
 
@@ -204,7 +250,7 @@ impl VmConfigMsg {
             regions.push((r.u64()?, r.u64()?));
         }
         let channels = r.u16()?;
-        let verify = r.bool()?;
+        let verify = VerifyMode::from_u8(r.u8()?)?;
         let accel = if r.bool()? {
             Some(AccelDesc {
                 name: r.str(MAX_NAME)?,
@@ -291,142 +337,183 @@ impl PagesHead {
     }
 }
 
-/// Per-MiB CRC32C of guest memory, and CRC32C of each device's state.
+/// What verification compares (`digest`): a hash per 4 KiB page of guest RAM (index = page
+/// frame number), one per device over its whole saved state, and one of the vCPU state
+/// (`vmm::state::digest`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Digest {
-    pub chunk_bytes: u32,
-    pub chunks: Vec<u32>,
+    pub vcpus: u32,
     pub devices: Vec<u32>,
+    pub pages: Vec<u32>,
 }
 
+/// Most pages a digest can describe in one frame.
+pub const MAX_DIGEST_PAGES: usize = (crate::frame::MAX_PAYLOAD as usize - 1024) / 4;
+
 impl Digest {
-    pub fn encode_into(&self, w: &mut Wr) {
-        w.u32(self.chunk_bytes).u32(self.chunks.len() as u32);
-        for c in &self.chunks {
-            w.u32(*c);
-        }
-        w.u16(self.devices.len() as u16);
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Wr::default();
+        w.u32(self.vcpus).u16(self.devices.len() as u16);
         for c in &self.devices {
             w.u32(*c);
         }
-    }
-    pub fn decode_from(r: &mut Rd<'_>) -> R<Self> {
-        let chunk_bytes = r.u32()?;
-        let n = r.u32()? as usize;
-        if n > crate::frame::MAX_PAYLOAD as usize / 4 {
-            return Err(WireError::Malformed("digest too long"));
-        }
-        let mut chunks = Vec::with_capacity(n);
-        for _ in 0..n {
-            chunks.push(r.u32()?);
-        }
-        let d = r.u16()? as usize;
-        let mut devices = Vec::new();
-        for _ in 0..d {
-            devices.push(r.u32()?);
-        }
-        Ok(Self {
-            chunk_bytes,
-            chunks,
-            devices,
-        })
-    }
-    /// The first memory chunk that differs, as a guest-physical address, and how many differ.
-    pub fn mismatch(&self, o: &Digest) -> Option<String> {
-        if self.chunk_bytes != o.chunk_bytes || self.chunks.len() != o.chunks.len() {
-            return Some("memory digests have different shapes".into());
-        }
-        let bad: Vec<usize> = (0..self.chunks.len())
-            .filter(|&i| self.chunks[i] != o.chunks[i])
-            .collect();
-        if let Some(&first) = bad.first() {
-            return Some(format!(
-                "{} MiB chunk(s) of guest memory differ, the first at {:#x}",
-                bad.len(),
-                first as u64 * self.chunk_bytes as u64
-            ));
-        }
-        if self.devices != o.devices {
-            return Some(format!(
-                "device state differs: {:08x?} vs {:08x?}",
-                self.devices, o.devices
-            ));
-        }
-        None
-    }
-}
-
-/// The destination's acknowledgement: its vCPUs are running.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Ack {
-    /// Time the destination spent verifying before resuming (excluded from downtime).
-    pub verify_ns: u64,
-    /// From its vCPUs running to this frame being sent.
-    pub since_running_ns: u64,
-    pub digest: Option<Digest>,
-}
-
-impl Ack {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Wr::default();
-        w.u64(self.verify_ns)
-            .u64(self.since_running_ns)
-            .u8(self.digest.is_some() as u8);
-        if let Some(d) = &self.digest {
-            d.encode_into(&mut w);
+        w.u32(self.pages.len() as u32);
+        for c in &self.pages {
+            w.u32(*c);
         }
         w.0
     }
     pub fn decode(b: &[u8]) -> R<Self> {
         let mut r = Rd::new(b);
-        let verify_ns = r.u64()?;
-        let since_running_ns = r.u64()?;
-        let digest = if r.bool()? {
-            Some(Digest::decode_from(&mut r)?)
-        } else {
-            None
-        };
+        let vcpus = r.u32()?;
+        let d = r.u16()? as usize;
+        let mut devices = Vec::with_capacity(d);
+        for _ in 0..d {
+            devices.push(r.u32()?);
+        }
+        let n = r.u32()? as usize;
+        if n > MAX_DIGEST_PAGES {
+            return Err(WireError::Malformed("digest too long"));
+        }
+        let mut pages = Vec::with_capacity(n);
+        for _ in 0..n {
+            pages.push(r.u32()?);
+        }
         r.end()?;
-        Ok(Self {
-            verify_ns,
-            since_running_ns,
-            digest,
-        })
+        Ok(Self { vcpus, devices, pages })
+    }
+    /// What differs between the two, in words; `None` when they are equal.
+    pub fn mismatch(&self, o: &Digest) -> Option<String> {
+        let mut why = Vec::new();
+        if self.pages.len() != o.pages.len() {
+            why.push(format!(
+                "the memory digests cover {} and {} pages",
+                self.pages.len(),
+                o.pages.len()
+            ));
+        } else {
+            let mut bad = (0..self.pages.len()).filter(|&i| self.pages[i] != o.pages[i]);
+            if let Some(first) = bad.next() {
+                let more: Vec<usize> = bad.collect();
+                why.push(format!(
+                    "{} page(s) of guest memory differ, the first at {:#x}",
+                    more.len() + 1,
+                    first as u64 * 4096
+                ));
+            }
+        }
+        if self.devices != o.devices {
+            why.push(format!(
+                "device state differs ({:08x?} against {:08x?})",
+                self.devices, o.devices
+            ));
+        }
+        if self.vcpus != o.vcpus {
+            why.push(format!(
+                "vCPU state differs ({:08x} against {:08x})",
+                self.vcpus, o.vcpus
+            ));
+        }
+        (!why.is_empty()).then(|| why.join("; "))
     }
 }
 
-/// The destination's verdict after its guest ran on.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VerifyReport {
-    pub digest_ok: bool,
-    pub pages_before: u64,
-    pub pages_after: u64,
-    pub jobs_before: u64,
-    pub jobs_after: u64,
-    pub guest_errors: u64,
-    pub reason: String,
+/// The destination holds the whole guest, checked, and waits for `Commit`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ready {
+    /// From `Complete` to ready: the last pages applied, devices validated, vCPUs loaded.
+    pub load_ns: u64,
+    /// Of that, comparing digests (gate).
+    pub verify_ns: u64,
 }
 
-impl VerifyReport {
+impl Ready {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Wr::default();
-        w.u8(self.digest_ok as u8).u64(self.pages_before).u64(self.pages_after);
-        w.u64(self.jobs_before)
-            .u64(self.jobs_after)
-            .u64(self.guest_errors)
-            .str(&self.reason);
+        w.u64(self.load_ns).u64(self.verify_ns);
         w.0
     }
     pub fn decode(b: &[u8]) -> R<Self> {
         let mut r = Rd::new(b);
         let v = Self {
-            digest_ok: r.bool()?,
+            load_ns: r.u64()?,
+            verify_ns: r.u64()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+/// The destination's vCPUs run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Running {
+    /// `CLOCK_MONOTONIC` when the last vCPU was running, in nanoseconds.
+    pub resumed_ns: u64,
+    /// This kernel's boot id: equal on both sides, the two clocks are one.
+    pub boot: u64,
+}
+
+impl Running {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Wr::default();
+        w.u64(self.resumed_ns).u64(self.boot);
+        w.0
+    }
+    pub fn decode(b: &[u8]) -> R<Self> {
+        let mut r = Rd::new(b);
+        let v = Self {
+            resumed_ns: r.u64()?,
+            boot: r.u64()?,
+        };
+        r.end()?;
+        Ok(v)
+    }
+}
+
+/// The destination's account after its guest resumed: when the guest first made progress,
+/// and with verification, the guest's progress and (audit) the digest comparison.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// `CLOCK_MONOTONIC` of the guest's first visible progress; 0: none seen.
+    pub first_progress_ns: u64,
+    /// Whether the progress counters below were checked.
+    pub checked: bool,
+    pub pages_before: u64,
+    pub pages_after: u64,
+    pub jobs_before: u64,
+    pub jobs_after: u64,
+    pub guest_errors: u64,
+    /// Why verification failed; empty when it passed or was not asked for.
+    pub reason: String,
+    /// The destination stopped and discarded its guest (after a failed verification).
+    pub discarded: bool,
+}
+
+impl Report {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Wr::default();
+        w.u64(self.first_progress_ns).u8(self.checked as u8);
+        w.u64(self.pages_before)
+            .u64(self.pages_after)
+            .u64(self.jobs_before)
+            .u64(self.jobs_after)
+            .u64(self.guest_errors)
+            .str(&self.reason)
+            .u8(self.discarded as u8);
+        w.0
+    }
+    pub fn decode(b: &[u8]) -> R<Self> {
+        let mut r = Rd::new(b);
+        let v = Self {
+            first_progress_ns: r.u64()?,
+            checked: r.bool()?,
             pages_before: r.u64()?,
             pages_after: r.u64()?,
             jobs_before: r.u64()?,
             jobs_after: r.u64()?,
             guest_errors: r.u64()?,
             reason: r.str(4096)?,
+            discarded: r.bool()?,
         };
         r.end()?;
         Ok(v)
@@ -456,6 +543,24 @@ pub fn decode_u32_u64(b: &[u8]) -> R<(u32, u64)> {
     let v = (r.u32()?, r.u64()?);
     r.end()?;
     Ok(v)
+}
+
+pub fn decode_u32(b: &[u8]) -> R<u32> {
+    let mut r = Rd::new(b);
+    let v = r.u32()?;
+    r.end()?;
+    Ok(v)
+}
+
+pub fn decode_u16(b: &[u8]) -> R<u16> {
+    let mut r = Rd::new(b);
+    let v = r.u16()?;
+    r.end()?;
+    Ok(v)
+}
+
+pub fn decode_empty(b: &[u8]) -> R<()> {
+    Rd::new(b).end()
 }
 
 pub fn encode_str(s: &str) -> Vec<u8> {

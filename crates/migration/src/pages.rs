@@ -1,6 +1,7 @@
 //! Page runs: how the sender turns guest pages into `Pages` payloads (zero runs, LZ4 where it
 //! pays, raw otherwise), and how the receiver checks one against its memory map and applies it.
 
+use crate::digest::{page_hash, zero_page_hash, PageLog};
 use crate::error::WireError;
 use crate::msg::{Encoding, PagesHead, MAX_RUN_PAGES, PAGES_HEAD};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -165,8 +166,15 @@ impl RunDecoder {
     }
 
     /// Checks a `Pages` payload completely (encoding, lengths, addresses, decompressed size)
-    /// and only then writes it to `mem`. Returns the pages written.
-    pub fn apply(&mut self, payload: &[u8], map: &MemoryMap, mem: &GuestMemoryMmap) -> Result<u64, WireError> {
+    /// and only then writes it to `mem`, recording every page in `log`. Returns the pages
+    /// written.
+    pub fn apply(
+        &mut self,
+        payload: &[u8],
+        map: &MemoryMap,
+        mem: &GuestMemoryMmap,
+        log: &PageLog,
+    ) -> Result<u64, WireError> {
         let (h, data) = PagesHead::decode(payload)?;
         let pages = h.pages as u64;
         if !map.contains(h.gpa, pages) {
@@ -183,10 +191,17 @@ impl RunDecoder {
                         pages,
                         why: e.to_string(),
                     })?;
-                if self.buf[..len] == self.zeros[..len] {
-                    return Ok(pages);
+                if self.buf[..len] != self.zeros[..len] {
+                    mem.write_slice(&self.zeros[..len], GuestAddress(h.gpa))
+                        .map_err(|e| WireError::BadPageData {
+                            pages,
+                            why: e.to_string(),
+                        })?;
                 }
-                &self.zeros[..len]
+                for p in 0..pages {
+                    log.record(h.gpa / PAGE as u64 + p, zero_page_hash());
+                }
+                return Ok(pages);
             }
             Encoding::Lz4 => {
                 let n = lz4_flex::block::decompress_into(data, &mut self.buf[..len]).map_err(|e| {
@@ -209,6 +224,10 @@ impl RunDecoder {
                 pages,
                 why: e.to_string(),
             })?;
+        let keep = log.keeps_hashes();
+        for (i, page) in bytes.chunks(PAGE).enumerate() {
+            log.record(h.gpa / PAGE as u64 + i as u64, if keep { page_hash(page) } else { 0 });
+        }
         Ok(pages)
     }
 }

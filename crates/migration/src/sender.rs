@@ -6,7 +6,7 @@ use crate::msg::MAX_RUN_PAGES;
 use crate::pages::{PageStats, RunEncoder};
 use std::io::BufWriter;
 use std::net::TcpStream;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -35,6 +35,9 @@ pub struct Shared {
     pub compress: bool,
     /// QEMU's `max-bandwidth`: wire bytes per second over all connections.
     pub limit: Option<Limiter>,
+    /// Set when the migration is cancelled or aborted: senders stop at once, even in the
+    /// middle of sleeping off the bandwidth cap.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// A token bucket over all connections; a sender that overdraws it sleeps the debt off.
@@ -51,8 +54,9 @@ impl Limiter {
         }
     }
 
-    /// Accounts `n` bytes just written, sleeping while the bucket is in debt.
-    pub fn take(&self, n: u64) {
+    /// Accounts `n` bytes just written, sleeping while the bucket is in debt; gives up (false)
+    /// as soon as `stop` is set.
+    pub fn take(&self, n: u64, stop: &AtomicBool) -> bool {
         let wait = {
             let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -66,8 +70,16 @@ impl Limiter {
                 Duration::ZERO
             }
         };
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+        let end = Instant::now() + wait;
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return false;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(10)));
         }
     }
 }
@@ -78,12 +90,13 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// A sender for a connection on which `seq` frames were already sent.
-    pub fn spawn_after(name: String, stream: TcpStream, shared: Arc<Shared>, seq: u64) -> Self {
+    /// A sender for a connection on which `seq` frames were already sent, keyed with the
+    /// session `key`.
+    pub fn spawn_after(name: String, stream: TcpStream, shared: Arc<Shared>, seq: u64, key: u64) -> Self {
         let (tx, rx) = sync_channel::<Job>(1024);
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(rx, stream, &shared, seq))
+            .spawn(move || run(rx, stream, &shared, seq, key))
             .ok();
         Self { tx: Some(tx), thread }
     }
@@ -116,9 +129,9 @@ impl Sender {
     }
 }
 
-fn run(rx: Receiver<Job>, stream: TcpStream, sh: &Shared, seq: u64) -> Result<(), String> {
+fn run(rx: Receiver<Job>, stream: TcpStream, sh: &Shared, seq: u64, key: u64) -> Result<(), String> {
     let (mem, stats) = (&*sh.mem, &*sh.stats);
-    let mut w = FrameWriter::with_seq(BufWriter::with_capacity(1 << 20, stream), seq);
+    let mut w = FrameWriter::with_seq(BufWriter::with_capacity(1 << 20, stream), seq).with_key(key);
     let mut enc = RunEncoder::new(sh.compress);
     let mut counted = 0u64;
     let err = |e: std::io::Error| e.to_string();
@@ -137,7 +150,12 @@ fn run(rx: Receiver<Job>, stream: TcpStream, sh: &Shared, seq: u64) -> Result<()
         stats.wire_bytes.fetch_add(n, Ordering::Relaxed);
         counted = w.bytes();
         if let Some(l) = &sh.limit {
-            l.take(n);
+            if !l.take(n, &sh.stop) {
+                return Err("stopped".into());
+            }
+        }
+        if sh.stop.load(Ordering::Acquire) {
+            return Err("stopped".into());
         }
     }
     w.flush().map_err(err)

@@ -19,10 +19,13 @@ fn migrate_ok(mode: DeviceTracking, channels: u16, dirty: DirtyLogMode) -> Migra
     assert!(info.livemig.dest_pages_after > info.livemig.dest_pages_before);
     assert!(info.livemig.dest_jobs_after > info.livemig.dest_jobs_before);
     assert!(info.downtime.is_some());
-    let v = incoming.report.verify.unwrap();
-    assert!(v.digest_ok && v.reason.is_empty(), "{}", v.reason);
-    // The source moved: its vCPUs stay paused.
+    let v = incoming.report.report.unwrap();
+    assert!(v.checked && v.reason.is_empty() && !v.discarded, "{}", v.reason);
+    assert_eq!(info.livemig.outcome, Outcome::Completed);
+    assert_eq!(info.livemig.destination, DestState::Running);
+    // The source handed over: its vCPUs stay paused, its guest held until released.
     assert!(!info.livemig.source_vcpus_running);
+    assert!(!vm.running());
     info
 }
 

@@ -1,7 +1,8 @@
 //! Property tests of the wire format: every message round-trips, arbitrary bytes never
 //! panic a decoder, and page runs of any content arrive bit-exact.
 
-use migration::frame::{encode, FrameReader, Kind};
+use migration::digest::PageLog;
+use migration::frame::{encode, encode_keyed, FrameReader, Kind};
 use migration::msg::*;
 use migration::pages::{MemoryMap, PageStats, RunDecoder, RunEncoder};
 use proptest::prelude::*;
@@ -41,7 +42,8 @@ proptest! {
 
     #[test]
     fn config_round_trips(mem_mib in any::<u64>(), vcpus in any::<u32>(), regions in proptest::collection::vec((any::<u64>(), any::<u64>()), 1..8),
-                          channels in any::<u16>(), verify in any::<bool>(), accel in accel()) {
+                          channels in any::<u16>(), verify in 0u8..3, accel in accel()) {
+        let verify = [VerifyMode::Off, VerifyMode::Gate, VerifyMode::Audit][verify as usize];
         let m = VmConfigMsg { mem_mib, vcpus, regions, channels, verify, accel };
         prop_assert_eq!(VmConfigMsg::decode(&m.encode()).unwrap(), m.clone());
         // Any strict prefix is refused, never misread.
@@ -52,25 +54,66 @@ proptest! {
     }
 
     #[test]
-    fn ack_and_report_round_trip(v in any::<u64>(), s in any::<u64>(), chunks in proptest::collection::vec(any::<u32>(), 0..64),
-                                 devices in proptest::collection::vec(any::<u32>(), 0..4), has in any::<bool>(), reason in ".{0,40}") {
-        let a = Ack { verify_ns: v, since_running_ns: s, digest: has.then_some(Digest { chunk_bytes: 1 << 20, chunks, devices }) };
-        prop_assert_eq!(Ack::decode(&a.encode()).unwrap(), a);
-        let r = VerifyReport { digest_ok: has, pages_before: v, pages_after: s, jobs_before: 1, jobs_after: 2, guest_errors: 0, reason };
-        prop_assert_eq!(VerifyReport::decode(&r.encode()).unwrap(), r);
+    fn switchover_messages_round_trip(a in any::<u64>(), b in any::<u64>(), vcpus in any::<u32>(),
+                                      pages in proptest::collection::vec(any::<u32>(), 0..64),
+                                      devices in proptest::collection::vec(any::<u32>(), 0..4),
+                                      flag in any::<bool>(), reason in ".{0,40}") {
+        let d = Digest { vcpus, devices, pages };
+        prop_assert_eq!(Digest::decode(&d.encode()).unwrap(), d.clone());
+        prop_assert_eq!(d.mismatch(&d), None);
+        let r = Ready { load_ns: a, verify_ns: b };
+        prop_assert_eq!(Ready::decode(&r.encode()).unwrap(), r);
+        let run = Running { resumed_ns: a, boot: b };
+        prop_assert_eq!(Running::decode(&run.encode()).unwrap(), run);
+        let rep = Report { first_progress_ns: a, checked: flag, pages_before: b, pages_after: 1, jobs_before: 2,
+                           jobs_after: 3, guest_errors: 0, reason, discarded: !flag };
+        prop_assert_eq!(Report::decode(&rep.encode()).unwrap(), rep.clone());
+        // Any strict prefix or any extra byte is refused, never misread.
+        let (de, re, ru, rp) = (d.encode(), r.encode(), run.encode(), rep.encode());
+        for cut in 0..de.len() { prop_assert!(Digest::decode(&de[..cut]).is_err()); }
+        for cut in 0..re.len() { prop_assert!(Ready::decode(&re[..cut]).is_err()); }
+        for cut in 0..ru.len() { prop_assert!(Running::decode(&ru[..cut]).is_err()); }
+        for cut in 0..rp.len() { prop_assert!(Report::decode(&rp[..cut]).is_err()); }
+        let mut long = rep.encode();
+        long.push(0);
+        prop_assert!(Report::decode(&long).is_err());
+        prop_assert!(Ready::decode(&r.encode()[..15]).is_err());
+        prop_assert!(Running::decode(&[run.encode(), vec![1]].concat()).is_err());
+    }
+
+    #[test]
+    fn a_digest_names_the_first_page_that_differs(n in 1usize..300, bad in proptest::collection::btree_set(0usize..300, 1..5)) {
+        let a = Digest { vcpus: 1, devices: vec![7], pages: (0..n as u32).collect() };
+        let mut b = a.clone();
+        let bad: Vec<usize> = bad.into_iter().filter(|&i| i < n).collect();
+        for &i in &bad {
+            b.pages[i] ^= 0x8000_0000;
+        }
+        match bad.first() {
+            None => prop_assert_eq!(a.mismatch(&b), None),
+            Some(&first) => {
+                let m = a.mismatch(&b).unwrap();
+                let want = format!("{} page(s) of guest memory differ, the first at {:#x}", bad.len(), first * 4096);
+                prop_assert!(m.contains(&want), "{} / {}", m, want);
+            }
+        }
+        b.vcpus = 2;
+        prop_assert!(a.mismatch(&b).unwrap().contains("vCPU state differs"));
     }
 
     #[test]
     fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = VmConfigMsg::decode(&b);
         let _ = Hello::decode(&b);
-        let _ = Ack::decode(&b);
-        let _ = VerifyReport::decode(&b);
+        let _ = Digest::decode(&b);
+        let _ = Ready::decode(&b);
+        let _ = Running::decode(&b);
+        let _ = Report::decode(&b);
         let _ = PagesHead::decode(&b);
         let mut r = FrameReader::new(&b[..]);
         while let Ok(Some(_)) = r.read_frame() {}
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let _ = RunDecoder::new().apply(&b, &MemoryMap { regions: vec![(0, 1 << 20)] }, &mem);
+        let _ = RunDecoder::new().apply(&b, &MemoryMap { regions: vec![(0, 1 << 20)] }, &mem, &PageLog::new(256, true));
     }
 
     #[test]
@@ -85,6 +128,16 @@ proptest! {
             prop_assert_eq!((f.kind, f.seq, &f.payload), (Kind::DeviceData, i as u64, p));
         }
         prop_assert!(r.read_frame().unwrap().is_none());
+    }
+
+    /// Frames of one session are refused by a reader of any other session key.
+    #[test]
+    fn frames_are_bound_to_their_session(key in any::<u64>(), other in any::<u64>(), p in proptest::collection::vec(any::<u8>(), 0..100)) {
+        prop_assume!(key != other);
+        let mut wire = Vec::new();
+        encode_keyed(&mut wire, key, Kind::Pages, 0, &p);
+        prop_assert!(FrameReader::new(&wire[..]).with_key(key).read_frame().unwrap().is_some());
+        prop_assert!(FrameReader::new(&wire[..]).with_key(other).read_frame().is_err());
     }
 
     /// Pages of every kind (zero, compressible, random), any run length and alignment,
@@ -113,8 +166,16 @@ proptest! {
         prop_assert_eq!(stats.pages(), n as u64);
         let mut dec = RunDecoder::new();
         let map = MemoryMap { regions: vec![(0, size)] };
+        let log = PageLog::new(size / 4096, true);
         for p in &payloads {
-            dec.apply(p, &map, &dst).unwrap();
+            dec.apply(p, &map, &dst, &log).unwrap();
+        }
+        // Every page arrived, and its recorded hash is the hash of what the sender has.
+        for i in 0..n as u64 {
+            let mut page = vec![0u8; 4096];
+            src.read_slice(&mut page, GuestAddress(gpa + i * 4096)).unwrap();
+            prop_assert!(log.received(first + i));
+            prop_assert_eq!(log.hashes()[(first + i) as usize], migration::digest::page_hash(&page));
         }
         let (mut a, mut b) = (vec![0u8; n as usize * 4096], vec![0u8; n as usize * 4096]);
         src.read_slice(&mut a, GuestAddress(gpa)).unwrap();

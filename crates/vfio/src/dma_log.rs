@@ -274,7 +274,11 @@ mod tests {
         // A report covering the page whole clears it.
         let mut c = [0u8; 32];
         log.log_read_and_clear(0, 1 << 20, 65536, &mut c[..2]).unwrap();
-        assert_eq!(c[..2], [0x02, 0], "page 1 whole (page 0 was cleared by the first report)");
+        assert_eq!(
+            c[..2],
+            [0x02, 0],
+            "page 1 whole (page 0 was cleared by the first report)"
+        );
         log.log_read_and_clear(0, 1 << 20, 65536, &mut c[2..4]).unwrap();
         assert_eq!(c[2..4], [0, 0], "nothing left");
         // Both edges in one logged page: reported, kept.

@@ -79,6 +79,11 @@ impl PageBitmap {
             self.words[(pfn / 64) as usize] |= 1 << (pfn % 64);
         }
     }
+    pub fn unset(&mut self, pfn: u64) {
+        if pfn < self.pages {
+            self.words[(pfn / 64) as usize] &= !(1 << (pfn % 64));
+        }
+    }
     pub fn get(&self, pfn: u64) -> bool {
         pfn < self.pages && self.words[(pfn / 64) as usize] >> (pfn % 64) & 1 != 0
     }

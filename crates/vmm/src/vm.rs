@@ -537,6 +537,13 @@ impl Vm {
         Ok(t.elapsed())
     }
 
+    /// Whether every vCPU is running now: none paused, parked or stopped.
+    pub fn running(&self) -> bool {
+        self.vcpus
+            .iter()
+            .all(|v| matches!(v.ctl.run_state(), RunState::Running))
+    }
+
     /// Whether any vCPU stopped on its own (shutdown, failed entry), and why.
     pub fn vcpu_stopped(&self) -> Option<VcpuStop> {
         self.vcpus.iter().find_map(|v| match v.ctl.run_state() {

@@ -38,7 +38,7 @@ pub fn spawn_dest(opts: DestOptions) -> (String, JoinHandle<Result<Incoming, Mig
 pub fn opts(mode: DeviceTracking) -> SourceOptions {
     SourceOptions {
         mode,
-        verify: true,
+        verify: VerifyMode::Gate,
         max_iterations: 10,
         ..Default::default()
     }

@@ -1,0 +1,242 @@
+//! From `Complete` to a running guest: the stream must be complete, the devices must accept
+//! their state, the vCPUs load; with the gate, the digests must match; then `Ready`, and the
+//! guest resumes only on `Commit`. After it runs: the guest's first progress, and with
+//! verification its progress and (audit) the digest comparison, in a `Report`.
+
+use super::stream::Received;
+use super::{unexpected, Ctl, DestOptions, Incoming};
+use crate::digest;
+use crate::error::MigError;
+use crate::frame::{FrameReader, Kind};
+use crate::msg::{self, Digest, Ready, Report, Running, VerifyMode, VmConfigMsg};
+use crate::progress;
+use crate::session::{boot_id, mono_ns};
+use std::io::BufReader;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+use vfio::{MigFlags, MigState};
+use vmm::programs::ctrl::{C_FLAGS, FLAG_ACCEL, FLAG_DIRTIER};
+use vmm::{layout, Vm};
+
+/// Pages written, jobs completed, errors, and which programs run, over every vCPU.
+fn counters(vm: &Vm) -> (u64, u64, u64, u64) {
+    let (mut pages, mut jobs, mut errors, mut flags) = (0, 0, 0, 0);
+    for v in 0..vm.vcpu_count() {
+        let c = vm.counters(v);
+        pages += c.pages_written;
+        jobs += c.jobs_completed;
+        errors += c.errors;
+        flags |=
+            vm_memory::Bytes::read_obj::<u64>(&**vm.memory(), vm_memory::GuestAddress(layout::ctrl_page(v) + C_FLAGS))
+                .unwrap_or(0);
+    }
+    (pages, jobs, errors, flags)
+}
+
+/// This side's digest, taken with everything loaded and before the guest resumes: the page
+/// hashes recorded while applying, the devices saved again, the vCPUs as loaded.
+fn own_digest(vm: &Vm, rx: &Received) -> Result<Digest, MigError> {
+    let mut devices = Vec::new();
+    for d in rx.devices.devices() {
+        devices.push(digest::resave_hash(d).map_err(MigError::Other)?);
+    }
+    Ok(Digest {
+        vcpus: vmm::state::digest(&vm.save_vcpus()?),
+        devices,
+        pages: rx.log.hashes(),
+    })
+}
+
+fn read_digest(r: &mut FrameReader<BufReader<TcpStream>>) -> Result<Digest, MigError> {
+    let f = r.expect()?;
+    match f.kind {
+        Kind::Digest => Ok(Digest::decode(&f.payload)?),
+        Kind::Error => Err(MigError::Peer(msg::decode_str(&f.payload)?)),
+        k => Err(unexpected(k, "the source's Digest")),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn finish(
+    ctl: &mut Ctl,
+    r: &mut FrameReader<BufReader<TcpStream>>,
+    cfg: &VmConfigMsg,
+    vm: Arc<Vm>,
+    mut rx: Received,
+    opts: &DestOptions,
+    log: &dyn Fn(&str),
+) -> Result<Incoming, MigError> {
+    // ---- the whole guest, checked ----
+    if let Some((n, first)) = rx.log.missing(&rx.map) {
+        return Err(MigError::Other(format!(
+            "the stream is incomplete: {n} page(s) of guest memory never arrived, the first at {first:#x}"
+        )));
+    }
+    rx.devices.finish()?;
+    let states =
+        vmm::state::decode(&rx.vcpu_state, vm.vcpu_count()).map_err(|e| MigError::Vm(vmm::VmError::State(e)))?;
+    vm.restore_vcpus(&states)?;
+    // The time this side spends on verification (not waiting for the source's digest).
+    let t0 = mono_ns();
+    let mine = match cfg.verify {
+        VerifyMode::Off => None,
+        _ => Some(own_digest(&vm, &rx)?),
+    };
+    let mut verify_ns = mono_ns() - t0;
+    if cfg.verify == VerifyMode::Gate {
+        let theirs = read_digest(r)?;
+        let t1 = mono_ns();
+        if let Some(why) = mine.as_ref().and_then(|m| m.mismatch(&theirs)) {
+            log(&format!(
+                "verification FAILED before resuming: {why}; discarding the VM"
+            ));
+            return Err(MigError::Verification(why));
+        }
+        verify_ns += mono_ns() - t1;
+    }
+    ctl.send(
+        Kind::Ready,
+        &Ready {
+            load_ns: mono_ns() - rx.t_complete,
+            verify_ns,
+        }
+        .encode(),
+    )?;
+
+    // ---- only the source's commit lets this guest run ----
+    let f = r
+        .expect()
+        .map_err(|e| MigError::Other(format!("the source never committed ({e}); the VM is discarded")))?;
+    match f.kind {
+        Kind::Commit => msg::decode_empty(&f.payload)?,
+        Kind::Error => return Err(MigError::Peer(msg::decode_str(&f.payload)?)),
+        k => return Err(unexpected(k, "Commit")),
+    }
+    for d in rx.devices.devices() {
+        if d.migration_flags().contains(MigFlags::P2P) {
+            d.set_state(MigState::RunningP2p)
+                .map_err(|e| MigError::Other(format!("device to RUNNING_P2P: {e}")))?;
+        }
+    }
+    for d in rx.devices.devices() {
+        d.set_state(MigState::Running)
+            .map_err(|e| MigError::Other(format!("device to RUNNING: {e}")))?;
+    }
+    let before = counters(&vm);
+    let base = progress::word(&vm);
+    vm.resume()?;
+    let t_resumed = mono_ns();
+    rx.report.resume_time = Duration::from_nanos(t_resumed.saturating_sub(rx.t_switch));
+    // From here the guest runs here, whatever happens to the connection.
+    let told = ctl.send(
+        Kind::Running,
+        &Running {
+            resumed_ns: t_resumed,
+            boot: boot_id(),
+        }
+        .encode(),
+    );
+    log(&format!(
+        "guest running on the destination ({} pages received)",
+        rx.report.pages_received
+    ));
+    if let Err(e) = told {
+        log(&format!(
+            "WARNING: could not tell the source that the guest runs here ({}); it holds its copy paused",
+            e.chain()
+        ));
+        rx.report.unverified = (cfg.verify != VerifyMode::Off).then(|| "the source is unreachable".into());
+        return Ok(Incoming { vm, report: rx.report });
+    }
+    after_resume(ctl, r, cfg, vm, rx, opts, log, mine, before, base, t_resumed)
+}
+
+/// The guest runs: when it first moves, and with verification whether it makes progress and
+/// (audit) whether what it resumed from is the source's guest. A failure stops and discards
+/// it: the source still holds the original, paused.
+#[allow(clippy::too_many_arguments)]
+fn after_resume(
+    ctl: &mut Ctl,
+    r: &mut FrameReader<BufReader<TcpStream>>,
+    cfg: &VmConfigMsg,
+    vm: Arc<Vm>,
+    mut rx: Received,
+    opts: &DestOptions,
+    log: &dyn Fn(&str),
+    mine: Option<Digest>,
+    before: (u64, u64, u64, u64),
+    base: u64,
+    t_resumed: u64,
+) -> Result<Incoming, MigError> {
+    let mut rep = Report {
+        first_progress_ns: progress::first_change(&vm, base, Duration::from_secs(1)).unwrap_or(0),
+        ..Default::default()
+    };
+    if cfg.verify != VerifyMode::Off {
+        let ran = Duration::from_nanos(mono_ns() - t_resumed);
+        std::thread::sleep(opts.progress_check.saturating_sub(ran));
+        let after = counters(&vm);
+        let mut reasons = Vec::new();
+        if let Some(s) = vm.vcpu_stopped() {
+            reasons.push(format!("a vCPU stopped: {s:?}"));
+        }
+        if before.3 & FLAG_DIRTIER != 0 && after.0 <= before.0 {
+            reasons.push(format!(
+                "the dirtier made no progress ({} pages written before and after)",
+                after.0
+            ));
+        }
+        if before.3 & FLAG_ACCEL != 0 && after.1 <= before.1 {
+            reasons.push(format!("no accelerator job completed ({} before and after)", after.1));
+        }
+        if after.2 != 0 {
+            reasons.push(format!("the guest counted {} errors", after.2));
+        }
+        if cfg.verify == VerifyMode::Audit {
+            match read_digest(r) {
+                Ok(theirs) => {
+                    if let Some(why) = mine.as_ref().and_then(|m| m.mismatch(&theirs)) {
+                        reasons.push(why);
+                    }
+                }
+                Err(e) => {
+                    // The guest runs here and the source holds its copy: keep running,
+                    // unverified, rather than lose both.
+                    log(&format!(
+                        "WARNING: the audit could not run ({}); the guest runs on, unverified",
+                        e.chain()
+                    ));
+                    rx.report.unverified = Some(e.chain());
+                    return Ok(Incoming { vm, report: rx.report });
+                }
+            }
+        }
+        rep.checked = true;
+        rep.pages_before = before.0;
+        rep.pages_after = after.0;
+        rep.jobs_before = before.1;
+        rep.jobs_after = after.1;
+        rep.guest_errors = after.2;
+        rep.reason = reasons.join("; ");
+    }
+    if !rep.reason.is_empty() {
+        let _ = vm.pause();
+        rep.discarded = true;
+        log(&format!(
+            "verification FAILED after resuming: {}; the guest is stopped and discarded",
+            rep.reason
+        ));
+        let _ = ctl.send(Kind::Report, &rep.encode());
+        rx.report.report = Some(rep.clone());
+        return Err(MigError::Verification(rep.reason));
+    }
+    if let Err(e) = ctl.send(Kind::Report, &rep.encode()) {
+        log(&format!("WARNING: could not send the report ({})", e.chain()));
+    }
+    if cfg.verify != VerifyMode::Off {
+        log("verified: memory, device and vCPU state, and the guest makes progress");
+    }
+    rx.report.report = Some(rep);
+    Ok(Incoming { vm, report: rx.report })
+}

@@ -1,0 +1,165 @@
+//! The destination: builds a VM of the announced shape, receives pages into its memory
+//! (checked against the memory map before any write), feeds device data to RESUMING streams,
+//! and once the stream is complete validates the device state, loads the vCPUs and tells the
+//! source it is ready. It resumes the guest only on the source's `Commit`
+//! (`docs/protocol.md`, "Switchover"); without it, it discards the VM.
+
+mod build;
+mod finish;
+mod stream;
+
+use crate::error::{MigError, WireError};
+use crate::frame::{FrameReader, FrameWriter, Kind};
+use crate::msg::{self, Hello, Report, Role, CAP_LZ4, CAP_VERIFY, VERSION};
+use crate::session;
+use std::io::BufReader;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+use vmm::Vm;
+
+/// How the destination behaves.
+#[derive(Clone, Debug)]
+pub struct DestOptions {
+    /// This host's accelerator identity, when it differs from the source's (`dev_id`): the
+    /// device's own compatibility check then refuses the migration during pre-copy.
+    pub accel_dev_id: Option<u32>,
+    /// With verification, how long the guest runs before its progress is checked.
+    pub progress_check: Duration,
+    /// The longest the destination waits on the source: for the next bytes of a
+    /// connection, for the page connections, and for the commit.
+    pub peer_timeout: Duration,
+}
+
+impl Default for DestOptions {
+    fn default() -> Self {
+        Self {
+            accel_dev_id: None,
+            progress_check: Duration::from_millis(300),
+            peer_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the destination saw.
+#[derive(Clone, Debug, Default)]
+pub struct DestReport {
+    pub iterations: u32,
+    pub pages_received: u64,
+    pub device_bytes: u64,
+    /// From the source's `Switchover` frame to the vCPUs running, on this host's clock.
+    pub resume_time: Duration,
+    /// What this side sent in its `Report`.
+    pub report: Option<Report>,
+    /// With audit: why the comparison could not be made (the connection was lost after the
+    /// guest resumed). The guest runs on, unverified.
+    pub unverified: Option<String>,
+}
+
+/// A migrated, running VM.
+pub struct Incoming {
+    pub vm: Arc<Vm>,
+    pub report: DestReport,
+}
+
+/// The control connection's writer (the destination's side of the return path).
+pub(crate) struct Ctl {
+    pub w: FrameWriter<TcpStream>,
+}
+
+impl Ctl {
+    pub fn send(&mut self, k: Kind, p: &[u8]) -> Result<(), MigError> {
+        self.w.send(k, p).map_err(|e| MigError::Wire(e.into()))
+    }
+}
+
+pub(crate) fn unexpected(k: Kind, expected: &'static str) -> MigError {
+    MigError::Wire(WireError::Unexpected { found: k, expected })
+}
+
+pub(crate) fn io(e: std::io::Error) -> MigError {
+    MigError::Wire(e.into())
+}
+
+/// Waits for one incoming migration on `listener` and runs it to the end. `log` receives
+/// one-line progress messages. `Ok`: the guest runs here. `Err`: it never ran here, or it
+/// failed verification and was stopped; either way this side's VM is gone.
+pub fn receive(listener: &TcpListener, opts: &DestOptions, log: &dyn Fn(&str)) -> Result<Incoming, MigError> {
+    let (control, peer) = listener.accept().map_err(|e| MigError::Connect {
+        what: "listener".into(),
+        source: e,
+    })?;
+    let _ = control.set_nodelay(true);
+    control.set_read_timeout(Some(opts.peer_timeout)).map_err(io)?;
+    control.set_write_timeout(Some(opts.peer_timeout)).map_err(io)?;
+    log(&format!("incoming migration from {peer}"));
+    let mut ctl = Ctl {
+        w: FrameWriter::new(control.try_clone().map_err(io)?),
+    };
+    let res = run(listener, &control, &mut ctl, opts, log);
+    if let Err(e) = &res {
+        // Best effort: the source learns why, then both ends close. After a commit this
+        // frame means "discarded".
+        let _ = ctl.send(Kind::Error, &msg::encode_str(&e.chain()));
+        let _ = control.shutdown(Shutdown::Both);
+    }
+    res
+}
+
+fn run(
+    listener: &TcpListener,
+    control: &TcpStream,
+    ctl: &mut Ctl,
+    opts: &DestOptions,
+    log: &dyn Fn(&str),
+) -> Result<Incoming, MigError> {
+    let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, control.try_clone().map_err(io)?));
+    let f = r.expect()?;
+    if f.kind != Kind::Hello {
+        return Err(unexpected(f.kind, "Hello"));
+    }
+    let hello = Hello::decode(&f.payload)?;
+    if hello.role != Role::Control {
+        return Err(MigError::Wire(WireError::Malformed(
+            "the first connection must be the control connection",
+        )));
+    }
+    if hello.version != VERSION {
+        return Err(MigError::Wire(WireError::Version(hello.version, VERSION)));
+    }
+    let nonce = session::nonce();
+    ctl.send(
+        Kind::Hello,
+        &Hello {
+            version: VERSION,
+            role: Role::Control,
+            nonce,
+            caps: CAP_LZ4 | CAP_VERIFY,
+        }
+        .encode(),
+    )?;
+    let key = session::key(hello.nonce, nonce);
+    r.set_key(key);
+    ctl.w.set_key(key);
+    let f = r.expect()?;
+    if f.kind != Kind::Config {
+        return Err(unexpected(f.kind, "Config"));
+    }
+    let cfg = msg::VmConfigMsg::decode(&f.payload)?;
+    build::check_config(&cfg)?;
+    let vm = Arc::new(build::build_vm(&cfg, opts)?);
+    log(&format!(
+        "built a VM of {} MiB, {} vCPU(s), {}; {} page connection(s); verification {}",
+        cfg.mem_mib,
+        cfg.vcpus,
+        if cfg.accel.is_some() {
+            "with the accelerator"
+        } else {
+            "no device"
+        },
+        cfg.channels,
+        cfg.verify
+    ));
+    let received = stream::receive_stream(listener, control, ctl, &mut r, &cfg, &vm, hello.nonce, key, opts)?;
+    finish::finish(ctl, &mut r, &cfg, vm, received, opts, log)
+}
