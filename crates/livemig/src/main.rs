@@ -21,6 +21,7 @@ mod bench;
 mod control;
 mod ctlsock;
 mod demo;
+mod faults_cmd;
 mod iommu_demo;
 mod receive;
 mod run;
@@ -177,6 +178,10 @@ enum Cmd {
         /// before this side gives up; without the source's commit the VM is discarded.
         #[arg(long, default_value_t = 10.0, value_parser = parse_timeout)]
         peer_timeout: f64,
+        /// Test-only: resume without waiting for the source's commit (breaks the protocol on
+        /// purpose; the fault matrix must then report split brains).
+        #[arg(long, hide = true)]
+        sabotage_resume_before_commit: bool,
     },
     /// The emulated IOMMU alone: map a guest-sized space in every format, DMA from device
     /// threads with dirty tracking on, harvest, and compare what was found with what was written.
@@ -190,6 +195,39 @@ enum Cmd {
         /// DMA writes per thread.
         #[arg(long, default_value_t = 20_000)]
         writes: u64,
+    },
+    /// The switchover fault matrix: migrations through a fault-injecting proxy that cuts,
+    /// stalls, kills the destination, flips, truncates, duplicates, drops, reorders or
+    /// garbles at each protocol step, in each direction; checks that the guest never runs
+    /// twice, is never lost, and that nothing hangs or panics. Prints the table.
+    Faults {
+        /// Trials per cell.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        trials: u32,
+        /// Steps, comma separated (default: all): bulk, iteration, switchover, after-pages,
+        /// after-device, after-vcpu, after-ready, after-commit, after-confirm.
+        #[arg(long, value_delimiter = ',')]
+        steps: Vec<String>,
+        /// Actions, comma separated (default: all): cut, stall, kill, flip, truncate,
+        /// duplicate, drop, reorder, garbage.
+        #[arg(long, value_delimiter = ',')]
+        actions: Vec<String>,
+        /// Directions, comma separated (default: both): to-dest, to-source.
+        #[arg(long, value_delimiter = ',')]
+        dirs: Vec<String>,
+        /// Both sides' peer timeout, in seconds.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_timeout)]
+        peer_timeout: f64,
+        /// Guest RAM of each trial's VM, in MiB.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(18..=1024))]
+        memory_mib: u64,
+        /// Print every case as JSON instead of the tables.
+        #[arg(long)]
+        json: bool,
+        /// Test-only: run destinations that resume without the source's commit, to show the
+        /// matrix catches the split brain.
+        #[arg(long, hide = true)]
+        sabotage_resume_before_commit: bool,
     },
     /// Benchmarks, printed as Markdown tables with same-run baselines.
     Bench {
@@ -370,11 +408,16 @@ fn run() -> Result<i32> {
             accel_dev_id,
             exit_after_ms,
             peer_timeout,
+            sabotage_resume_before_commit,
         } => receive::receive(
             &listen,
-            accel_dev_id,
+            migration::DestOptions {
+                accel_dev_id,
+                peer_timeout: std::time::Duration::from_secs_f64(peer_timeout),
+                sabotage_resume_before_commit,
+                ..Default::default()
+            },
             exit_after_ms,
-            std::time::Duration::from_secs_f64(peer_timeout),
         )
         .map(|()| 0),
         Cmd::IommuDemo {
@@ -383,6 +426,25 @@ fn run() -> Result<i32> {
             writes,
         } => iommu_demo::run(memory_mib, threads, writes).map(|()| 0),
         Cmd::Bench { what } => bench_cmd(what).map(|()| 0),
+        Cmd::Faults {
+            trials,
+            steps,
+            actions,
+            dirs,
+            peer_timeout,
+            memory_mib,
+            json,
+            sabotage_resume_before_commit,
+        } => faults_cmd::run(&faults_cmd::Args {
+            trials,
+            steps,
+            actions,
+            dirs,
+            peer_timeout,
+            memory_mib,
+            json,
+            sabotage: sabotage_resume_before_commit,
+        }),
     }
 }
 

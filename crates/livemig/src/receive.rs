@@ -7,21 +7,11 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-pub fn receive(
-    listen: &str,
-    accel_dev_id: Option<u32>,
-    exit_after_ms: Option<u64>,
-    peer_timeout: Duration,
-) -> Result<()> {
+pub fn receive(listen: &str, opts: DestOptions, exit_after_ms: Option<u64>) -> Result<()> {
     let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
     // The first line tells a parent process which port was chosen.
     out!("listening on {}", l.local_addr()?);
     let _ = std::io::stdout().flush();
-    let opts = DestOptions {
-        accel_dev_id,
-        peer_timeout,
-        ..Default::default()
-    };
     let inc = migration::receive(&l, &opts, &|m| eout!("[receive] {m}"))
         .map_err(|e| anyhow::anyhow!("{}; no guest runs here", e.chain()))?;
     let r = &inc.report;

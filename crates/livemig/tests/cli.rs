@@ -1,75 +1,11 @@
 //! The `livemig` command as a user runs it: real processes, a real unix control socket, real
 //! TCP on 127.0.0.1, and a destination killed with SIGKILL mid-migration.
 
+mod common;
+use common::*;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_livemig");
-
-struct Kid(Child);
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn receive() -> (Kid, String) {
-    let mut c = Command::new(BIN)
-        .args(["receive", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_string();
-    (Kid(c), addr)
-}
-
-struct Ctl(BufReader<UnixStream>);
-
-impl Ctl {
-    fn connect(path: &str) -> Ctl {
-        let t = Instant::now();
-        loop {
-            if let Ok(s) = UnixStream::connect(path) {
-                return Ctl(BufReader::new(s));
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "no control socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn cmd(&mut self, execute: &str, arguments: Value) -> Value {
-        writeln!(
-            self.0.get_mut(),
-            "{}",
-            json!({ "execute": execute, "arguments": arguments })
-        )
-        .unwrap();
-        let mut l = String::new();
-        self.0.read_line(&mut l).unwrap();
-        serde_json::from_str(&l).unwrap()
-    }
-    fn wait_status(&mut self, done: &[&str]) -> Value {
-        let t = Instant::now();
-        loop {
-            let i = self.cmd("query-migrate", json!({}))["return"].clone();
-            if done.contains(&i["status"].as_str().unwrap_or("")) {
-                return i;
-            }
-            assert!(t.elapsed() < Duration::from_secs(120), "migration did not end: {i}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
 
 #[test]
 fn help_documents_every_command_and_option() {
@@ -106,6 +42,34 @@ fn bad_input_gets_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to the control socket /nonexistent/x.sock"));
+    // Numbers: overflow, limits that match the VM's, and NaN are refused up front.
+    for (args, says) in [
+        (vec!["run", "--memory-mib", "17592186044544"], "--memory-mib"),
+        (vec!["run", "--memory-mib", "4096"], "--memory-mib"),
+        (vec!["run", "--vcpus", "64"], "--vcpus"),
+        (vec!["run", "--vcpus", "0"], "--vcpus"),
+        (vec!["run", "--rate", "nan"], "--rate"),
+        (vec!["run", "--rate", "inf"], "--rate"),
+        (vec!["demo", "--max-bandwidth-mib", "nan"], "--max-bandwidth-mib"),
+        (vec!["demo", "--max-bandwidth-mib=-1"], "--max-bandwidth-mib"),
+        (vec!["demo", "--peer-timeout", "0"], "--peer-timeout"),
+        (vec!["demo", "--channels", "65"], "--channels"),
+        (vec!["demo", "--verify", "sometimes"], "--verify"),
+        (vec!["demo", "--verify", "gate", "--no-verify"], "--no-verify"),
+        (
+            vec!["migrate", "--to", "h:1", "--max-iterations", "0"],
+            "--max-iterations",
+        ),
+        (
+            vec!["receive", "--listen", "127.0.0.1:0", "--peer-timeout", "nan"],
+            "--peer-timeout",
+        ),
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} is a usage error: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
 }
 
 #[test]
@@ -150,7 +114,7 @@ fn demo_json_reports_a_verified_migration() {
 fn killed_destination_leaves_the_source_running_then_a_second_migration_succeeds() {
     vmm::need_kvm!();
     let sock = format!("/tmp/livemig-cli-test-{}.sock", std::process::id());
-    let _src = Kid(Command::new(BIN)
+    let mut src = Kid(Command::new(BIN)
         .args([
             "run",
             "--memory-mib",
@@ -204,4 +168,29 @@ fn killed_destination_leaves_the_source_running_then_a_second_migration_succeeds
     let i = ctl.wait_status(&["completed", "failed"]);
     assert_eq!(i["status"], "completed", "{i}");
     assert_eq!(i["livemig"]["verified"], true, "{i}");
+    assert_eq!(i["livemig"]["outcome"], "completed", "{i}");
+
+    // Handed over: the source holds the paused guest (QEMU's postmigrate) until released.
+    let st = ctl.ret("query-status", json!({}));
+    assert_eq!(st["status"], "postmigrate", "{st}");
+    assert_eq!(st["running"], false);
+    assert_eq!(st["destination"], "running");
+    let r = ctl.cmd("cont", json!({}));
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("run it twice"),
+        "cont without force is refused while the destination runs the guest: {r}"
+    );
+    let r = ctl.cmd("migrate", json!({ "uri": "127.0.0.1:1" }));
+    assert!(r["error"]["desc"].as_str().unwrap().contains("postmigrate"), "{r}");
+    let r = ctl.cmd("migrate-cancel", json!({}));
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("no migration is running"),
+        "{r}"
+    );
+    assert_eq!(ctl.ret("quit", json!({})), json!({}));
+    assert!(
+        src.wait_for(Duration::from_secs(10)).is_some(),
+        "quit releases the guest and exits"
+    );
+    assert!(!std::path::Path::new(&sock).exists(), "its socket is removed");
 }

@@ -79,11 +79,11 @@ impl MigrationControl {
     /// connections ends now. Refused once the source committed.
     pub fn cancel(&self) -> Result<(), CancelError> {
         let mut g = self.gate();
-        if g.committed {
-            return Err(CancelError::Committed);
-        }
         if !g.running {
             return Err(CancelError::NotRunning);
+        }
+        if g.committed {
+            return Err(CancelError::Committed);
         }
         self.stop.store(true, Ordering::Release);
         for s in g.sockets.drain(..) {

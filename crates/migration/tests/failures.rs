@@ -1,6 +1,7 @@
 //! Failures: a destination that dies mid-iteration, a corrupted or out-of-map frame, an
-//! incompatible device, and cancel. The source must end running and unchanged; the
-//! destination must never resume.
+//! incompatible device, cancel, a stream with pages missing, a configuration beyond the
+//! host, a stream replayed from another session. The source must end running and unchanged;
+//! the destination must never resume.
 
 mod common;
 use common::*;
@@ -300,4 +301,131 @@ fn out_of_map_and_malformed_frames_are_refused() {
     w.get_mut().write_all(&f).unwrap();
     assert!(error_frame(&mut r).contains("unknown frame kind 99"));
     assert!(dest.join().unwrap().is_err());
+}
+
+#[test]
+fn a_stream_without_pages_is_refused() {
+    need_kvm!();
+    // Hello, Config, then straight to the switchover: no page ever sent.
+    let (mut w, mut r, dest, _) = raw_session(64);
+    w.send(Kind::Switchover, &[]).unwrap();
+    w.send(Kind::VcpuState, b"not even a state").unwrap();
+    w.send(Kind::Complete, &[]).unwrap();
+    let why = error_frame(&mut r);
+    println!("destination: {why}");
+    assert!(
+        why.contains("the stream is incomplete: 16384 page(s) of guest memory never arrived, the first at 0x0"),
+        "{why}"
+    );
+    assert!(dest.join().unwrap().is_err(), "nothing resumed");
+    // And one page short of the whole map.
+    let (mut w, mut r, dest, _) = raw_session(64);
+    for gpa in (0..64u64 << 20).step_by(64 * 4096) {
+        let pages = if gpa == 64 * 4096 { 63 } else { 64 };
+        let mut p = Vec::new();
+        PagesHead {
+            gpa,
+            pages,
+            encoding: Encoding::Zero,
+        }
+        .encode_into(&mut p);
+        w.send(Kind::Pages, &p).unwrap();
+    }
+    w.send(Kind::Switchover, &[]).unwrap();
+    w.send(Kind::VcpuState, b"x").unwrap();
+    w.send(Kind::Complete, &[]).unwrap();
+    let why = error_frame(&mut r);
+    assert!(
+        why.contains("1 page(s) of guest memory never arrived, the first at 0x7f000"),
+        "{why}"
+    );
+    assert!(dest.join().unwrap().is_err());
+}
+
+#[test]
+fn a_config_beyond_this_host_is_refused_up_front() {
+    need_kvm!();
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let s = TcpStream::connect(addr).unwrap();
+    let mut w = FrameWriter::new(s.try_clone().unwrap());
+    let mut r = FrameReader::new(s);
+    let hello = Hello {
+        version: VERSION,
+        role: Role::Control,
+        nonce: 7,
+        caps: 0,
+    };
+    w.send(Kind::Hello, &hello.encode()).unwrap();
+    let h = Hello::decode(&r.expect().unwrap().payload).unwrap();
+    let key = migration::session::key(7, h.nonce);
+    w.set_key(key);
+    r.set_key(key);
+    let cfg = VmConfigMsg {
+        mem_mib: 1 << 44,
+        vcpus: 1,
+        regions: vec![(0, 1 << 20)],
+        channels: 0,
+        verify: VerifyMode::Off,
+        accel: None,
+    };
+    w.send(Kind::Config, &cfg.encode()).unwrap();
+    let why = error_frame(&mut r);
+    assert!(
+        why.contains("17592186044416 MiB of RAM; this VMM builds at most 3328 MiB"),
+        "{why}"
+    );
+    assert!(matches!(dest.join().unwrap(), Err(MigError::Incompatible(_))));
+}
+
+/// Records what a source sends; a replay of it to another destination fails at its first
+/// frame after the handshake: it belongs to another session.
+#[test]
+fn a_recorded_stream_replayed_to_another_destination_is_refused() {
+    need_kvm!();
+    let vm = source_vm(128, 16.0, DirtyLogMode::Bitmap);
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let via = l.local_addr().unwrap().to_string();
+    let tape = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t2 = tape.clone();
+    std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        let d = TcpStream::connect(addr).unwrap();
+        let (mut c2, mut d2) = (c.try_clone().unwrap(), d.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut d2, &mut c2);
+        });
+        let (mut c, mut d) = (c, d);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    t2.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if d.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let o = SourceOptions {
+        verify: VerifyMode::Off,
+        ..opts(DeviceTracking::Iommu)
+    };
+    migrate(&vm, &via, &o, &MigrationControl::default()).unwrap_or_else(|e| panic!("{}", e.chain()));
+    dest.join().unwrap().unwrap();
+    let tape = tape.lock().unwrap().clone();
+    assert!(tape.len() > 100_000, "a real stream was recorded: {} bytes", tape.len());
+
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let mut s = TcpStream::connect(addr).unwrap();
+    let _ = s.write_all(&tape);
+    match dest.join().unwrap() {
+        Err(MigError::Wire(WireError::Checksum { seq: 1 })) => {}
+        other => panic!(
+            "the replay was not refused at the Config frame: {:?}",
+            other.map(|_| "resumed")
+        ),
+    }
 }

@@ -105,13 +105,15 @@ pub(super) fn finish(
     )?;
 
     // ---- only the source's commit lets this guest run ----
-    let f = r
-        .expect()
-        .map_err(|e| MigError::Other(format!("the source never committed ({e}); the VM is discarded")))?;
-    match f.kind {
-        Kind::Commit => msg::decode_empty(&f.payload)?,
-        Kind::Error => return Err(MigError::Peer(msg::decode_str(&f.payload)?)),
-        k => return Err(unexpected(k, "Commit")),
+    if !opts.sabotage_resume_before_commit {
+        let f = r
+            .expect()
+            .map_err(|e| MigError::Other(format!("the source never committed ({e}); the VM is discarded")))?;
+        match f.kind {
+            Kind::Commit => msg::decode_empty(&f.payload)?,
+            Kind::Error => return Err(MigError::Peer(msg::decode_str(&f.payload)?)),
+            k => return Err(unexpected(k, "Commit")),
+        }
     }
     for d in rx.devices.devices() {
         if d.migration_flags().contains(MigFlags::P2P) {

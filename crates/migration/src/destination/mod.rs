@@ -29,6 +29,11 @@ pub struct DestOptions {
     /// The longest the destination waits on the source: for the next bytes of a
     /// connection, for the page connections, and for the commit.
     pub peer_timeout: Duration,
+    /// Test-only: resume as soon as ready, without waiting for the source's commit (the
+    /// protocol's one safety rule broken on purpose, so the fault matrix can show it sees
+    /// the split brain that follows).
+    #[doc(hidden)]
+    pub sabotage_resume_before_commit: bool,
 }
 
 impl Default for DestOptions {
@@ -37,6 +42,7 @@ impl Default for DestOptions {
             accel_dev_id: None,
             progress_check: Duration::from_millis(300),
             peer_timeout: Duration::from_secs(10),
+            sabotage_resume_before_commit: false,
         }
     }
 }

@@ -1,0 +1,12 @@
+//! Fault injection for livemig's migration protocol, as a test utility: a TCP proxy that
+//! damages the stream at a chosen protocol step (`proxy`), and the matrix of such faults run
+//! against real migrations with the checks every case must pass (`matrix`). `livemig faults`
+//! runs it and prints the table; CI runs every cell once.
+
+#![forbid(unsafe_code)]
+
+pub mod matrix;
+pub mod proxy;
+
+pub use matrix::{run_case, run_matrix, Case, Config};
+pub use proxy::{Action, Dir, Fault, Fired, Proxy, Step};

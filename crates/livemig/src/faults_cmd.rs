@@ -1,0 +1,144 @@
+//! `livemig faults`: the fault matrix (`faults` crate) with a progress line per case and
+//! the tables of the README.
+
+use anyhow::{anyhow, Result};
+use faults::{Action, Case, Config, Dir, Step};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+pub struct Args {
+    pub trials: u32,
+    pub steps: Vec<String>,
+    pub actions: Vec<String>,
+    pub dirs: Vec<String>,
+    pub peer_timeout: f64,
+    pub memory_mib: u64,
+    pub json: bool,
+    pub sabotage: bool,
+}
+
+fn pick<T: Copy>(all: &[T], name: fn(T) -> &'static str, want: &[String], what: &str) -> Result<Vec<T>> {
+    if want.is_empty() {
+        return Ok(all.to_vec());
+    }
+    want.iter()
+        .map(|w| {
+            all.iter().copied().find(|x| name(*x) == w).ok_or_else(|| {
+                anyhow!(
+                    "unknown {what} '{w}' ({})",
+                    all.iter().map(|x| name(*x)).collect::<Vec<_>>().join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+/// One letter per case: what became of the guest.
+fn letter(c: &Case) -> char {
+    if !c.violations.is_empty() {
+        return '✗';
+    }
+    match c.outcome {
+        migration::Outcome::Completed => 'C',
+        migration::Outcome::RolledBack => 'R',
+        migration::Outcome::Held => 'H',
+        migration::Outcome::None => '?',
+    }
+}
+
+pub fn run(a: &Args) -> Result<i32> {
+    vmm::kvm_for_tests().map_err(|e| anyhow!("the fault matrix needs KVM: {e}"))?;
+    let steps = pick(&Step::ALL, Step::name, &a.steps, "step")?;
+    let actions = pick(&Action::ALL, Action::name, &a.actions, "action")?;
+    let dirs = pick(&Dir::ALL, Dir::name, &a.dirs, "direction")?;
+    let cfg = Config {
+        bin: std::env::current_exe()?,
+        peer_timeout: Duration::from_secs_f64(a.peer_timeout),
+        mem_mib: a.memory_mib,
+        sabotage_resume_before_commit: a.sabotage,
+    };
+    let total = steps.len() * actions.len() * dirs.len() * a.trials as usize;
+    let mut n = 0;
+    let cases = faults::run_matrix(&cfg, &steps, &actions, &dirs, a.trials, &mut |c| {
+        n += 1;
+        eout!(
+            "[{n}/{total}] {} {} {}: {:?}, destination {} ({}) in {:.1} s{}",
+            c.fault.step.name(),
+            c.fault.action.name(),
+            c.fault.dir.name(),
+            c.outcome,
+            if c.dest_running {
+                "runs the guest"
+            } else if c.dest_resumed {
+                "ran it, then stopped"
+            } else {
+                "never ran it"
+            },
+            c.fired.frame.as_deref().unwrap_or("no frame hit"),
+            c.seconds,
+            if c.violations.is_empty() {
+                String::new()
+            } else {
+                format!(" — FAILED: {}", c.violations.join("; "))
+            }
+        );
+    });
+    let failed: Vec<&Case> = cases.iter().filter(|c| !c.violations.is_empty()).collect();
+    if a.json {
+        out!("{}", serde_json::to_string_pretty(&cases)?);
+    } else {
+        print_tables(&cases, &steps, &actions, a.trials);
+    }
+    if failed.is_empty() {
+        Ok(0)
+    } else {
+        eout!("{} of {} cases broke a promise", failed.len(), cases.len());
+        Ok(1)
+    }
+}
+
+fn print_tables(cases: &[Case], steps: &[Step], actions: &[Action], trials: u32) {
+    let mut cell: BTreeMap<(Step, Action, Dir), Vec<&Case>> = BTreeMap::new();
+    for c in cases {
+        cell.entry((c.fault.step, c.fault.action, c.fault.dir))
+            .or_default()
+            .push(c);
+    }
+    let word = |v: &Vec<&Case>| v.iter().map(|c| letter(c)).collect::<String>();
+    out!(
+        "{} case(s) per cell; each cell: to-dest · to-source; C completed (the destination runs the guest), R rolled \
+         back (the source runs it), H held (the source holds it paused and resumable, an operator decides), ✗ a broken \
+         promise.\n",
+        trials
+    );
+    out!(
+        "| step | {} |",
+        actions.iter().map(|a| a.name()).collect::<Vec<_>>().join(" | ")
+    );
+    out!("|---|{}", "---|".repeat(actions.len()));
+    for s in steps {
+        let row: Vec<String> = actions
+            .iter()
+            .map(|a| {
+                let d = cell.get(&(*s, *a, Dir::ToDest)).map(word).unwrap_or_default();
+                let u = cell.get(&(*s, *a, Dir::ToSource)).map(word).unwrap_or_default();
+                format!("{d} · {u}")
+            })
+            .collect();
+        out!("| {} | {} |", s.name(), row.join(" | "));
+    }
+    let n = cases.len();
+    let count = |f: &dyn Fn(&Case) -> bool| cases.iter().filter(|c| f(c)).count();
+    out!(
+        "\n{n} cases: {} completed, {} rolled back, {} held; the destination ran the guest in {} ({} of them from a \
+         damaged stream); {} split brain(s); {} case(s) broke a promise. Longest case {:.1} s.",
+        count(&|c| c.outcome == migration::Outcome::Completed),
+        count(&|c| c.outcome == migration::Outcome::RolledBack),
+        count(&|c| c.outcome == migration::Outcome::Held),
+        count(&|c| c.dest_resumed),
+        count(&|c| c.violations.iter().any(|v| v.contains("damaged stream"))),
+        count(&|c| c.violations.iter().any(|v| v.starts_with("split brain"))),
+        count(&|c| !c.violations.is_empty()),
+        cases.iter().map(|c| c.seconds).fold(0.0, f64::max),
+    );
+}

@@ -1,0 +1,125 @@
+#![allow(dead_code)]
+//! Processes and the control socket, as the tests drive them.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+
+/// A child process, killed when dropped.
+pub struct Kid(pub Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Kid {
+    /// Waits at most `d` for the process to exit; its status code.
+    pub fn wait_for(&mut self, d: Duration) -> Option<i32> {
+        let t = Instant::now();
+        while t.elapsed() < d {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return Some(s.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+/// `livemig receive` on a free port, with `extra` arguments.
+pub fn receive_with(extra: &[&str]) -> (Kid, String) {
+    let mut c = Command::new(BIN)
+        .args(["receive", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    (Kid(c), addr)
+}
+
+pub fn receive() -> (Kid, String) {
+    receive_with(&[])
+}
+
+/// A unique control socket path for this test process.
+pub fn sock(name: &str) -> String {
+    format!("/tmp/livemig-test-{}-{name}.sock", std::process::id())
+}
+
+/// `livemig run` with a small busy guest on `sock`, and `extra` arguments.
+pub fn run_vm(sock: &str, extra: &[&str]) -> Kid {
+    Kid(Command::new(BIN)
+        .args([
+            "run",
+            "--memory-mib",
+            "128",
+            "--ws-mib",
+            "64",
+            "--rate",
+            "32",
+            "--control",
+            sock,
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap())
+}
+
+pub struct Ctl(pub BufReader<UnixStream>);
+
+impl Ctl {
+    pub fn connect(path: &str) -> Ctl {
+        let t = Instant::now();
+        loop {
+            if let Ok(s) = UnixStream::connect(path) {
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                return Ctl(BufReader::new(s));
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no control socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    pub fn cmd(&mut self, execute: &str, arguments: Value) -> Value {
+        writeln!(
+            self.0.get_mut(),
+            "{}",
+            json!({ "execute": execute, "arguments": arguments })
+        )
+        .unwrap();
+        let mut l = String::new();
+        self.0.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+    }
+    pub fn ret(&mut self, execute: &str, arguments: Value) -> Value {
+        let r = self.cmd(execute, arguments);
+        assert!(r.get("return").is_some(), "{execute}: {r}");
+        r["return"].clone()
+    }
+    pub fn wait_status(&mut self, done: &[&str]) -> Value {
+        let t = Instant::now();
+        loop {
+            let i = self.ret("query-migrate", json!({}));
+            if done.contains(&i["status"].as_str().unwrap_or("")) {
+                return i;
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "migration did not end: {i}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The control plane must never take the VM down: a thousand idle connections, a path that
+//! is not ours, cancels at any moment (under a bandwidth cap, in a stuck handshake, racing
+//! the completion), and quit while a migration hangs.
+
+mod common;
+use common::*;
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    l.current = l.maximum;
+    let _ = setrlimit(Resource::Nofile, l);
+}
+
+fn guest_moves(ctl: &mut Ctl) {
+    let a = ctl.ret("query-status", json!({}));
+    std::thread::sleep(Duration::from_millis(300));
+    let b = ctl.ret("query-status", json!({}));
+    assert_eq!(b["status"], "running", "{b}");
+    assert_eq!(b["running"], true, "{b}");
+    assert!(b["pages-written"].as_u64() > a["pages-written"].as_u64(), "{a} -> {b}");
+}
+
+#[test]
+fn a_thousand_idle_connections_do_not_take_the_vm_down() {
+    vmm::need_kvm!();
+    raise_fd_limit();
+    let s = sock("idle");
+    let mut vm = run_vm(&s, &[]);
+    let mut ctl = Ctl::connect(&s);
+    let idle: Vec<UnixStream> = (0..1000).map(|_| UnixStream::connect(&s).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(vm.wait_for(Duration::ZERO).is_none(), "the VM process is alive");
+    // One more is told why it cannot be served...
+    let extra = UnixStream::connect(&s).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut line = String::new();
+    BufReader::new(extra).read_line(&mut line).unwrap();
+    assert!(line.contains("too many control connections"), "{line}");
+    // ...while the connection opened before them is served as ever.
+    guest_moves(&mut ctl);
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fresh = Ctl::connect(&s);
+    guest_moves(&mut fresh);
+    assert_eq!(fresh.ret("quit", json!({})), json!({}));
+    assert_eq!(vm.wait_for(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn the_control_path_is_never_stolen_or_clobbered() {
+    vmm::need_kvm!();
+    // A regular file is not ours to delete.
+    let f = sock("file");
+    std::fs::write(&f, b"precious").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--memory-mib", "64", "--control", &f])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"));
+    assert_eq!(std::fs::read(&f).unwrap(), b"precious");
+    std::fs::remove_file(&f).unwrap();
+    let _ = std::fs::remove_file(format!("{f}.lock"));
+
+    // A path a live VM listens on is refused, and the first VM keeps its socket.
+    let s = sock("owned");
+    let mut first = run_vm(&s, &[]);
+    let mut ctl = Ctl::connect(&s);
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--memory-mib", "64", "--control", &s])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another livemig VM owns the control socket"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    guest_moves(&mut ctl);
+    assert!(UnixStream::connect(&s).is_ok(), "the first VM's socket is still there");
+    ctl.ret("quit", json!({}));
+    assert_eq!(first.wait_for(Duration::from_secs(10)), Some(0));
+    assert!(!std::path::Path::new(&s).exists());
+
+    // A stale socket (nobody listens) is replaced.
+    let stale = sock("stale");
+    drop(UnixListener::bind(&stale).unwrap());
+    assert!(std::path::Path::new(&stale).exists());
+    let mut vm = run_vm(&stale, &[]);
+    let mut ctl = Ctl::connect(&stale);
+    guest_moves(&mut ctl);
+    ctl.ret("quit", json!({}));
+    assert_eq!(vm.wait_for(Duration::from_secs(10)), Some(0));
+}
+
+/// Cancel at random moments: either it is cancelled and the source runs, or it completed
+/// and the cancel is refused; never both, never neither.
+#[test]
+fn cancel_is_race_free_against_completion() {
+    vmm::need_kvm!();
+    let s = sock("race");
+    let _vm = run_vm(&s, &[]);
+    let mut ctl = Ctl::connect(&s);
+    let mut seed = Instant::now().elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15 | 1;
+    let (mut cancelled, mut completed) = (0, 0);
+    for round in 0..8 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_millis(seed % 900);
+        let (dest, addr) = receive();
+        ctl.ret("migrate", json!({ "uri": addr }));
+        std::thread::sleep(delay);
+        let r = ctl.cmd("migrate-cancel", json!({}));
+        let i = ctl.wait_status(&["completed", "failed", "cancelled"]);
+        println!("round {round}: cancel after {delay:?}: {r} -> {}", i["status"]);
+        if r.get("return").is_some() {
+            assert_eq!(i["status"], "cancelled", "accepted cancel: {i}");
+            assert_eq!(i["livemig"]["outcome"], "rolled-back");
+            guest_moves(&mut ctl);
+            cancelled += 1;
+        } else {
+            let why = r["error"]["desc"].as_str().unwrap();
+            assert!(
+                why.contains("too late") || why.contains("no migration is running"),
+                "{why}"
+            );
+            assert_eq!(i["status"], "completed", "refused cancel: {i}");
+            assert_eq!(ctl.ret("query-status", json!({}))["status"], "postmigrate");
+            // Take the guest back (the destination is about to go) for the next round.
+            drop(dest);
+            ctl.ret("cont", json!({ "force": true }));
+            guest_moves(&mut ctl);
+            completed += 1;
+        }
+    }
+    println!("{cancelled} cancelled, {completed} completed");
+}
+
+#[test]
+fn cancel_and_quit_take_effect_under_a_bandwidth_cap_and_in_a_stuck_handshake() {
+    vmm::need_kvm!();
+    let s = sock("stuck");
+    let mut vm = run_vm(&s, &[]);
+    let mut ctl = Ctl::connect(&s);
+
+    // A migration crawling at 1 MiB/s: the sender sleeps off its debt; a cancel still works.
+    let (_dest, addr) = receive();
+    ctl.ret(
+        "migrate",
+        json!({ "uri": addr, "max-bandwidth": 1 << 20, "compress": false }),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    ctl.ret("migrate-cancel", json!({}));
+    let i = ctl.wait_status(&["cancelled", "failed", "completed"]);
+    assert_eq!(i["status"], "cancelled", "{i}");
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    guest_moves(&mut ctl);
+
+    // A destination that accepts and then says nothing: the handshake would hang for the
+    // peer timeout; a cancel ends it at once.
+    let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = mute.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || mute.accept().map(|(c, _)| c));
+    ctl.ret("migrate", json!({ "uri": addr, "peer-timeout": 60000 }));
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    ctl.ret("migrate-cancel", json!({}));
+    let i = ctl.wait_status(&["cancelled", "failed"]);
+    assert_eq!(i["status"], "cancelled", "{i}");
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    guest_moves(&mut ctl);
+    drop(held);
+
+    // The same, and `quit`: the process exits promptly, not after the peer timeout.
+    let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = mute.local_addr().unwrap().to_string();
+    let _held = std::thread::spawn(move || mute.accept().map(|(c, _)| c));
+    ctl.ret("migrate", json!({ "uri": addr, "peer-timeout": 60000 }));
+    std::thread::sleep(Duration::from_millis(300));
+    ctl.ret("quit", json!({}));
+    assert_eq!(vm.wait_for(Duration::from_secs(5)), Some(0), "quit ends the process");
+}
+
+#[test]
+fn release_after_ends_the_source_once_the_handover_is_confirmed() {
+    vmm::need_kvm!();
+    let s = sock("release");
+    let mut vm = run_vm(&s, &["--release-after", "0.5"]);
+    let mut ctl = Ctl::connect(&s);
+    let (_dest, addr) = receive();
+    ctl.ret("migrate", json!({ "uri": addr }));
+    let i = ctl.wait_status(&["completed", "failed"]);
+    assert_eq!(i["status"], "completed", "{i}");
+    assert_eq!(
+        vm.wait_for(Duration::from_secs(5)),
+        Some(0),
+        "released and exited on its own"
+    );
+}
