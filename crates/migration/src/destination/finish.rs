@@ -204,12 +204,19 @@ fn after_resume(
                 }
                 Err(e) => {
                     // The guest runs here and the source holds its copy: keep running,
-                    // unverified, rather than lose both.
+                    // unverified, rather than lose both, and tell the source if it can hear.
                     log(&format!(
                         "WARNING: the audit could not run ({}); the guest runs on, unverified",
                         e.chain()
                     ));
+                    rep.checked = true;
+                    rep.reason = format!(
+                        "the audit could not run: {}; the destination runs the guest unverified",
+                        e.chain()
+                    );
+                    let _ = ctl.send(Kind::Report, &rep.encode());
                     rx.report.unverified = Some(e.chain());
+                    rx.report.report = Some(rep);
                     return Ok(Incoming { vm, report: rx.report });
                 }
             }
