@@ -13,8 +13,8 @@
 //! full. That matters: on some hosts (seen on a nested-virtualisation machine where KVM
 //! emulates guest stores) KVM pushes far past a ring's soft limit before the vCPU reaches its
 //! full-ring exit, wraps, and overwrites entries userspace has not collected. A collection that
-//! finds every slot of a ring dirty, or a full-ring exit that finds nothing to collect, is such
-//! an overrun. Its log is lost, so the next harvest reports every page of guest RAM as dirty
+//! finds every slot of a ring dirty, or phantom entries found when realigning (which a full-ring
+//! exit with nothing to collect triggers), is such an overrun. Its log is lost, so the next harvest reports every page of guest RAM as dirty
 //! ([`HarvestStats::lost`]), as a lost log demands, and the rings are realigned with KVM
 //! ([`crate::kvm_sys::DirtyRing::resync`]) so the vCPU can run on and tracking goes on; see
 //! `docs/dirty-tracking.md`.
@@ -217,8 +217,8 @@ impl CpuDirty {
 
     /// Collects every ring into `pending` and resets them. Returns the entries collected and
     /// the phantom entries realigned.
-    fn collect_rings(&self, vm: &VmFd, pending: &mut PageBitmap) -> (u64, u64) {
-        let suspect = self.suspect.load(Ordering::Acquire);
+    fn collect_rings(&self, vm: &VmFd, pending: &mut PageBitmap, realign: bool) -> (u64, u64) {
+        let suspect = realign || self.suspect.load(Ordering::Acquire);
         let (mut total, mut phantoms) = (0u64, 0u64);
         for r in &self.rings {
             let mut ring = r.lock().unwrap_or_else(|e| e.into_inner());
@@ -236,6 +236,10 @@ impl CpuDirty {
             }
             total += n as u64;
         }
+        if phantoms > 0 {
+            // Phantoms exist only after KVM lapped a ring: its log was lost.
+            self.lost();
+        }
         if total > 0 || phantoms > 0 {
             let _ = reset_dirty_rings(vm);
         }
@@ -246,7 +250,7 @@ impl CpuDirty {
     pub fn reap(&self, vm: &VmFd) {
         let t = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self.collect_rings(vm, &mut pending);
+        let _ = self.collect_rings(vm, &mut pending, false);
         self.background_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
@@ -261,18 +265,18 @@ impl CpuDirty {
     }
 
     /// A vCPU thread's full-ring exit: collect and reset so it can run on. Finding nothing
-    /// to collect means KVM and userspace disagree about the ring: an overrun, after which
-    /// the rings are realigned.
+    /// to collect means either that the reaper collected the ring a moment ago (the vCPU then
+    /// simply runs on), or that KVM counts phantom entries after it lapped the ring; a
+    /// realigning pass tells the two apart and marks the log lost only in the second case.
     pub fn ring_full(&self, vm: &VmFd, _vcpu: usize) {
         let t = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if self.collect_rings(vm, &mut pending) == (0, 0) {
-            self.lost();
-            if self.collect_rings(vm, &mut pending) == (0, 0) {
-                // Nothing proves where KVM is yet: let it publish before the vCPU retries,
-                // rather than spin on exits.
-                std::thread::sleep(Duration::from_micros(200));
-            }
+        if self.collect_rings(vm, &mut pending, false) == (0, 0)
+            && self.collect_rings(vm, &mut pending, true) == (0, 0)
+        {
+            // Nothing proves where KVM is yet: let it publish before the vCPU retries,
+            // rather than spin on exits.
+            std::thread::sleep(Duration::from_micros(200));
         }
         self.background_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -286,7 +290,7 @@ impl CpuDirty {
         match self.mode {
             DirtyLogMode::Ring { .. } => {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                entries += self.collect_rings(vm, &mut pending).0;
+                entries += self.collect_rings(vm, &mut pending, false).0;
                 out.union(&pending);
                 pending.clear();
                 // Swapped after collecting: a loss detected before this point is covered
