@@ -46,6 +46,8 @@ pub struct Case {
     /// The destination still runs the guest at the end.
     pub dest_running: bool,
     pub dest_exit: Option<i32>,
+    /// The longest the source's guest stayed paused before it ran again (rolled back).
+    pub source_paused_ms: u64,
     pub seconds: f64,
     /// Broken promises; empty when the case passed.
     pub violations: Vec<String>,
@@ -178,6 +180,7 @@ pub fn run_case(cfg: &Config, fault: Fault) -> Case {
         dest_resumed: false,
         dest_running: false,
         dest_exit: None,
+        source_paused_ms: 0,
         seconds: 0.0,
         violations: Vec::new(),
     };
@@ -222,6 +225,24 @@ pub fn run_case(cfg: &Config, fault: Fault) -> Case {
     let ctl = Arc::new(MigrationControl::default());
     let (v2, c2, to) = (vm.clone(), ctl.clone(), proxy.addr.clone());
     let src = std::thread::spawn(move || migration::migrate(&v2, &to, &opts, &c2));
+    // The longest stretch the source's guest is paused, for a migration that rolls back.
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (v3, w3) = (vm.clone(), watching.clone());
+    let paused = std::thread::spawn(move || {
+        let (mut since, mut longest) = (None::<Instant>, Duration::ZERO);
+        while w3.load(std::sync::atomic::Ordering::Acquire) {
+            match (v3.running(), since) {
+                (false, None) => since = Some(Instant::now()),
+                (true, Some(t)) => {
+                    longest = longest.max(t.elapsed());
+                    since = None;
+                }
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        longest
+    });
     // Every wait of the source is bounded by the peer timeout; a handful of them in a row,
     // plus hashing and a busy host, must fit in this.
     let deadline = cfg.peer_timeout * 6 + Duration::from_secs(15);
@@ -239,6 +260,8 @@ pub fn run_case(cfg: &Config, fault: Fault) -> Case {
     } else if src.join().is_err() {
         case.violations.push("panic: the source's migrate panicked".into());
     }
+    watching.store(false, std::sync::atomic::Ordering::Release);
+    case.source_paused_ms = paused.join().map(|d| d.as_millis() as u64).unwrap_or(0);
     let info = ctl.snapshot();
     case.outcome = info.livemig.outcome;
     case.destination = info.livemig.destination;
@@ -275,6 +298,16 @@ pub fn run_case(cfg: &Config, fault: Fault) -> Case {
         Outcome::Completed | Outcome::Held if source_runs => v.push("the source resumed after it committed".into()),
         Outcome::None => v.push("the migration has no outcome".into()),
         _ => {}
+    }
+    // A failed switchover gives the guest back within one wait on the destination and the
+    // rollback: the blackout of a failure is bounded too.
+    let bound = cfg.peer_timeout * 2 + Duration::from_secs(1);
+    if case.outcome == Outcome::RolledBack && case.source_paused_ms > bound.as_millis() as u64 {
+        v.push(format!(
+            "the source's guest stayed paused {} ms before rolling back (bound {} ms)",
+            case.source_paused_ms,
+            bound.as_millis()
+        ));
     }
     if case.destination == DestState::Running && !case.dest_resumed {
         v.push("the source believes the destination runs the guest; it never resumed".into());

@@ -38,6 +38,9 @@ pub struct Shared {
     /// Set when the migration is cancelled or aborted: senders stop at once, even in the
     /// middle of sleeping off the bandwidth cap.
     pub stop: Arc<AtomicBool>,
+    /// Set when the migration is being abandoned: queued page runs are skipped, so a last
+    /// frame (the reason) goes out without waiting behind them.
+    pub drain: Arc<AtomicBool>,
 }
 
 /// A token bucket over all connections; a sender that overdraws it sleeps the debt off.
@@ -137,6 +140,7 @@ fn run(rx: Receiver<Job>, stream: TcpStream, sh: &Shared, seq: u64, key: u64) ->
     let err = |e: std::io::Error| e.to_string();
     while let Ok(job) = rx.recv() {
         match job {
+            Job::Run { .. } if sh.drain.load(Ordering::Acquire) => {}
             Job::Run { gpa, pages } => enc
                 .encode(mem, gpa, pages, stats, |p| w.send(Kind::Pages, p))
                 .map_err(err)?,

@@ -271,8 +271,7 @@ impl CpuDirty {
     pub fn ring_full(&self, vm: &VmFd, _vcpu: usize) {
         let t = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if self.collect_rings(vm, &mut pending, false) == (0, 0)
-            && self.collect_rings(vm, &mut pending, true) == (0, 0)
+        if self.collect_rings(vm, &mut pending, false) == (0, 0) && self.collect_rings(vm, &mut pending, true) == (0, 0)
         {
             // Nothing proves where KVM is yet: let it publish before the vCPU retries,
             // rather than spin on exits.

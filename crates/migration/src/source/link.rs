@@ -58,6 +58,8 @@ impl DeviceProgress {
 pub(super) struct Link {
     pub vm: Arc<Vm>,
     pub control: TcpStream,
+    /// Every connection, the control one first, to shut down when the migration ends.
+    pub sockets: Vec<TcpStream>,
     pub senders: Vec<Sender>,
     /// The sender of each page channel.
     pub pages: Vec<usize>,
@@ -70,6 +72,8 @@ pub(super) struct Link {
     pub timeout: Duration,
     /// Stops the senders (shared with them).
     pub stop: Arc<AtomicBool>,
+    /// Makes the senders skip queued page runs (shared with them).
+    pub drain: Arc<AtomicBool>,
 }
 
 impl Link {
@@ -79,25 +83,23 @@ impl Link {
         }
     }
 
-    /// Closes every connection and joins the senders.
+    /// Closes every connection (a sender blocked on a peer that stopped reading fails at
+    /// once) and joins the senders.
     pub fn close(&mut self) {
         self.stop.store(true, Ordering::Release);
-        let _ = self.control.shutdown(Shutdown::Both);
+        for s in &self.sockets {
+            let _ = s.shutdown(Shutdown::Both);
+        }
         for s in &mut self.senders {
             let _ = s.finish();
         }
     }
 
-    /// Back to a running source: devices to RUNNING, trackers off, vCPUs resumed. Only
-    /// before the commit.
+    /// Back to a running source: devices to RUNNING, trackers off, vCPUs resumed; then the
+    /// destination is told why, if it still listens. Only before the commit: until `Commit`
+    /// the destination cannot run the guest, so the guest runs here again at once.
     pub fn abort(&mut self, why: &str) {
         self.stop_throttle();
-        if let Some(s) = self.senders.first_mut() {
-            if s.send(Job::Frame(Kind::Error, msg::encode_str(why))).is_ok() {
-                let _ = s.flush();
-            }
-        }
-        self.close();
         self.devices.abort();
         if let Some(mut d) = self.device_dirty.take() {
             d.stop();
@@ -105,6 +107,16 @@ impl Link {
         let _ = self.vm.set_cpu_dirty_logging(false);
         // Paused by the switchover or parked by the throttle: either way, running again.
         let _ = self.vm.resume();
+        // The reason goes out ahead of any queued pages, and a stalled destination gets a
+        // short while to take it.
+        self.drain.store(true, Ordering::Release);
+        let _ = self.control.set_write_timeout(Some(Duration::from_millis(200)));
+        if let Some(s) = self.senders.first_mut() {
+            if s.send(Job::Frame(Kind::Error, msg::encode_str(why))).is_ok() {
+                let _ = s.flush();
+            }
+        }
+        self.close();
     }
 
     /// After the commit: everything torn down but the guest, which stays paused with its

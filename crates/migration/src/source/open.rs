@@ -93,13 +93,16 @@ pub(super) fn open(
 
     let stats = Arc::new(PageStats::default());
     let stop = ctl.stop_flag();
+    let drain = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shared = Arc::new(Shared {
         mem: vm.memory().clone(),
         stats: stats.clone(),
         compress: opts.compress,
         limit: opts.max_bandwidth.map(Limiter::new),
         stop: stop.clone(),
+        drain: drain.clone(),
     });
+    let mut sockets = vec![control.try_clone()?];
     // The control connection's sender continues the sequence the handshake started.
     let mut senders = vec![Sender::spawn_after(
         "mig-control".into(),
@@ -118,6 +121,7 @@ pub(super) fn open(
             caps,
         };
         pw.send(Kind::Hello, &h.encode())?;
+        sockets.push(s.try_clone()?);
         senders.push(Sender::spawn_after(format!("mig-pages-{c}"), s, shared.clone(), 1, key));
     }
     let pages: Vec<usize> = if opts.channels == 0 {
@@ -149,6 +153,7 @@ pub(super) fn open(
     let link = Box::new(Link {
         vm: vm.clone(),
         control,
+        sockets,
         senders,
         pages,
         devices,
@@ -158,6 +163,7 @@ pub(super) fn open(
         peer: Peer::default(),
         timeout: opts.peer_timeout,
         stop,
+        drain,
     });
     Ok((link, stats))
 }
