@@ -21,7 +21,8 @@
 //! `dirty_bytes = 0`), and the destination checks them inside `write()` as soon as it has them,
 //! refusing a different magic, major version, qp_num, dev_id or que_iso_cfg with `EFAULT`
 //! while the source still runs. A device whose guest driver never set VF_STATE READY saves the
-//! prefix alone, and a destination given exactly the prefix loads nothing (as hisi does).
+//! prefix alone, and a destination given exactly the prefix loads nothing (as hisi does); the
+//! prefix alone of a READY source is refused (its state was lost on the way).
 
 use crate::device::{Queue, Regs, Shared};
 use crate::regs::VF_STATE_READY;
@@ -135,7 +136,13 @@ impl AccelMigration {
             self.check_match(&b)?;
         }
         if b.len() == MATCH_SIZE {
-            return Ok(()); // NOT_READY source: nothing to load
+            // A NOT_READY source saves the prefix alone and there is nothing to load; a READY
+            // one owes the rest, and a stream without it would start a device that lost its
+            // queues.
+            if u32::from_le_bytes(b[24..28].try_into().expect("4")) == 0 {
+                return err(EINVAL, "the source device was ready, but only its match data arrived");
+            }
+            return Ok(());
         }
         if b.len() != state_len(self.s.cfg.qp_num) {
             return err(EINVAL, "device state of the wrong length");

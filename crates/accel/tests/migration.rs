@@ -287,4 +287,10 @@ fn device_without_guest_driver_saves_only_the_prefix() {
     p.extend_from_slice(&[0u8; 20]);
     w.write(&p).unwrap();
     assert_eq!(d.set_state(MigState::Stop).unwrap_err().code(), iommu::errno::EINVAL);
+    // The prefix of a READY source alone (its state lost on the way) is refused too.
+    d.reset();
+    d.set_state(MigState::Stop).unwrap();
+    let w = d.set_state(MigState::Resuming).unwrap().unwrap();
+    w.write(&p[..n]).unwrap();
+    assert_eq!(d.set_state(MigState::Stop).unwrap_err().code(), iommu::errno::EINVAL);
 }

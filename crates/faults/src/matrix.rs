@@ -51,12 +51,15 @@ pub struct Case {
     pub seconds: f64,
     /// Broken promises; empty when the case passed.
     pub violations: Vec<String>,
+    /// What the destination printed, when a promise was broken.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dest_log: Vec<String>,
 }
 
-/// The destination process and what it printed.
+/// The destination process and what it printed, with when.
 struct Dest {
     child: Arc<Mutex<Child>>,
-    lines: Arc<Mutex<Vec<String>>>,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
     addr: String,
 }
 
@@ -68,6 +71,8 @@ fn spawn_dest(cfg: &Config) -> Result<Dest, String> {
             cfg.sabotage_resume_before_commit
                 .then_some("--sabotage-resume-before-commit"),
         )
+        // `livemig` children die with the process that started them, even if it is killed.
+        .env("LIVEMIG_PARENT_PID", std::process::id().to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -82,13 +87,13 @@ fn spawn_dest(cfg: &Config) -> Result<Dest, String> {
             if i == 0 {
                 let _ = tx.send(l.clone());
             }
-            l1.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+            l1.lock().unwrap_or_else(|e| e.into_inner()).push((Instant::now(), l));
         }
     });
     let l2 = lines.clone();
     std::thread::spawn(move || {
         for l in BufReader::new(err).lines().map_while(Result::ok) {
-            l2.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+            l2.lock().unwrap_or_else(|e| e.into_inner()).push((Instant::now(), l));
         }
     });
     let first = rx
@@ -107,11 +112,16 @@ fn spawn_dest(cfg: &Config) -> Result<Dest, String> {
 
 impl Dest {
     fn said(&self, what: &str) -> bool {
+        self.when(what).is_some()
+    }
+    /// When it first printed a line containing `what`.
+    fn when(&self, what: &str) -> Option<Instant> {
         self.lines
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .any(|l| l.contains(what))
+            .find(|l| l.1.contains(what))
+            .map(|l| l.0)
     }
     fn exit(&self) -> Option<i32> {
         let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,6 +193,7 @@ pub fn run_case(cfg: &Config, fault: Fault) -> Case {
         source_paused_ms: 0,
         seconds: 0.0,
         violations: Vec::new(),
+        dest_log: Vec::new(),
     };
     let dest = match spawn_dest(cfg) {
         Ok(d) => d,
@@ -191,14 +202,8 @@ pub fn run_case(cfg: &Config, fault: Fault) -> Case {
             return case;
         }
     };
-    let victim = dest.child.clone();
-    let proxy = match Proxy::start(
-        dest.addr.clone(),
-        fault,
-        Box::new(move || {
-            let _ = victim.lock().unwrap_or_else(|e| e.into_inner()).kill();
-        }),
-    ) {
+    let pid = dest.child.lock().unwrap_or_else(|e| e.into_inner()).id();
+    let proxy = match Proxy::start(dest.addr.clone(), fault, pid, cfg.peer_timeout * 3 / 2) {
         Ok(p) => p,
         Err(e) => {
             case.violations.push(format!("setup: proxy: {e}"));
@@ -249,6 +254,7 @@ pub fn run_case(cfg: &Config, fault: Fault) -> Case {
     while !src.is_finished() && t0.elapsed() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    let src_done = Instant::now();
     if !src.is_finished() {
         case.violations.push(format!(
             "hang: the source's migrate did not return within {:.0} s",
@@ -309,6 +315,17 @@ pub fn run_case(cfg: &Config, fault: Fault) -> Case {
             bound.as_millis()
         ));
     }
+    // The source gives up on the destination only after it can no longer resume (it takes a
+    // commit only within half the peer timeout of `Ready`): a resume after the source gave up
+    // is one an operator's forced `cont` would run twice.
+    if let Some(t) = dest.when("guest running on the destination") {
+        if case.outcome == Outcome::Held && t > src_done + Duration::from_millis(100) {
+            v.push(format!(
+                "the destination resumed {} ms after the source gave up on it",
+                (t - src_done).as_millis()
+            ));
+        }
+    }
     if case.destination == DestState::Running && !case.dest_resumed {
         v.push("the source believes the destination runs the guest; it never resumed".into());
     }
@@ -317,6 +334,15 @@ pub fn run_case(cfg: &Config, fault: Fault) -> Case {
     }
     if damaged_before_commit(&fault, &case.fired) && case.dest_resumed {
         v.push("the destination resumed from a damaged stream".into());
+    }
+    if !case.violations.is_empty() {
+        case.dest_log = dest
+            .lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(t, l)| format!("+{:.3} s {l}", t.duration_since(t0).as_secs_f64()))
+            .collect();
     }
     case.seconds = t0.elapsed().as_secs_f64();
     case

@@ -1,10 +1,12 @@
 //! A TCP proxy between a migration's source and destination that reads the stream frame by
 //! frame (it only needs the 24-byte header: kind and length), follows the protocol's steps,
 //! and at a chosen step does one harmful thing to the first frame that crosses in a chosen
-//! direction: cut every connection, stall them (open but silent), kill the destination,
-//! flip a bit, truncate, duplicate, drop or reorder the frame, or inject garbage before it.
+//! direction: cut every connection, stall them (open but silent), kill the destination or
+//! freeze it for a while (SIGSTOP, then SIGCONT), flip a bit, truncate, duplicate, drop or
+//! reorder the frame, or inject garbage before it.
 
 use migration::frame::{Kind, HEADER_LEN, MAGIC, MAX_PAYLOAD};
+use rustix::process::{kill_process, Pid, Signal};
 use serde::Serialize;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -70,6 +72,9 @@ pub enum Action {
     Cut,
     Stall,
     Kill,
+    /// SIGSTOP the destination, forward the frame, SIGCONT it after 1.5 peer timeouts: a
+    /// process that stops and comes back (a VM pause, a debugger, a swap storm).
+    Freeze,
     Flip,
     Truncate,
     Duplicate,
@@ -79,10 +84,11 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 9] = [
+    pub const ALL: [Action; 10] = [
         Action::Cut,
         Action::Stall,
         Action::Kill,
+        Action::Freeze,
         Action::Flip,
         Action::Truncate,
         Action::Duplicate,
@@ -95,6 +101,7 @@ impl Action {
             Action::Cut => "cut",
             Action::Stall => "stall",
             Action::Kill => "kill",
+            Action::Freeze => "freeze",
             Action::Flip => "flip",
             Action::Truncate => "truncate",
             Action::Duplicate => "duplicate",
@@ -145,7 +152,9 @@ pub struct Fired {
 
 struct Shared {
     fault: Fault,
-    kill: Box<dyn Fn() + Send + Sync>,
+    /// The destination process, and how long a freeze lasts.
+    dest: Pid,
+    freeze: Duration,
     /// The step has been reached.
     armed: AtomicBool,
     /// The action was taken (exactly once).
@@ -172,15 +181,20 @@ const POLL: Duration = Duration::from_millis(50);
 const REORDER_WAIT: Duration = Duration::from_millis(300);
 
 impl Proxy {
-    /// Listens on loopback and forwards every connection to `to`; `kill` kills the
-    /// destination when the action is `Kill`.
-    pub fn start(to: String, fault: Fault, kill: Box<dyn Fn() + Send + Sync>) -> std::io::Result<Proxy> {
+    /// Listens on loopback and forwards every connection to `to`, the destination process
+    /// `dest`, which a `Kill` kills and a `Freeze` stops for `freeze`.
+    pub fn start(to: String, fault: Fault, dest: u32, freeze: Duration) -> std::io::Result<Proxy> {
+        let dest = i32::try_from(dest)
+            .ok()
+            .and_then(Pid::from_raw)
+            .ok_or_else(|| std::io::Error::other("no such process"))?;
         let l = TcpListener::bind("127.0.0.1:0")?;
         let addr = l.local_addr()?.to_string();
         l.set_nonblocking(true)?;
         let sh = Arc::new(Shared {
             fault,
-            kill,
+            dest,
+            freeze,
             armed: AtomicBool::new(false),
             taken: AtomicBool::new(false),
             fired: Mutex::new(Fired::default()),
@@ -433,7 +447,19 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, control: bool, sh: &Sh
             }
             Action::Kill => {
                 record(sh, &f, true);
-                (sh.kill)();
+                let _ = kill_process(sh.dest, Signal::KILL);
+            }
+            Action::Freeze => {
+                record(sh, &f, false);
+                let _ = kill_process(sh.dest, Signal::STOP);
+                let (pid, d) = (sh.dest, sh.freeze);
+                std::thread::spawn(move || {
+                    std::thread::sleep(d);
+                    let _ = kill_process(pid, Signal::CONT);
+                });
+                if to.write_all(&f).is_err() {
+                    return;
+                }
             }
             Action::Flip => {
                 let mut g = f.clone();

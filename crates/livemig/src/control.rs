@@ -82,6 +82,9 @@ impl MigrateArgs {
         if !(100..=3_600_000).contains(&self.peer_timeout) {
             bail!("peer-timeout must be between 100 ms and one hour");
         }
+        if self.max_bandwidth > 0 && self.max_bandwidth < 1 << 20 {
+            bail!("max-bandwidth must be 0 (unlimited) or at least 1 MiB/s (1048576 bytes per second)");
+        }
         if self.downtime_limit > 3_600_000 {
             bail!("downtime-limit must be at most one hour (in milliseconds)");
         }

@@ -73,6 +73,7 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool) -> Result
 
     // The destination picks a free port and says which on its first line.
     let mut dest = Command::new(&exe)
+        .env(crate::PARENT_ENV, std::process::id().to_string())
         .args(["receive", "--listen", "127.0.0.1:0", "--exit-after-ms", "1000"])
         .args(["--peer-timeout", &format!("{}", mig.peer_timeout as f64 / 1000.0)])
         .stdout(Stdio::piped())
@@ -94,6 +95,7 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool) -> Result
 
     let sock = PathBuf::from(format!("/tmp/livemig-demo-{}.sock", std::process::id()));
     let src = Command::new(&exe)
+        .env(crate::PARENT_ENV, std::process::id().to_string())
         .arg("run")
         .args(vm_args(vm))
         .arg("--control")

@@ -78,7 +78,7 @@ struct MigFlags {
     /// The same as --verify off.
     #[arg(long, conflicts_with = "verify")]
     no_verify: bool,
-    /// Cap the migration at this many MiB/s on the wire (0: unlimited).
+    /// Cap the migration at this many MiB/s on the wire (0: unlimited; otherwise at least 1).
     #[arg(long, default_value_t = 0.0, value_parser = parse_mib_rate)]
     max_bandwidth_mib: f64,
     /// Seconds without progress from the destination (no reply, or a write that does not
@@ -333,9 +333,10 @@ fn parse_format(s: &str) -> Result<FormatKind, String> {
 
 fn parse_mib_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && (0.0..=1e7).contains(&v) => Ok(v),
+        Ok(v) if v == 0.0 || v.is_finite() && (1.0..=1e7).contains(&v) => Ok(v),
         Ok(_) => Err(format!(
-            "'{s}': must be a number of MiB/s from 0 (unlimited) to 10000000"
+            "'{s}': must be 0 (unlimited) or a number of MiB/s from 1 to 10000000 (slower, a destination would \
+             wait longer than its peer timeout between frames)"
         )),
         Err(e) => Err(format!("'{s}': {e}")),
     }
@@ -378,8 +379,30 @@ fn exit_code(info: &serde_json::Value) -> i32 {
     }
 }
 
+/// Set by `demo` for its children: they die with it, even when it is killed outright.
+const PARENT_ENV: &str = "LIVEMIG_PARENT_PID";
+
+fn die_with_parent() {
+    let Some(want) = std::env::var(PARENT_ENV).ok().and_then(|p| p.parse::<i32>().ok()) else {
+        return;
+    };
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    // The parent may have died before the line above: then nobody is left to kill us.
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(want) {
+        std::process::exit(1);
+    }
+}
+
 fn run() -> Result<i32> {
-    let cli = Cli::parse();
+    die_with_parent();
+    // Usage errors exit 1 ("anything else"), not clap's 2, which `migrate` uses for a rollback.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return Ok(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
     match cli.cmd {
         Cmd::Demo {
             vm,

@@ -134,10 +134,7 @@ fn handle(srv: &Arc<Server>, cmd: &str, args: Value) -> Result<Value, String> {
         "query-migrate" => serde_json::to_value(srv.mig.snapshot()).map_err(|e| e.to_string()),
         "migrate-cancel" => srv.mig.cancel().map(|()| json!({})).map_err(|e| e.to_string()),
         "cont" => cont(srv, &args),
-        "quit" => {
-            quit(srv);
-            Ok(json!({}))
-        }
+        "quit" => quit(srv, &args),
         other => Err(format!(
             "unknown command '{other}' (query-status, migrate, query-migrate, migrate-cancel, cont, quit)"
         )),
@@ -147,13 +144,19 @@ fn handle(srv: &Arc<Server>, cmd: &str, args: Value) -> Result<Value, String> {
 /// QEMU's run states: `running`, `finish-migrate` while the switchover has the guest paused,
 /// `postmigrate` while this process holds a guest it handed over (or tried to).
 fn status(srv: &Server) -> Value {
-    let c = srv.vm.counters(0);
+    let (mut pages, mut jobs, mut errors) = (0, 0, 0);
+    for i in 0..srv.vm.vcpu_count() {
+        let c = srv.vm.counters(i);
+        pages += c.pages_written;
+        jobs += c.jobs_completed;
+        errors += c.errors;
+    }
     let running = srv.vm.running();
     let mut v = json!({
         "running": running,
-        "pages-written": c.pages_written,
-        "jobs-completed": c.jobs_completed,
-        "guest-errors": c.errors,
+        "pages-written": pages,
+        "jobs-completed": jobs,
+        "guest-errors": errors,
     });
     match &*srv.at() {
         Where::Here => v["status"] = json!("running"),
@@ -231,7 +234,7 @@ fn migrate(srv: &Arc<Server>, args: Value) -> Result<Value, String> {
 /// Runs a held guest here again. Safe without `force` only when the destination is known not
 /// to run it (it said it discarded it).
 fn cont(srv: &Server, args: &Value) -> Result<Value, String> {
-    let force = args.get("force").and_then(Value::as_bool).unwrap_or(false);
+    let force = flag(args, "force")?;
     let mut at = srv.at();
     match &*at {
         Where::Here => return Ok(json!({})),
@@ -263,21 +266,65 @@ fn cont(srv: &Server, args: &Value) -> Result<Value, String> {
     Ok(json!({}))
 }
 
-/// Ends the process, within bounded time: a migration that has not committed is cancelled
-/// (the guest was running here and would be lost otherwise only by exiting, which quit asks
-/// for); one that committed is let finish first, bounded by its own timeouts.
-fn quit(srv: &Arc<Server>) {
-    if matches!(&*srv.at(), Where::Migrating) {
-        let _ = srv.mig.cancel();
-        let s = srv.clone();
-        // Reply first; the wait happens off the client's thread.
-        std::thread::spawn(move || {
-            if let Some(t) = s.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                let _ = t.join();
+/// Ends the process, unless that would drop the only copy of the guest:
+///
+/// * running here, or handed over to a destination that confirmed it runs it: exits;
+/// * migrating, before the commit: the migration is cancelled (the guest runs here again),
+///   then the process exits, as asked;
+/// * migrating, past the commit: refused until the outcome is known, since it decides
+///   whether the guest held here is the only copy;
+/// * holding a guest the destination discarded, or may not run: refused without
+///   `{"force": true}`.
+fn quit(srv: &Arc<Server>, args: &Value) -> Result<Value, String> {
+    let force = flag(args, "force")?;
+    match &*srv.at() {
+        Where::Migrating => match srv.mig.cancel() {
+            Ok(()) => {
+                let s = srv.clone();
+                // Reply first; the wait for the rollback happens off the client's thread.
+                std::thread::spawn(move || {
+                    if let Some(t) = s.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                        let _ = t.join();
+                    }
+                    s.quit.store(true, Ordering::Release);
+                });
+                return Ok(json!({}));
             }
-            s.quit.store(true, Ordering::Release);
-        });
-        return;
+            Err(_) => {
+                return Err(
+                    "the migration is past its commit: its outcome decides whether the guest held here is \
+                            the only copy; wait until query-migrate ends, then quit or cont"
+                        .into(),
+                )
+            }
+        },
+        Where::Held {
+            dest: DestState::Discarded | DestState::Unknown | DestState::None | DestState::Ready,
+            ..
+        } if !force => {
+            return Err(
+                "the guest held here may be its only copy (the destination discarded it, or may not run \
+                        it): `cont` runs it here; quit with {\"force\": true} drops it"
+                    .into(),
+            )
+        }
+        _ => {}
     }
     srv.quit.store(true, Ordering::Release);
+    Ok(json!({}))
+}
+
+/// A boolean argument (absent: false); anything but a boolean is refused.
+fn flag(args: &Value, name: &str) -> Result<bool, String> {
+    let Some(o) = args.as_object() else {
+        return Err("arguments must be an object".into());
+    };
+    if let Some(k) = o.keys().find(|k| *k != name) {
+        return Err(format!("unknown argument '{k}'"));
+    }
+    match o.get(name) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(format!("'{name}' must be true or false, not {v}")),
+    }
 }

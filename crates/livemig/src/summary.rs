@@ -2,7 +2,7 @@
 //! summary.
 
 use crate::control::Client;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -39,8 +39,12 @@ pub fn follow(c: &mut Client, show: bool) -> Result<Value> {
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     pb.enable_steady_tick(Duration::from_millis(100));
+    let mut last = String::from("setup");
     loop {
-        let i = c.execute("query-migrate", json!({}))?;
+        let i = c.execute("query-migrate", json!({})).with_context(|| {
+            format!("the control socket failed while following the migration (last seen: {last}); did the source process exit?")
+        })?;
+        last = s(&i, "status").to_string();
         let status = s(&i, "status").to_string();
         pb.set_message(format!(
             "{status} · iteration {} · pages left {} · {:.0} MiB/s · sent {}",
@@ -60,7 +64,7 @@ pub fn follow(c: &mut Client, show: bool) -> Result<Value> {
 /// What became of the source's guest, in words.
 fn outcome(i: &Value) -> String {
     match s(i, "livemig.outcome") {
-        "completed" => "the destination runs the guest; the source holds its paused copy until `quit`".into(),
+        "completed" => "the destination runs the guest; the source held a paused copy until released".into(),
         "rolled-back" => "rolled back: the source runs the guest".into(),
         "held" => format!(
             "the source holds the guest PAUSED and resumable; destination: {}; an operator must decide \

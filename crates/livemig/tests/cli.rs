@@ -67,7 +67,7 @@ fn bad_input_gets_a_clear_error() {
     ] {
         let out = Command::new(BIN).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?} is a usage error: {err}");
+        assert_eq!(out.status.code(), Some(1), "{args:?} is a usage error: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }

@@ -57,6 +57,8 @@ pub enum MigError {
     Wire(#[from] WireError),
     #[error("the peer reported an error: {0}")]
     Peer(String),
+    #[error("sending to the peer: {0}")]
+    Send(String),
     #[error("incompatible configuration: {0}")]
     Incompatible(String),
     #[error("VM")]

@@ -214,6 +214,10 @@ pub struct VmConfigMsg {
     pub regions: Vec<(u64, u64)>,
     pub channels: u16,
     pub verify: VerifyMode,
+    /// The source's peer timeout in milliseconds: the destination takes a commit only within
+    /// half of the shorter of the two after its `Ready`, so it never resumes after the source
+    /// stopped waiting for it.
+    pub peer_timeout_ms: u32,
     pub accel: Option<AccelDesc>,
 }
 
@@ -226,6 +230,7 @@ impl VmConfigMsg {
         }
         w.u16(self.channels)
             .u8(self.verify as u8)
+            .u32(self.peer_timeout_ms)
             .u8(self.accel.is_some() as u8);
         if let Some(a) = &self.accel {
             w.str(&a.name).u32(a.flags).u8(a.format).u8(a.huge_pages as u8);
@@ -251,6 +256,10 @@ impl VmConfigMsg {
         }
         let channels = r.u16()?;
         let verify = VerifyMode::from_u8(r.u8()?)?;
+        let peer_timeout_ms = r.u32()?;
+        if peer_timeout_ms == 0 {
+            return Err(WireError::Malformed("a zero peer timeout"));
+        }
         let accel = if r.bool()? {
             Some(AccelDesc {
                 name: r.str(MAX_NAME)?,
@@ -273,6 +282,7 @@ impl VmConfigMsg {
             regions,
             channels,
             verify,
+            peer_timeout_ms,
             accel,
         })
     }

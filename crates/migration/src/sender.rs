@@ -114,12 +114,19 @@ impl Sender {
 
     /// Waits until everything queued so far is on the socket.
     pub fn flush(&mut self) -> Result<(), String> {
-        let (tx, rx) = sync_channel(1);
-        self.send(Job::Flush(tx))?;
+        let rx = self.start_flush()?;
         match rx.recv() {
             Ok(()) => Ok(()),
             Err(_) => Err(self.finish().err().unwrap_or_else(|| "connection closed".into())),
         }
+    }
+
+    /// Asks for a flush; the receiver answers once everything queued so far is on the
+    /// socket, and disconnects if the connection failed first (then [`Self::finish`] says why).
+    pub fn start_flush(&mut self) -> Result<Receiver<()>, String> {
+        let (tx, rx) = sync_channel(1);
+        self.send(Job::Flush(tx))?;
+        Ok(rx)
     }
 
     /// Stops the thread and returns its outcome.
@@ -154,6 +161,9 @@ fn run(rx: Receiver<Job>, stream: TcpStream, sh: &Shared, seq: u64, key: u64) ->
         stats.wire_bytes.fetch_add(n, Ordering::Relaxed);
         counted = w.bytes();
         if let Some(l) = &sh.limit {
+            // Under a cap, bytes go to the wire before their time is slept off: the
+            // destination sees a slow stream, never a silent one.
+            w.flush().map_err(err)?;
             if !l.take(n, &sh.stop) {
                 return Err("stopped".into());
             }

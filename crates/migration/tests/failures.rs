@@ -225,6 +225,7 @@ fn raw_session(mem_mib: u64) -> RawSession {
         regions: vec![(0, mem_mib << 20)],
         channels: 0,
         verify: VerifyMode::Off,
+        peer_timeout_ms: 10_000,
         accel: None,
     };
     w.send(Kind::Config, &cfg.encode()).unwrap();
@@ -366,6 +367,7 @@ fn a_config_beyond_this_host_is_refused_up_front() {
         regions: vec![(0, 1 << 20)],
         channels: 0,
         verify: VerifyMode::Off,
+        peer_timeout_ms: 10_000,
         accel: None,
     };
     w.send(Kind::Config, &cfg.encode()).unwrap();
@@ -428,4 +430,36 @@ fn a_recorded_stream_replayed_to_another_destination_is_refused() {
             other.map(|_| "resumed")
         ),
     }
+}
+
+/// Whatever connects before the source (a port scanner, junk, a silent client, another
+/// protocol version) is turned away, and the real migration that follows runs.
+#[test]
+fn strays_before_the_source_are_turned_away() {
+    need_kvm!();
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    drop(TcpStream::connect(&addr).unwrap());
+    let mut junk = TcpStream::connect(&addr).unwrap();
+    junk.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let _silent = TcpStream::connect(&addr).unwrap();
+    let mut old = TcpStream::connect(&addr).unwrap();
+    let mut w = FrameWriter::new(&mut old);
+    w.send(
+        Kind::Hello,
+        &Hello {
+            version: 1,
+            role: Role::Control,
+            nonce: 3,
+            caps: 0,
+        }
+        .encode(),
+    )
+    .unwrap();
+    let why = error_frame(&mut FrameReader::new(old.try_clone().unwrap()));
+    assert!(why.contains("protocol version 1 is not supported"), "{why}");
+    let vm = source_vm(128, 16.0, DirtyLogMode::Bitmap);
+    let info = migrate(&vm, &addr, &opts(DeviceTracking::Iommu), &MigrationControl::default())
+        .unwrap_or_else(|e| panic!("{}", e.chain()));
+    assert_eq!(info.livemig.verified, Some(true));
+    dest.join().unwrap().unwrap();
 }

@@ -42,9 +42,9 @@ proptest! {
 
     #[test]
     fn config_round_trips(mem_mib in any::<u64>(), vcpus in any::<u32>(), regions in proptest::collection::vec((any::<u64>(), any::<u64>()), 1..8),
-                          channels in any::<u16>(), verify in 0u8..3, accel in accel()) {
+                          channels in any::<u16>(), verify in 0u8..3, peer_timeout_ms in 1u32.., accel in accel()) {
         let verify = [VerifyMode::Off, VerifyMode::Gate, VerifyMode::Audit][verify as usize];
-        let m = VmConfigMsg { mem_mib, vcpus, regions, channels, verify, accel };
+        let m = VmConfigMsg { mem_mib, vcpus, regions, channels, verify, peer_timeout_ms, accel };
         prop_assert_eq!(VmConfigMsg::decode(&m.encode()).unwrap(), m.clone());
         // Any strict prefix is refused, never misread.
         let b = m.encode();

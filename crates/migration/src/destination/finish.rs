@@ -59,6 +59,7 @@ fn read_digest(r: &mut FrameReader<BufReader<TcpStream>>) -> Result<Digest, MigE
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn finish(
+    control: &TcpStream,
     ctl: &mut Ctl,
     r: &mut FrameReader<BufReader<TcpStream>>,
     cfg: &VmConfigMsg,
@@ -95,24 +96,42 @@ pub(super) fn finish(
         }
         verify_ns += mono_ns() - t1;
     }
+    // Taken before `Ready` leaves: however long this process is held up after sending it, the
+    // window for the commit counts from no later than the source could have heard it.
+    let t_ready = mono_ns();
     ctl.send(
         Kind::Ready,
         &Ready {
-            load_ns: mono_ns() - rx.t_complete,
+            load_ns: t_ready - rx.t_complete,
             verify_ns,
         }
         .encode(),
     )?;
 
     // ---- only the source's commit lets this guest run ----
+    // It counts only if it arrives within half the shorter peer timeout of `Ready`: the source
+    // waits its whole peer timeout for `Running` after committing, so a guest resumed here is
+    // always one the source still waits to hear about, never one it gave up on (a process
+    // stopped and continued, a commit stuck in a buffer).
+    let window = opts.peer_timeout.min(Duration::from_millis(cfg.peer_timeout_ms as u64)) / 2;
     if !opts.sabotage_resume_before_commit {
+        let _ = control.set_read_timeout(Some(window.max(Duration::from_millis(1))));
         let f = r
             .expect()
             .map_err(|e| MigError::Other(format!("the source never committed ({e}); the VM is discarded")))?;
+        let _ = control.set_read_timeout(Some(opts.peer_timeout));
         match f.kind {
             Kind::Commit => msg::decode_empty(&f.payload)?,
             Kind::Error => return Err(MigError::Peer(msg::decode_str(&f.payload)?)),
             k => return Err(unexpected(k, "Commit")),
+        }
+        let late = Duration::from_nanos(mono_ns() - t_ready);
+        if late > window {
+            return Err(MigError::Other(format!(
+                "the commit came {:.1} s after Ready, past the {:.1} s this side may take one; the VM is discarded",
+                late.as_secs_f64(),
+                window.as_secs_f64()
+            )));
         }
     }
     for d in rx.devices.devices() {
@@ -130,7 +149,12 @@ pub(super) fn finish(
     vm.resume()?;
     let t_resumed = mono_ns();
     rx.report.resume_time = Duration::from_nanos(t_resumed.saturating_sub(rx.t_switch));
-    // From here the guest runs here, whatever happens to the connection.
+    // From here the guest runs here, whatever happens to the connection. Said first, then
+    // told: whoever reads this log knows of every guest the source may hear of.
+    log(&format!(
+        "guest running on the destination ({} pages received)",
+        rx.report.pages_received
+    ));
     let told = ctl.send(
         Kind::Running,
         &Running {
@@ -139,10 +163,6 @@ pub(super) fn finish(
         }
         .encode(),
     );
-    log(&format!(
-        "guest running on the destination ({} pages received)",
-        rx.report.pages_received
-    ));
     if let Err(e) = told {
         log(&format!(
             "WARNING: could not tell the source that the guest runs here ({}); it holds its copy paused",
@@ -192,8 +212,11 @@ fn after_resume(
         if before.3 & FLAG_ACCEL != 0 && after.1 <= before.1 {
             reasons.push(format!("no accelerator job completed ({} before and after)", after.1));
         }
-        if after.2 != 0 {
-            reasons.push(format!("the guest counted {} errors", after.2));
+        if after.2 > before.2 {
+            reasons.push(format!(
+                "the guest counted {} new error(s) after resuming",
+                after.2 - before.2
+            ));
         }
         if cfg.verify == VerifyMode::Audit {
             match read_digest(r) {

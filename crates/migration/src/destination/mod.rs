@@ -4,15 +4,15 @@
 //! source it is ready. It resumes the guest only on the source's `Commit`
 //! (`docs/protocol.md`, "Switchover"); without it, it discards the VM.
 
+mod accept;
 mod build;
 mod finish;
 mod stream;
 
 use crate::error::{MigError, WireError};
-use crate::frame::{FrameReader, FrameWriter, Kind};
+use crate::frame::{FrameWriter, Kind};
 use crate::msg::{self, Hello, Report, Role, CAP_LZ4, CAP_VERIFY, VERSION};
 use crate::session;
-use std::io::BufReader;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,18 +91,13 @@ pub(crate) fn io(e: std::io::Error) -> MigError {
 /// one-line progress messages. `Ok`: the guest runs here. `Err`: it never ran here, or it
 /// failed verification and was stopped; either way this side's VM is gone.
 pub fn receive(listener: &TcpListener, opts: &DestOptions, log: &dyn Fn(&str)) -> Result<Incoming, MigError> {
-    let (control, peer) = listener.accept().map_err(|e| MigError::Connect {
-        what: "listener".into(),
-        source: e,
-    })?;
-    let _ = control.set_nodelay(true);
-    control.set_read_timeout(Some(opts.peer_timeout)).map_err(io)?;
-    control.set_write_timeout(Some(opts.peer_timeout)).map_err(io)?;
-    log(&format!("incoming migration from {peer}"));
+    let opened = accept::wait_for_source(listener, opts, log)?;
+    let control = opened.control.try_clone().map_err(io)?;
+    log(&format!("incoming migration from {}", opened.peer));
     let mut ctl = Ctl {
         w: FrameWriter::new(control.try_clone().map_err(io)?),
     };
-    let res = run(listener, &control, &mut ctl, opts, log);
+    let res = run(listener, &control, &mut ctl, opened, opts, log);
     if let Err(e) = &res {
         // Best effort: the source learns why, then both ends close. After a commit this
         // frame means "discarded".
@@ -116,23 +111,11 @@ fn run(
     listener: &TcpListener,
     control: &TcpStream,
     ctl: &mut Ctl,
+    opened: accept::Opened,
     opts: &DestOptions,
     log: &dyn Fn(&str),
 ) -> Result<Incoming, MigError> {
-    let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, control.try_clone().map_err(io)?));
-    let f = r.expect()?;
-    if f.kind != Kind::Hello {
-        return Err(unexpected(f.kind, "Hello"));
-    }
-    let hello = Hello::decode(&f.payload)?;
-    if hello.role != Role::Control {
-        return Err(MigError::Wire(WireError::Malformed(
-            "the first connection must be the control connection",
-        )));
-    }
-    if hello.version != VERSION {
-        return Err(MigError::Wire(WireError::Version(hello.version, VERSION)));
-    }
+    let (mut r, hello) = (opened.reader, opened.hello);
     let nonce = session::nonce();
     ctl.send(
         Kind::Hello,
@@ -167,5 +150,5 @@ fn run(
         cfg.verify
     ));
     let received = stream::receive_stream(listener, control, ctl, &mut r, &cfg, &vm, hello.nonce, key, opts)?;
-    finish::finish(ctl, &mut r, &cfg, vm, received, opts, log)
+    finish::finish(control, ctl, &mut r, &cfg, vm, received, opts, log)
 }

@@ -207,23 +207,35 @@ fn accept_pages(
                 Err(e) => return Err(io(e)),
             };
             s.set_nonblocking(false).map_err(io)?;
-            s.set_read_timeout(Some(timeout)).map_err(io)?;
+            // A stray connection (another session's, or not a migration's at all) is closed
+            // and the wait goes on; its first frame has a few seconds.
+            s.set_read_timeout(Some(timeout.min(Duration::from_secs(5))))
+                .map_err(io)?;
             s.set_write_timeout(Some(timeout)).map_err(io)?;
             // Keyed from the first frame: a connection of another session fails its CRC.
             let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, s.try_clone().map_err(io)?)).with_key(key);
-            let f = r.expect()?;
-            if f.kind != Kind::Hello {
-                return Err(unexpected(f.kind, "Hello"));
-            }
-            let h = Hello::decode(&f.payload)?;
-            let Role::Pages { channel } = h.role else {
-                return Err(MigError::Wire(WireError::Malformed("a second control connection")));
+            let channel = match r.expect().map_err(MigError::from).and_then(|f| {
+                if f.kind != Kind::Hello {
+                    return Err(unexpected(f.kind, "Hello"));
+                }
+                match Hello::decode(&f.payload)? {
+                    Hello {
+                        role: Role::Pages { channel },
+                        nonce: hn,
+                        ..
+                    } if hn == nonce && channel < n && !seen[channel as usize] => Ok(channel),
+                    _ => Err(MigError::Wire(WireError::Malformed(
+                        "not a page connection of this session",
+                    ))),
+                }
+            }) {
+                Ok(c) => c,
+                Err(_) => {
+                    let _ = s.shutdown(Shutdown::Both);
+                    continue;
+                }
             };
-            if h.nonce != nonce || channel >= n || seen[channel as usize] {
-                return Err(MigError::Wire(WireError::Malformed(
-                    "page connection of another session or channel",
-                )));
-            }
+            s.set_read_timeout(Some(timeout)).map_err(io)?;
             seen[channel as usize] = true;
             side.streams.push(s.try_clone().map_err(io)?);
             let (map, vm, log, failed, progress) = (

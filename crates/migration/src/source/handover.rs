@@ -97,12 +97,12 @@ pub(super) fn switch_over(
     }
     link.control_frame(Kind::VcpuState, vmm::state::encode(&wire))?;
     link.complete_all()?;
-    link.flush_all()?;
+    link.flush_expecting(Kind::Ready)?;
     let t_sent = mono_ns();
     if opts.verify == VerifyMode::Gate {
         let d = source_digest(vm, &pre.devp.hashes(), vcpu_digest)?;
         link.control_frame(Kind::Digest, d.encode())?;
-        link.flush_all()?;
+        link.flush_expecting(Kind::Ready)?;
     }
     let t_digest = mono_ns();
     let ready = Ready::decode(&link.wait_for(Kind::Ready, "the destination to load the guest")?)?;
@@ -225,9 +225,14 @@ pub(super) fn after_commit(
     // ---- the point of no return: from here the source never resumes on its own ----
     if let Err(e) = link
         .control_frame(Kind::Commit, Vec::new())
-        .and_then(|()| link.flush_all())
+        .and_then(|()| link.flush_expecting(Kind::Running))
     {
-        return fail(&mut link, e, DestState::Unknown);
+        let dest = if matches!(e, MigError::Peer(_)) {
+            DestState::Discarded
+        } else {
+            DestState::Unknown
+        };
+        return fail(&mut link, e, dest);
     }
     let running = link
         .wait_for(Kind::Running, "the destination to confirm that its guest runs")
@@ -259,7 +264,7 @@ pub(super) fn after_commit(
     if opts.verify == VerifyMode::Audit {
         let sent = source_digest(vm, &pre.devp.hashes(), sw.vcpu_digest).and_then(|d| {
             link.control_frame(Kind::Digest, d.encode())?;
-            link.flush_all()
+            link.flush_expecting(Kind::Report)
         });
         if let Err(e) = sent {
             return fail(

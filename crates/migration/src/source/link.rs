@@ -74,6 +74,8 @@ pub(super) struct Link {
     pub stop: Arc<AtomicBool>,
     /// Makes the senders skip queued page runs (shared with them).
     pub drain: Arc<AtomicBool>,
+    /// A frame that arrived while a flush was still waiting, kept for the wait that follows.
+    pub early: Option<(Kind, Vec<u8>)>,
 }
 
 impl Link {
@@ -155,8 +157,14 @@ impl Link {
 
     /// Handles what arrived so far without waiting.
     pub fn check_back(&mut self) -> Result<(), MigError> {
+        self.check_back_keeping(None)
+    }
+
+    /// The same, but a `keep` frame is put aside for the next [`Self::wait_for`].
+    fn check_back_keeping(&mut self, keep: Option<Kind>) -> Result<(), MigError> {
         loop {
             match self.back.try_recv() {
+                Ok(Back::Frame(k, p)) if Some(k) == keep && self.early.is_none() => self.early = Some((k, p)),
                 Ok(b) => self.handle(b)?,
                 Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(()),
                 Err(_) => return Err(MigError::Wire(WireError::Closed)),
@@ -189,6 +197,15 @@ impl Link {
 
     /// Waits for a `want` frame; any other frame is handled (an `Error` ends the wait).
     pub fn wait_for(&mut self, want: Kind, what: &'static str) -> Result<Vec<u8>, MigError> {
+        if let Some((k, p)) = self.early.take() {
+            if k == want {
+                return Ok(p);
+            }
+            return Err(MigError::Wire(WireError::Unexpected {
+                found: k,
+                expected: what,
+            }));
+        }
         let end = Instant::now() + self.timeout;
         loop {
             let left = end.saturating_duration_since(Instant::now());
@@ -205,7 +222,7 @@ impl Link {
     pub fn end_iteration(&mut self, n: u32, dirty: u64) -> Result<(), MigError> {
         for s in &mut self.senders {
             s.send(Job::Frame(Kind::EndOfIteration, msg::encode_u32_u64(n, dirty)))
-                .map_err(|e| MigError::Peer(format!("connection: {e}")))?;
+                .map_err(MigError::Send)?;
         }
         Ok(())
     }
@@ -223,7 +240,7 @@ impl Link {
                 }
             }
         });
-        err.map_or(Ok(()), |e| Err(MigError::Peer(format!("sending pages: {e}"))))
+        err.map_or(Ok(()), |e| Err(MigError::Send(e)))
     }
 
     /// Adds the pages devices wrote since the last harvest.
@@ -253,9 +270,7 @@ impl Link {
     }
 
     pub fn control_frame(&mut self, k: Kind, p: Vec<u8>) -> Result<(), MigError> {
-        self.senders[0]
-            .send(Job::Frame(k, p))
-            .map_err(|e| MigError::Peer(format!("control connection: {e}")))
+        self.senders[0].send(Job::Frame(k, p)).map_err(MigError::Send)
     }
 
     /// `Complete` on every page connection, then on the control connection.
@@ -263,14 +278,51 @@ impl Link {
         for k in 1..self.senders.len() {
             self.senders[k]
                 .send(Job::Frame(Kind::Complete, Vec::new()))
-                .map_err(MigError::Peer)?;
+                .map_err(MigError::Send)?;
         }
         self.control_frame(Kind::Complete, Vec::new())
     }
 
     pub fn flush_all(&mut self) -> Result<(), MigError> {
-        for s in &mut self.senders {
-            s.flush().map_err(|e| MigError::Peer(format!("connection: {e}")))?;
+        self.flush_all_with(None, &mut || {})
+    }
+
+    /// Flushes the stream whose answer (`reply`) may overtake the flush's own confirmation.
+    pub fn flush_expecting(&mut self, reply: Kind) -> Result<(), MigError> {
+        self.flush_all_with(Some(reply), &mut || {})
+    }
+
+    /// Waits until everything queued is on the sockets, however long a bandwidth cap makes
+    /// that; meanwhile it watches the return path (a destination that gave up says so there;
+    /// a `reply` frame is kept for the next wait) and calls `tick` every 100 ms.
+    pub fn flush_all_with(&mut self, reply: Option<Kind>, tick: &mut dyn FnMut()) -> Result<(), MigError> {
+        let mut waits = Vec::new();
+        for (i, s) in self.senders.iter_mut().enumerate() {
+            waits.push((i, s.start_flush().map_err(MigError::Send)?));
+        }
+        let mut last = Instant::now();
+        for (i, rx) in waits {
+            loop {
+                match rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(()) => break,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.check_back_keeping(reply)?;
+                        if last.elapsed() >= Duration::from_millis(100) {
+                            tick();
+                            last = Instant::now();
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        let why = self.senders[i]
+                            .finish()
+                            .err()
+                            .unwrap_or_else(|| "connection closed".into());
+                        // The destination's own account, if it gave one, says more.
+                        self.check_back_keeping(reply)?;
+                        return Err(MigError::Send(why));
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -93,6 +93,7 @@ pub fn vm_config_msg(vm: &Vm, opts: &SourceOptions) -> VmConfigMsg {
         regions: vm.slots().iter().map(|s| (s.gpa, s.size)).collect(),
         channels: opts.channels,
         verify: opts.verify,
+        peer_timeout_ms: opts.peer_timeout.as_millis().clamp(1, u32::MAX as u128) as u32,
         accel,
     }
 }

@@ -164,6 +164,7 @@ pub(super) fn open(
         timeout: opts.peer_timeout,
         stop,
         drain,
+        early: None,
     });
     Ok((link, stats))
 }

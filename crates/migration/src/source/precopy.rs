@@ -73,7 +73,13 @@ pub(super) fn run(
     let (mut cpu_dirty_total, mut dev_dirty_total) = (0u64, 0u64);
     link.queue_pages(&all)?;
     link.end_iteration(1, all.count())?;
-    link.flush_all()?;
+    // The bulk round can take long (a bandwidth cap): show it moving.
+    link.flush_all_with(None, &mut || {
+        ctl.update(|i| {
+            i.total_time = t0.elapsed().as_millis() as u64;
+            fill_ram(i, stats);
+        })
+    })?;
     let start = Instant::now();
     let mut last_sync = Instant::now();
     let mut cpu = PageBitmap::new(pages);

@@ -190,8 +190,11 @@ pub fn assemble(at: u64, spec: Spec) -> Result<Vec<u8>, IcedError> {
         a.inc(r12)?;
         a.mov(rax, rdi)?;
         a.shr(rax, 12u32)?;
-        a.mov(qword_ptr(rdi), rbx)?;
+        // The page number before the magic: x86 keeps stores in order, so a device copying the
+        // page while it is first written sees either no magic (a page never written, accepted)
+        // or the magic with its page number, never the magic with a zero page number.
         a.mov(qword_ptr(rdi + 8), rax)?;
+        a.mov(qword_ptr(rdi), rbx)?;
         a.mov(qword_ptr(rdi + 16), r12)?;
         a.imul_3(rax, rax, STAMP_K1 as i32)?;
         a.imul_3(rcx, r12, STAMP_K2 as i32)?;

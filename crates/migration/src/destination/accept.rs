@@ -1,0 +1,116 @@
+//! Waiting for the source. Whatever else connects first (a port scanner, a stray client, a
+//! source of another protocol version) is logged and closed, and the destination keeps
+//! waiting: only a connection that opens with this version's control `Hello` starts the
+//! migration. Each connection reads its first frame in its own thread, so a silent one holds
+//! up no one.
+
+use super::{io, DestOptions};
+use crate::error::{MigError, WireError};
+use crate::frame::{FrameReader, FrameWriter, Kind};
+use crate::msg::{self, Hello, Role, VERSION};
+use std::io::BufReader;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, TryRecvError};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Connections whose first frame is awaited at once; more are closed at once.
+const MAX_PENDING: usize = 16;
+/// How long a new connection has to send its `Hello` (a source sends it at once).
+const FIRST_FRAME: Duration = Duration::from_secs(5);
+
+/// The connection the migration runs on.
+pub(super) struct Opened {
+    pub control: TcpStream,
+    pub reader: FrameReader<BufReader<TcpStream>>,
+    pub hello: Hello,
+    pub peer: SocketAddr,
+}
+
+/// Reads and checks the first frame of a new connection.
+fn first_frame(s: TcpStream, opts: &DestOptions) -> Result<Opened, String> {
+    let peer = s.peer_addr().map_err(|e| e.to_string())?;
+    let _ = s.set_nodelay(true);
+    s.set_read_timeout(Some(FIRST_FRAME.min(opts.peer_timeout)))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(opts.peer_timeout))
+        .map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::new(BufReader::with_capacity(
+        1 << 20,
+        s.try_clone().map_err(|e| e.to_string())?,
+    ));
+    let refuse = |why: String| {
+        // Tell it why if it speaks frames at all, then close.
+        let mut w = FrameWriter::new(&s);
+        let _ = w.send(Kind::Error, &msg::encode_str(&why));
+        let _ = s.shutdown(Shutdown::Both);
+        why
+    };
+    let f = reader.expect().map_err(|e| refuse(e.to_string()))?;
+    if f.kind != Kind::Hello {
+        return Err(refuse(format!("opened with {:?}, not Hello", f.kind)));
+    }
+    let hello = Hello::decode(&f.payload).map_err(|e| refuse(e.to_string()))?;
+    if hello.version != VERSION {
+        return Err(refuse(WireError::Version(hello.version, VERSION).to_string()));
+    }
+    if hello.role != Role::Control {
+        return Err(refuse("a page connection before any control connection".into()));
+    }
+    s.set_read_timeout(Some(opts.peer_timeout)).map_err(|e| e.to_string())?;
+    Ok(Opened {
+        control: s,
+        reader,
+        hello,
+        peer,
+    })
+}
+
+/// Waits, as long as it takes, for a connection that opens a migration.
+pub(super) fn wait_for_source(
+    listener: &TcpListener,
+    opts: &DestOptions,
+    log: &dyn Fn(&str),
+) -> Result<Opened, MigError> {
+    listener.set_nonblocking(true).map_err(io)?;
+    let (tx, rx) = channel::<(SocketAddr, Result<Opened, String>)>();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let res = loop {
+        match rx.try_recv() {
+            Ok((_, Ok(o))) => break Ok(o),
+            Ok((peer, Err(why))) => log(&format!("ignored a connection from {peer}: {why}")),
+            Err(TryRecvError::Empty) => {}
+            // This loop holds a sender: the channel cannot disconnect.
+            Err(TryRecvError::Disconnected) => {}
+        }
+        match listener.accept() {
+            Ok((s, peer)) => {
+                if pending.load(Ordering::Acquire) >= MAX_PENDING {
+                    log(&format!(
+                        "ignored a connection from {peer}: too many connections opening at once"
+                    ));
+                    continue;
+                }
+                let _ = s.set_nonblocking(false);
+                pending.fetch_add(1, Ordering::AcqRel);
+                let (tx, opts, p2) = (tx.clone(), opts.clone(), pending.clone());
+                let spawned = std::thread::Builder::new().name("mig-accept".into()).spawn(move || {
+                    let _ = tx.send((peer, first_frame(s, &opts)));
+                    p2.fetch_sub(1, Ordering::AcqRel);
+                });
+                if spawned.is_err() {
+                    pending.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => {
+                // Out of descriptors and the like: wait, do not give up the VM to come.
+                log(&format!("accept failed ({e}); retrying"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let _ = listener.set_nonblocking(false);
+    res
+}
