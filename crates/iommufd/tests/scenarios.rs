@@ -343,18 +343,6 @@ fn type1_no_tracker_reports_every_mapped_page() {
     }
 }
 
-/// Type1 MAP_DMA of `size` bytes at `iova`, read-write.
-fn map_rw(c: &Type1Container, vaddr: u64, iova: u64, size: u64) {
-    let flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
-    c.map_dma(&DmaMap {
-        flags,
-        vaddr,
-        iova,
-        size,
-    })
-    .unwrap();
-}
-
 /// Type1 DIRTY_PAGES START.
 fn start_dirty(c: &Type1Container) {
     c.dirty_pages(&mut DirtyPages {

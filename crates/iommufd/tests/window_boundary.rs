@@ -167,16 +167,9 @@ fn type1_leaf_past_64_gib_of_bitmap_is_reported_whole() {
         let c = Type1Container::new(&[DeviceSpec::new("d", fmt)]).unwrap();
         let mem = Arc::new(AnonMemory::new(MAP_LEN as usize, true).unwrap());
         let va = c.register_user_memory(mem);
-        let flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
         let first = 512 * MIB;
         for (iova, vaddr, size) in [(RANGE_IOVA, va + first, first), (65 * GIB, va + GIB, RANGE_LEN - first)] {
-            c.map_dma(&DmaMap {
-                flags,
-                vaddr,
-                iova,
-                size,
-            })
-            .unwrap();
+            map_rw(&c, vaddr, iova, size);
         }
         assert_eq!(c.domain().leaf_histogram().get(&30), Some(&64), "{fmt}");
         c.dirty_pages(&mut DirtyPages {

@@ -6,14 +6,34 @@ use faults::{Action, Case, Config, Dir, Step};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+#[derive(clap::Args)]
 pub struct Args {
+    /// Trials per cell.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub trials: u32,
+    /// Steps, comma separated (default: all): bulk, iteration, switchover, after-pages,
+    /// after-device, after-vcpu, after-ready, after-commit, after-confirm.
+    #[arg(long, value_delimiter = ',')]
     pub steps: Vec<String>,
+    /// Actions, comma separated (default: all): cut, stall, kill, freeze, flip, truncate,
+    /// duplicate, drop, reorder, garbage.
+    #[arg(long, value_delimiter = ',')]
     pub actions: Vec<String>,
+    /// Directions, comma separated (default: both): to-dest, to-source.
+    #[arg(long, value_delimiter = ',')]
     pub dirs: Vec<String>,
+    /// Both sides' peer timeout, in seconds.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::parse_timeout)]
     pub peer_timeout: f64,
+    /// Guest RAM of each trial's VM, in MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(18..=1024))]
     pub memory_mib: u64,
+    /// Print every case as JSON instead of the tables.
+    #[arg(long)]
     pub json: bool,
+    /// Test-only: run destinations that resume without the source's commit, to show the
+    /// matrix catches the split brain.
+    #[arg(long = "sabotage-resume-before-commit", hide = true)]
     pub sabotage: bool,
 }
 

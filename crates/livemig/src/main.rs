@@ -197,38 +197,10 @@ enum Cmd {
         writes: u64,
     },
     /// The switchover fault matrix: migrations through a fault-injecting proxy that cuts,
-    /// stalls, kills the destination, flips, truncates, duplicates, drops, reorders or
-    /// garbles at each protocol step, in each direction; checks that the guest never runs
-    /// twice, is never lost, and that nothing hangs or panics. Prints the table.
-    Faults {
-        /// Trials per cell.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
-        trials: u32,
-        /// Steps, comma separated (default: all): bulk, iteration, switchover, after-pages,
-        /// after-device, after-vcpu, after-ready, after-commit, after-confirm.
-        #[arg(long, value_delimiter = ',')]
-        steps: Vec<String>,
-        /// Actions, comma separated (default: all): cut, stall, kill, flip, truncate,
-        /// duplicate, drop, reorder, garbage.
-        #[arg(long, value_delimiter = ',')]
-        actions: Vec<String>,
-        /// Directions, comma separated (default: both): to-dest, to-source.
-        #[arg(long, value_delimiter = ',')]
-        dirs: Vec<String>,
-        /// Both sides' peer timeout, in seconds.
-        #[arg(long, default_value_t = 1.0, value_parser = parse_timeout)]
-        peer_timeout: f64,
-        /// Guest RAM of each trial's VM, in MiB.
-        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(18..=1024))]
-        memory_mib: u64,
-        /// Print every case as JSON instead of the tables.
-        #[arg(long)]
-        json: bool,
-        /// Test-only: run destinations that resume without the source's commit, to show the
-        /// matrix catches the split brain.
-        #[arg(long, hide = true)]
-        sabotage_resume_before_commit: bool,
-    },
+    /// stalls, kills or freezes the destination, flips, truncates, duplicates, drops,
+    /// reorders or garbles at each protocol step, in each direction; checks that the guest
+    /// never runs twice, is never lost, and that nothing hangs or panics. Prints the table.
+    Faults(faults_cmd::Args),
     /// Benchmarks, printed as Markdown tables with same-run baselines.
     Bench {
         #[command(subcommand)]
@@ -449,25 +421,7 @@ fn run() -> Result<i32> {
             writes,
         } => iommu_demo::run(memory_mib, threads, writes).map(|()| 0),
         Cmd::Bench { what } => bench_cmd(what).map(|()| 0),
-        Cmd::Faults {
-            trials,
-            steps,
-            actions,
-            dirs,
-            peer_timeout,
-            memory_mib,
-            json,
-            sabotage_resume_before_commit,
-        } => faults_cmd::run(&faults_cmd::Args {
-            trials,
-            steps,
-            actions,
-            dirs,
-            peer_timeout,
-            memory_mib,
-            json,
-            sabotage: sabotage_resume_before_commit,
-        }),
+        Cmd::Faults(a) => faults_cmd::run(&a),
     }
 }
 

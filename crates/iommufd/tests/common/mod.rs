@@ -86,3 +86,15 @@ pub fn bits(data: &[u8]) -> Vec<u64> {
         .filter(|n| data[(n / 8) as usize] >> (n % 8) & 1 != 0)
         .collect()
 }
+
+/// Type1 MAP_DMA of `size` bytes at `iova`, read-write.
+pub fn map_rw(c: &iommufd::type1::Type1Container, vaddr: u64, iova: u64, size: u64) {
+    use iommufd::type1::*;
+    c.map_dma(&DmaMap {
+        flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+        vaddr,
+        iova,
+        size,
+    })
+    .unwrap();
+}

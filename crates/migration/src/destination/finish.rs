@@ -19,6 +19,15 @@ use vfio::{MigFlags, MigState};
 use vmm::programs::ctrl::{C_FLAGS, FLAG_ACCEL, FLAG_DIRTIER};
 use vmm::{layout, Vm};
 
+/// The destination's side of the conversation, and what it goes by.
+pub(super) struct Talk<'a> {
+    pub ctl: &'a mut Ctl,
+    pub r: &'a mut FrameReader<BufReader<TcpStream>>,
+    pub cfg: &'a VmConfigMsg,
+    pub opts: &'a DestOptions,
+    pub log: &'a dyn Fn(&str),
+}
+
 /// Pages written, jobs completed, errors, and which programs run, over every vCPU.
 fn counters(vm: &Vm) -> (u64, u64, u64, u64) {
     let (mut pages, mut jobs, mut errors, mut flags) = (0, 0, 0, 0);
@@ -57,17 +66,8 @@ fn read_digest(r: &mut FrameReader<BufReader<TcpStream>>) -> Result<Digest, MigE
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn finish(
-    control: &TcpStream,
-    ctl: &mut Ctl,
-    r: &mut FrameReader<BufReader<TcpStream>>,
-    cfg: &VmConfigMsg,
-    vm: Arc<Vm>,
-    mut rx: Received,
-    opts: &DestOptions,
-    log: &dyn Fn(&str),
-) -> Result<Incoming, MigError> {
+pub(super) fn finish(control: &TcpStream, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received) -> Result<Incoming, MigError> {
+    let Talk { ctl, r, cfg, opts, log } = t;
     // ---- the whole guest, checked ----
     if let Some((n, first)) = rx.log.missing(&rx.map) {
         return Err(MigError::Other(format!(
@@ -171,26 +171,37 @@ pub(super) fn finish(
         rx.report.unverified = (cfg.verify != VerifyMode::Off).then(|| "the source is unreachable".into());
         return Ok(Incoming { vm, report: rx.report });
     }
-    after_resume(ctl, r, cfg, vm, rx, opts, log, mine, before, base, t_resumed)
+    let at = Resumed {
+        mine,
+        before,
+        base,
+        t_resumed,
+    };
+    after_resume(Talk { ctl, r, cfg, opts, log }, vm, rx, at)
+}
+
+/// What this side knew when its guest resumed.
+struct Resumed {
+    /// Its digest (with verification).
+    mine: Option<Digest>,
+    /// The guest's counters (`counters`).
+    before: (u64, u64, u64, u64),
+    /// The guest's progress word.
+    base: u64,
+    t_resumed: u64,
 }
 
 /// The guest runs: when it first moves, and with verification whether it makes progress and
 /// (audit) whether what it resumed from is the source's guest. A failure stops and discards
 /// it: the source still holds the original, paused.
-#[allow(clippy::too_many_arguments)]
-fn after_resume(
-    ctl: &mut Ctl,
-    r: &mut FrameReader<BufReader<TcpStream>>,
-    cfg: &VmConfigMsg,
-    vm: Arc<Vm>,
-    mut rx: Received,
-    opts: &DestOptions,
-    log: &dyn Fn(&str),
-    mine: Option<Digest>,
-    before: (u64, u64, u64, u64),
-    base: u64,
-    t_resumed: u64,
-) -> Result<Incoming, MigError> {
+fn after_resume(t: Talk<'_>, vm: Arc<Vm>, mut rx: Received, at: Resumed) -> Result<Incoming, MigError> {
+    let Talk { ctl, r, cfg, opts, log } = t;
+    let Resumed {
+        mine,
+        before,
+        base,
+        t_resumed,
+    } = at;
     let mut rep = Report {
         first_progress_ns: progress::first_change(&vm, base, Duration::from_secs(1)).unwrap_or(0),
         ..Default::default()

@@ -150,5 +150,12 @@ fn run(
         cfg.verify
     ));
     let received = stream::receive_stream(listener, control, ctl, &mut r, &cfg, &vm, hello.nonce, key, opts)?;
-    finish::finish(control, ctl, &mut r, &cfg, vm, received, opts, log)
+    let talk = finish::Talk {
+        ctl,
+        r: &mut r,
+        cfg: &cfg,
+        opts,
+        log,
+    };
+    finish::finish(control, talk, vm, received)
 }
