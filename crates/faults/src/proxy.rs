@@ -19,6 +19,10 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Step {
+    /// The `Hello` of either side.
+    Handshake,
+    /// `Config`, and the destination's `ConfigOk`.
+    Config,
     /// The first page run.
     Bulk,
     /// The end of the second iteration.
@@ -40,7 +44,9 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 9] = [
+    pub const ALL: [Step; 11] = [
+        Step::Handshake,
+        Step::Config,
         Step::Bulk,
         Step::Iteration,
         Step::Switchover,
@@ -53,6 +59,8 @@ impl Step {
     ];
     pub fn name(self) -> &'static str {
         match self {
+            Step::Handshake => "handshake",
+            Step::Config => "config",
             Step::Bulk => "bulk",
             Step::Iteration => "iteration",
             Step::Switchover => "switchover",
@@ -327,6 +335,8 @@ fn track(f: &[u8], dir: Dir, control: bool, sh: &Shared) {
     let step = sh.fault.step;
     let k = kind(f);
     let reached = match (dir, k) {
+        (_, Some(Kind::Hello)) if control => step == Step::Handshake,
+        (Dir::ToDest, Some(Kind::Config)) => step == Step::Config,
         (Dir::ToDest, Some(Kind::Pages)) => {
             if control && sh.switched.load(Ordering::Acquire) {
                 false

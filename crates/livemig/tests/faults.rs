@@ -1,4 +1,4 @@
-//! The switchover fault matrix in CI: every (step, action, direction) cell once (180), through
+//! The switchover fault matrix in CI: every (step, action, direction) cell once (220), through
 //! `livemig faults`, and the same checks shown to fail against a destination that breaks the
 //! protocol on purpose.
 
@@ -18,12 +18,12 @@ fn every_cell_keeps_every_promise() {
     }
     assert!(out.status.success(), "a case broke a promise (see above)");
     assert!(
-        stdout.contains("180 cases:") && stdout.contains("0 split brain(s); 0 case(s) broke a promise"),
+        stdout.contains("220 cases:") && stdout.contains("0 split brain(s); 0 case(s) broke a promise"),
         "{stdout}"
     );
     assert_eq!(
         stderr.lines().filter(|l| l.starts_with('[')).count(),
-        180,
+        220,
         "one line per case"
     );
 }
