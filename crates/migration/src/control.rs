@@ -4,7 +4,8 @@
 //! the source runs on, or the source committed and the cancel is refused.
 
 use crate::info::{MigrationInfo, Status};
-use std::net::{Shutdown, TcpStream};
+use crate::transport::Conn;
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -24,7 +25,7 @@ struct Gate {
     running: bool,
     committed: bool,
     /// Connections to shut down on cancel, so whatever waits on them returns at once.
-    sockets: Vec<TcpStream>,
+    sockets: Vec<Conn>,
 }
 
 /// Shared with the control socket or the demo.
@@ -106,7 +107,7 @@ impl MigrationControl {
     }
 
     /// A connection to shut down if the migration is cancelled (at once if it already is).
-    pub(crate) fn watch(&self, s: &TcpStream) {
+    pub(crate) fn watch(&self, s: &Conn) {
         let mut g = self.gate();
         match s.try_clone() {
             Ok(c) if !self.is_cancelled() => g.sockets.push(c),

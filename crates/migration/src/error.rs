@@ -19,6 +19,10 @@ pub enum WireError {
     TooLong(u32),
     #[error("frame {seq} failed its CRC32C check")]
     Checksum { seq: u64 },
+    #[error(
+        "frame {seq} does not verify under the pre-shared key: the peers hold different keys, or the stream was altered"
+    )]
+    Unauthentic { seq: u64 },
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
     #[error("frame out of sequence: expected {expected}, found {found}")]
@@ -59,6 +63,8 @@ pub enum MigError {
     Peer(String),
     #[error("sending to the peer: {0}")]
     Send(String),
+    #[error("transport: {0}")]
+    Transport(String),
     #[error("incompatible configuration: {0}")]
     Incompatible(String),
     #[error("VM")]

@@ -7,6 +7,7 @@
 //! forger.
 
 use crate::error::WireError;
+use crate::transport::psk::{MacKey, TAG};
 use std::io::{Read, Write};
 
 /// "LMIG", little-endian.
@@ -110,6 +111,8 @@ pub struct FrameWriter<W: Write> {
     w: W,
     seq: u64,
     key: u64,
+    /// With a pre-shared key: every payload goes out followed by its tag.
+    mac: Option<MacKey>,
     buf: Vec<u8>,
     bytes: u64,
 }
@@ -124,9 +127,14 @@ impl<W: Write> FrameWriter<W> {
             w,
             seq,
             key: 0,
+            mac: None,
             buf: Vec::new(),
             bytes: 0,
         }
+    }
+    /// Frames from here on carry an HMAC tag under `mac` (a pre-shared key's).
+    pub fn set_mac(&mut self, mac: Option<MacKey>) {
+        self.mac = mac;
     }
     /// Frames from here on carry the session key in their CRC.
     pub fn with_key(mut self, key: u64) -> Self {
@@ -142,7 +150,16 @@ impl<W: Write> FrameWriter<W> {
     }
     pub fn send(&mut self, kind: Kind, payload: &[u8]) -> std::io::Result<()> {
         self.buf.clear();
-        encode_keyed(&mut self.buf, self.key, kind, self.seq, payload);
+        match &self.mac {
+            None => encode_keyed(&mut self.buf, self.key, kind, self.seq, payload),
+            Some(m) => {
+                let tag = m.tag(self.seq, kind as u8, payload);
+                let mut p = Vec::with_capacity(payload.len() + TAG);
+                p.extend_from_slice(payload);
+                p.extend_from_slice(&tag);
+                encode_keyed(&mut self.buf, self.key, kind, self.seq, &p);
+            }
+        }
         self.seq += 1;
         self.bytes += self.buf.len() as u64;
         self.w.write_all(&self.buf)
@@ -164,6 +181,8 @@ pub struct FrameReader<R: Read> {
     r: R,
     seq: u64,
     key: u64,
+    /// With a pre-shared key: every payload must end in its tag.
+    mac: Option<MacKey>,
     bytes: u64,
 }
 
@@ -182,8 +201,13 @@ impl<R: Read> FrameReader<R> {
             r,
             seq: 0,
             key: 0,
+            mac: None,
             bytes: 0,
         }
+    }
+    /// Frames from here on must carry an HMAC tag under `mac`.
+    pub fn set_mac(&mut self, mac: Option<MacKey>) {
+        self.mac = mac;
     }
     /// Frames from here on must carry the session key in their CRC.
     pub fn set_key(&mut self, key: u64) {
@@ -232,6 +256,17 @@ impl<R: Read> FrameReader<R> {
             return Err(WireError::Malformed("reserved header bytes are not zero"));
         }
         let seq = u64::from_le_bytes(h[12..20].try_into().unwrap());
+        if let Some(m) = &self.mac {
+            // Before the sequence check: with a key, a renumbered frame is a forged one.
+            let ok = payload.len() >= TAG && {
+                let (p, t) = payload.split_at(payload.len() - TAG);
+                m.verify(seq, h[4], p, t)
+            };
+            if !ok {
+                return Err(WireError::Unauthentic { seq: self.seq });
+            }
+            payload.truncate(payload.len() - TAG);
+        }
         if seq != self.seq {
             return Err(WireError::Sequence {
                 expected: self.seq,

@@ -121,6 +121,8 @@ pub struct LivemigInfo {
     pub final_pages: u64,
     /// `gate`, `audit` or `off`.
     pub verify: String,
+    /// `tcp`, `tls` or `psk`.
+    pub transport: String,
     pub outcome: Outcome,
     pub destination: DestState,
     pub downtime_parts: DowntimeParts,

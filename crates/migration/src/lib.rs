@@ -23,6 +23,7 @@ pub mod sender;
 pub mod session;
 pub mod source;
 pub mod throttle;
+pub mod transport;
 
 pub use control::{CancelError, MigrationControl};
 pub use destination::{receive, DestOptions, DestReport, Incoming};
@@ -31,3 +32,4 @@ pub use error::{MigError, WireError};
 pub use info::{DestState, MigrationInfo, Outcome, Status};
 pub use msg::VerifyMode;
 pub use source::{held_advice, migrate, Sabotage, SourceOptions};
+pub use transport::{Conn, Psk, Security, TlsCreds};

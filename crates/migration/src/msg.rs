@@ -7,6 +7,8 @@ pub const VERSION: u16 = 2;
 /// Capability bits of `Hello`.
 pub const CAP_LZ4: u64 = 1;
 pub const CAP_VERIFY: u64 = 2;
+/// The side uses a pre-shared key: every frame after the `Hello`s carries an HMAC tag.
+pub const CAP_PSK: u64 = 4;
 /// Pages per `Pages` frame at most.
 pub const MAX_RUN_PAGES: u32 = 64;
 const MAX_NAME: usize = 64;

@@ -4,8 +4,9 @@
 use crate::frame::{FrameWriter, Kind};
 use crate::msg::MAX_RUN_PAGES;
 use crate::pages::{PageStats, RunEncoder};
+use crate::transport::psk::MacKey;
+use crate::transport::Conn;
 use std::io::BufWriter;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -94,12 +95,19 @@ pub struct Sender {
 
 impl Sender {
     /// A sender for a connection on which `seq` frames were already sent, keyed with the
-    /// session `key`.
-    pub fn spawn_after(name: String, stream: TcpStream, shared: Arc<Shared>, seq: u64, key: u64) -> Self {
+    /// session `key` (and a pre-shared key's `mac`).
+    pub fn spawn_after(
+        name: String,
+        stream: Conn,
+        shared: Arc<Shared>,
+        seq: u64,
+        key: u64,
+        mac: Option<MacKey>,
+    ) -> Self {
         let (tx, rx) = sync_channel::<Job>(1024);
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(rx, stream, &shared, seq, key))
+            .spawn(move || run(rx, stream, &shared, seq, key, mac))
             .ok();
         Self { tx: Some(tx), thread }
     }
@@ -139,9 +147,10 @@ impl Sender {
     }
 }
 
-fn run(rx: Receiver<Job>, stream: TcpStream, sh: &Shared, seq: u64, key: u64) -> Result<(), String> {
+fn run(rx: Receiver<Job>, stream: Conn, sh: &Shared, seq: u64, key: u64, mac: Option<MacKey>) -> Result<(), String> {
     let (mem, stats) = (&*sh.mem, &*sh.stats);
     let mut w = FrameWriter::with_seq(BufWriter::with_capacity(1 << 20, stream), seq).with_key(key);
+    w.set_mac(mac);
     let mut enc = RunEncoder::new(sh.compress);
     let mut counted = 0u64;
     let err = |e: std::io::Error| e.to_string();

@@ -1,13 +1,14 @@
 //! Waiting for the source. Whatever else connects first (a port scanner, a stray client, a
-//! source of another protocol version) is logged and closed, and the destination keeps
-//! waiting: only a connection that opens with this version's control `Hello` starts the
-//! migration. Each connection reads its first frame in its own thread, so a silent one holds
-//! up no one.
+//! source of another protocol version or transport, a TLS client the CA did not sign) is
+//! logged and closed, and the destination keeps waiting: only a connection that passes the
+//! transport's handshake and opens with this version's control `Hello` starts the migration.
+//! Each connection does that in its own thread, so a silent one holds up no one.
 
 use super::{io, DestOptions};
 use crate::error::{MigError, WireError};
 use crate::frame::{FrameReader, FrameWriter, Kind};
-use crate::msg::{self, Hello, Role, VERSION};
+use crate::msg::{self, Hello, Role, CAP_PSK, VERSION};
+use crate::transport::{self, Conn};
 use std::io::BufReader;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,18 +23,20 @@ const FIRST_FRAME: Duration = Duration::from_secs(5);
 
 /// The connection the migration runs on.
 pub(super) struct Opened {
-    pub control: TcpStream,
-    pub reader: FrameReader<BufReader<TcpStream>>,
+    pub control: Conn,
+    pub reader: FrameReader<BufReader<Conn>>,
     pub hello: Hello,
+    /// The `Hello` as it was on the wire (a pre-shared key's session keys cover it).
+    pub hello_bytes: Vec<u8>,
     pub peer: SocketAddr,
 }
 
-/// Reads and checks the first frame of a new connection.
-fn first_frame(s: TcpStream, opts: &DestOptions) -> Result<Opened, String> {
-    let peer = s.peer_addr().map_err(|e| e.to_string())?;
-    let _ = s.set_nodelay(true);
-    s.set_read_timeout(Some(FIRST_FRAME.min(opts.peer_timeout)))
-        .map_err(|e| e.to_string())?;
+/// Runs the transport's handshake, then reads and checks the first frame of a new connection.
+fn first_frame(tcp: TcpStream, opts: &DestOptions) -> Result<Opened, String> {
+    let peer = tcp.peer_addr().map_err(|e| e.to_string())?;
+    let first = FIRST_FRAME.min(opts.peer_timeout);
+    let s = transport::server(tcp, &opts.security, first)?;
+    s.set_read_timeout(Some(first)).map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(opts.peer_timeout))
         .map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(BufReader::with_capacity(
@@ -42,12 +45,19 @@ fn first_frame(s: TcpStream, opts: &DestOptions) -> Result<Opened, String> {
     ));
     let refuse = |why: String| {
         // Tell it why if it speaks frames at all, then close.
-        let mut w = FrameWriter::new(&s);
-        let _ = w.send(Kind::Error, &msg::encode_str(&why));
+        if let Ok(c) = s.try_clone() {
+            let mut w = FrameWriter::new(c);
+            let _ = w.send(Kind::Error, &msg::encode_str(&why));
+        }
         let _ = s.shutdown(Shutdown::Both);
         why
     };
-    let f = reader.expect().map_err(|e| refuse(e.to_string()))?;
+    let f = reader.expect().map_err(|e| {
+        refuse(match s.transport_error() {
+            Some(t) => format!("{e}: TLS: {t}"),
+            None => e.to_string(),
+        })
+    })?;
     if f.kind != Kind::Hello {
         return Err(refuse(format!("opened with {:?}, not Hello", f.kind)));
     }
@@ -58,11 +68,21 @@ fn first_frame(s: TcpStream, opts: &DestOptions) -> Result<Opened, String> {
     if hello.role != Role::Control {
         return Err(refuse("a page connection before any control connection".into()));
     }
+    match (opts.security.psk().is_some(), hello.caps & CAP_PSK != 0) {
+        (true, false) => return Err(refuse("this destination requires a pre-shared key (--psk-file)".into())),
+        (false, true) => {
+            return Err(refuse(
+                "this destination has no pre-shared key; start it with the same --psk-file".into(),
+            ))
+        }
+        _ => {}
+    }
     s.set_read_timeout(Some(opts.peer_timeout)).map_err(|e| e.to_string())?;
     Ok(Opened {
         control: s,
         reader,
         hello,
+        hello_bytes: f.payload,
         peer,
     })
 }

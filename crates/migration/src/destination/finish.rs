@@ -11,8 +11,8 @@ use crate::frame::{FrameReader, Kind};
 use crate::msg::{self, Digest, Ready, Report, Running, VerifyMode, VmConfigMsg};
 use crate::progress;
 use crate::session::{boot_id, mono_ns};
+use crate::transport::Conn;
 use std::io::BufReader;
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 use vfio::{MigFlags, MigState};
@@ -22,7 +22,7 @@ use vmm::{layout, Vm};
 /// The destination's side of the conversation, and what it goes by.
 pub(super) struct Talk<'a> {
     pub ctl: &'a mut Ctl,
-    pub r: &'a mut FrameReader<BufReader<TcpStream>>,
+    pub r: &'a mut FrameReader<BufReader<Conn>>,
     pub cfg: &'a VmConfigMsg,
     pub opts: &'a DestOptions,
     pub log: &'a dyn Fn(&str),
@@ -57,7 +57,7 @@ fn own_digest(vm: &Vm, rx: &Received) -> Result<Digest, MigError> {
     })
 }
 
-fn read_digest(r: &mut FrameReader<BufReader<TcpStream>>) -> Result<Digest, MigError> {
+fn read_digest(r: &mut FrameReader<BufReader<Conn>>) -> Result<Digest, MigError> {
     let f = r.expect()?;
     match f.kind {
         Kind::Digest => Ok(Digest::decode(&f.payload)?),
@@ -66,7 +66,7 @@ fn read_digest(r: &mut FrameReader<BufReader<TcpStream>>) -> Result<Digest, MigE
     }
 }
 
-pub(super) fn finish(control: &TcpStream, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received) -> Result<Incoming, MigError> {
+pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received) -> Result<Incoming, MigError> {
     let Talk { ctl, r, cfg, opts, log } = t;
     // ---- the whole guest, checked ----
     if let Some((n, first)) = rx.log.missing(&rx.map) {

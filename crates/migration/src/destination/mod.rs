@@ -11,9 +11,11 @@ mod stream;
 
 use crate::error::{MigError, WireError};
 use crate::frame::{FrameWriter, Kind};
-use crate::msg::{self, Hello, Report, Role, CAP_LZ4, CAP_VERIFY, VERSION};
+use crate::msg::{self, Hello, Report, Role, CAP_LZ4, CAP_PSK, CAP_VERIFY, VERSION};
 use crate::session;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use crate::transport::psk::Dir;
+use crate::transport::Conn;
+use std::net::{Shutdown, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 use vmm::Vm;
@@ -29,6 +31,8 @@ pub struct DestOptions {
     /// The longest the destination waits on the source: for the next bytes of a
     /// connection, for the page connections, and for the commit.
     pub peer_timeout: Duration,
+    /// Plain TCP, TLS or a pre-shared key; the source must use the same.
+    pub security: crate::transport::Security,
     /// Test-only: resume as soon as ready, without waiting for the source's commit (the
     /// protocol's one safety rule broken on purpose, so the fault matrix can show it sees
     /// the split brain that follows).
@@ -42,6 +46,7 @@ impl Default for DestOptions {
             accel_dev_id: None,
             progress_check: Duration::from_millis(300),
             peer_timeout: Duration::from_secs(10),
+            security: crate::transport::Security::Plain,
             sabotage_resume_before_commit: false,
         }
     }
@@ -70,7 +75,7 @@ pub struct Incoming {
 
 /// The control connection's writer (the destination's side of the return path).
 pub(crate) struct Ctl {
-    pub w: FrameWriter<TcpStream>,
+    pub w: FrameWriter<Conn>,
 }
 
 impl Ctl {
@@ -109,7 +114,7 @@ pub fn receive(listener: &TcpListener, opts: &DestOptions, log: &dyn Fn(&str)) -
 
 fn run(
     listener: &TcpListener,
-    control: &TcpStream,
+    control: &Conn,
     ctl: &mut Ctl,
     opened: accept::Opened,
     opts: &DestOptions,
@@ -117,19 +122,21 @@ fn run(
 ) -> Result<Incoming, MigError> {
     let (mut r, hello) = (opened.reader, opened.hello);
     let nonce = session::nonce();
-    ctl.send(
-        Kind::Hello,
-        &Hello {
-            version: VERSION,
-            role: Role::Control,
-            nonce,
-            caps: CAP_LZ4 | CAP_VERIFY,
-        }
-        .encode(),
-    )?;
+    let psk = opts.security.psk();
+    let mine = Hello {
+        version: VERSION,
+        role: Role::Control,
+        nonce,
+        caps: CAP_LZ4 | CAP_VERIFY | if psk.is_some() { CAP_PSK } else { 0 },
+    }
+    .encode();
+    ctl.send(Kind::Hello, &mine)?;
     let key = session::key(hello.nonce, nonce);
     r.set_key(key);
     ctl.w.set_key(key);
+    let keys = psk.map(|p| p.session(&opened.hello_bytes, &mine));
+    r.set_mac(keys.as_ref().map(|k| k.key(Dir::ToDest, 0)));
+    ctl.w.set_mac(keys.as_ref().map(|k| k.key(Dir::ToSource, 0)));
     let f = r.expect()?;
     if f.kind != Kind::Config {
         return Err(unexpected(f.kind, "Config"));
@@ -138,7 +145,7 @@ fn run(
     build::check_config(&cfg)?;
     let vm = Arc::new(build::build_vm(&cfg, opts)?);
     log(&format!(
-        "built a VM of {} MiB, {} vCPU(s), {}; {} page connection(s); verification {}",
+        "built a VM of {} MiB, {} vCPU(s), {}; {} page connection(s); verification {}; transport {}",
         cfg.mem_mib,
         cfg.vcpus,
         if cfg.accel.is_some() {
@@ -147,9 +154,23 @@ fn run(
             "no device"
         },
         cfg.channels,
-        cfg.verify
+        cfg.verify,
+        opts.security.name()
     ));
-    let received = stream::receive_stream(listener, control, ctl, &mut r, &cfg, &vm, hello.nonce, key, opts)?;
+    let received = stream::receive_stream(
+        listener,
+        control,
+        ctl,
+        &mut r,
+        &cfg,
+        &vm,
+        stream::Session {
+            nonce: hello.nonce,
+            key,
+            keys: keys.as_ref(),
+        },
+        opts,
+    )?;
     let talk = finish::Talk {
         ctl,
         r: &mut r,

@@ -8,8 +8,10 @@ use crate::frame::{FrameReader, Kind};
 use crate::msg::{self, Hello, Role, VerifyMode, VmConfigMsg};
 use crate::pages::{MemoryMap, RunDecoder};
 use crate::session::mono_ns;
+use crate::transport::psk::{self, Dir, PAGE_HELLO};
+use crate::transport::{self, Conn};
 use std::io::BufReader;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -29,10 +31,18 @@ pub(super) struct Received {
     pub t_complete: u64,
 }
 
+/// What ties the page connections to this session: the source's nonce, the CRC key and,
+/// with a pre-shared key, its session keys.
+pub(super) struct Session<'a> {
+    pub nonce: u64,
+    pub key: u64,
+    pub keys: Option<&'a psk::Session>,
+}
+
 /// What the page connections share with the control loop.
 struct PageSide {
     threads: Vec<JoinHandle<u64>>,
-    streams: Vec<TcpStream>,
+    streams: Vec<Conn>,
     /// Per connection, the last iteration it applied completely.
     progress: Arc<Vec<AtomicU32>>,
     failed: Arc<Mutex<Option<MigError>>>,
@@ -64,13 +74,12 @@ impl PageSide {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn receive_stream(
     listener: &TcpListener,
-    control: &TcpStream,
+    control: &Conn,
     ctl: &mut Ctl,
-    r: &mut FrameReader<BufReader<TcpStream>>,
+    r: &mut FrameReader<BufReader<Conn>>,
     cfg: &VmConfigMsg,
     vm: &Arc<Vm>,
-    nonce: u64,
-    key: u64,
+    sess: Session<'_>,
     opts: &DestOptions,
 ) -> Result<Received, MigError> {
     let map = MemoryMap {
@@ -85,17 +94,7 @@ pub(super) fn receive_stream(
     devices.setup()?;
     ctl.send(Kind::ConfigOk, &[])?;
     let log = Arc::new(PageLog::new(vm.mem_size() / 4096, cfg.verify != VerifyMode::Off));
-    let side = accept_pages(
-        listener,
-        cfg.channels,
-        nonce,
-        key,
-        opts.peer_timeout,
-        &map,
-        vm,
-        &log,
-        control,
-    )?;
+    let side = accept_pages(listener, cfg.channels, &sess, opts, &map, vm, &log, control)?;
 
     let mut report = DestReport::default();
     let mut dec = RunDecoder::new();
@@ -173,13 +172,12 @@ pub(super) fn receive_stream(
 fn accept_pages(
     listener: &TcpListener,
     n: u16,
-    nonce: u64,
-    key: u64,
-    timeout: Duration,
+    sess: &Session<'_>,
+    opts: &DestOptions,
     map: &MemoryMap,
     vm: &Arc<Vm>,
     log: &Arc<PageLog>,
-    control: &TcpStream,
+    control: &Conn,
 ) -> Result<PageSide, MigError> {
     let mut side = PageSide {
         threads: Vec::new(),
@@ -190,6 +188,7 @@ fn accept_pages(
     if n == 0 {
         return Ok(side);
     }
+    let timeout = opts.peer_timeout;
     listener.set_nonblocking(true).map_err(io)?;
     let end = Instant::now() + timeout;
     let mut seen = vec![false; n as usize];
@@ -208,12 +207,18 @@ fn accept_pages(
             };
             s.set_nonblocking(false).map_err(io)?;
             // A stray connection (another session's, or not a migration's at all) is closed
-            // and the wait goes on; its first frame has a few seconds.
-            s.set_read_timeout(Some(timeout.min(Duration::from_secs(5))))
-                .map_err(io)?;
+            // and the wait goes on; its handshake and first frame have a few seconds.
+            let first = timeout.min(Duration::from_secs(5));
+            let Ok(s) = transport::server(s, &opts.security, first) else {
+                continue;
+            };
+            s.set_read_timeout(Some(first)).map_err(io)?;
             s.set_write_timeout(Some(timeout)).map_err(io)?;
-            // Keyed from the first frame: a connection of another session fails its CRC.
-            let mut r = FrameReader::new(BufReader::with_capacity(1 << 20, s.try_clone().map_err(io)?)).with_key(key);
+            // Keyed from the first frame: a connection of another session fails its CRC (and
+            // with a pre-shared key, its tag).
+            let mut r =
+                FrameReader::new(BufReader::with_capacity(1 << 20, s.try_clone().map_err(io)?)).with_key(sess.key);
+            r.set_mac(sess.keys.map(|k| k.key(Dir::ToDest, PAGE_HELLO)));
             let channel = match r.expect().map_err(MigError::from).and_then(|f| {
                 if f.kind != Kind::Hello {
                     return Err(unexpected(f.kind, "Hello"));
@@ -223,7 +228,7 @@ fn accept_pages(
                         role: Role::Pages { channel },
                         nonce: hn,
                         ..
-                    } if hn == nonce && channel < n && !seen[channel as usize] => Ok(channel),
+                    } if hn == sess.nonce && channel < n && !seen[channel as usize] => Ok(channel),
                     _ => Err(MigError::Wire(WireError::Malformed(
                         "not a page connection of this session",
                     ))),
@@ -236,6 +241,7 @@ fn accept_pages(
                 }
             };
             s.set_read_timeout(Some(timeout)).map_err(io)?;
+            r.set_mac(sess.keys.map(|k| k.key(Dir::ToDest, channel + 1)));
             seen[channel as usize] = true;
             side.streams.push(s.try_clone().map_err(io)?);
             let (map, vm, log, failed, progress) = (

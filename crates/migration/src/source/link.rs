@@ -9,7 +9,8 @@ use crate::frame::Kind;
 use crate::msg;
 use crate::sender::{runs, Job, Sender};
 use crate::throttle::Throttle;
-use std::net::{Shutdown, TcpStream};
+use crate::transport::Conn;
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -57,9 +58,9 @@ impl DeviceProgress {
 
 pub(super) struct Link {
     pub vm: Arc<Vm>,
-    pub control: TcpStream,
+    pub control: Conn,
     /// Every connection, the control one first, to shut down when the migration ends.
-    pub sockets: Vec<TcpStream>,
+    pub sockets: Vec<Conn>,
     pub senders: Vec<Sender>,
     /// The sender of each page channel.
     pub pages: Vec<usize>,

@@ -39,6 +39,8 @@ pub struct SourceOptions {
     /// QEMU's `max-bandwidth`, in wire bytes per second over all connections (none: as
     /// fast as the connections go).
     pub max_bandwidth: Option<u64>,
+    /// Plain TCP, TLS or a pre-shared key; the destination must use the same.
+    pub security: crate::transport::Security,
     /// Test-only: injects a loss the verification must catch.
     #[doc(hidden)]
     pub sabotage: Option<Sabotage>,
@@ -56,6 +58,7 @@ impl Default for SourceOptions {
             verify: VerifyMode::Gate,
             peer_timeout: Duration::from_secs(10),
             max_bandwidth: None,
+            security: crate::transport::Security::Plain,
             sabotage: None,
         }
     }
@@ -126,6 +129,7 @@ pub fn migrate(
         i.status = Status::Setup;
         i.livemig.mode = opts.mode.to_string();
         i.livemig.verify = opts.verify.to_string();
+        i.livemig.transport = opts.security.name().into();
         i.livemig.channels = opts.channels;
         i.livemig.downtime_limit_ms = opts.downtime_limit.as_millis() as u64;
         i.livemig.cpu_dirty_log = match vm.dirty_mode() {

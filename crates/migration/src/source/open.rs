@@ -1,24 +1,26 @@
-//! Connections and handshake: `Hello` both ways (each side's nonce; together the session
-//! key), `Config` and `ConfigOk`, the page connections, the senders and the return-path reader.
-//! Every read and write here is bounded by the peer timeout, and every connection is shut down
-//! by a cancel.
+//! Connections and handshake: the transport's own (TLS), `Hello` both ways (each side's
+//! nonce; together the session key, and with a pre-shared key the MAC keys), `Config` and
+//! `ConfigOk`, the page connections, the senders and the return-path reader. Every read and
+//! write here is bounded by the peer timeout, and every connection is shut down by a cancel.
 
 use super::link::{Back, Link, Peer};
 use super::{vm_config_msg, SourceOptions};
 use crate::control::MigrationControl;
 use crate::error::{MigError, WireError};
 use crate::frame::{FrameReader, FrameWriter, Kind};
-use crate::msg::{self, Hello, Role, VerifyMode, CAP_LZ4, CAP_VERIFY, VERSION};
+use crate::msg::{self, Hello, Role, VerifyMode, CAP_LZ4, CAP_PSK, CAP_VERIFY, VERSION};
 use crate::pages::PageStats;
 use crate::sender::{Limiter, Sender, Shared};
 use crate::session;
+use crate::transport::psk::{Dir, PAGE_HELLO};
+use crate::transport::{self, Conn};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::mpsc::channel;
 use std::sync::Arc;
-use std::time::Duration;
 use vmm::Vm;
 
-fn connect(to: &str, timeout: Duration, ctl: &MigrationControl) -> Result<TcpStream, MigError> {
+fn connect(to: &str, opts: &SourceOptions, ctl: &MigrationControl) -> Result<Conn, MigError> {
+    let timeout = opts.peer_timeout;
     let cerr = |e| MigError::Connect {
         what: to.to_string(),
         source: e,
@@ -28,8 +30,12 @@ fn connect(to: &str, timeout: Duration, ctl: &MigrationControl) -> Result<TcpStr
         .map_err(cerr)?
         .next()
         .ok_or_else(|| cerr(std::io::Error::other("no address")))?;
-    let s = TcpStream::connect_timeout(&addr, timeout).map_err(cerr)?;
-    let _ = s.set_nodelay(true);
+    let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(cerr)?;
+    // Registered before the TLS handshake: a cancel ends that too.
+    if let Ok(t) = tcp.try_clone() {
+        ctl.watch(&Conn::tcp(t));
+    }
+    let s = transport::client(tcp, transport::host_of(to), &opts.security, timeout).map_err(MigError::Transport)?;
     // A peer that stops reading (no FIN, no RST) blocks a write at most this long.
     s.set_write_timeout(Some(timeout)).map_err(cerr)?;
     s.set_read_timeout(Some(timeout)).map_err(cerr)?;
@@ -37,7 +43,24 @@ fn connect(to: &str, timeout: Duration, ctl: &MigrationControl) -> Result<TcpStr
     Ok(s)
 }
 
-fn expect(r: &mut FrameReader<TcpStream>, want: Kind, what: &'static str) -> Result<Vec<u8>, MigError> {
+/// A failure on `conn`, with the transport's reason when it has one (a TLS alert says more
+/// than "connection closed").
+fn explain(e: MigError, conn: &Conn) -> MigError {
+    match (conn.transport_error(), &e) {
+        (Some(why), MigError::Wire(_)) => {
+            let hint = transport::tls::alert_hint(&why)
+                .map(|h| format!("{h}; "))
+                .unwrap_or_default();
+            MigError::Transport(format!(
+                "the destination refused the TLS session: {hint}{why} ({})",
+                e.chain()
+            ))
+        }
+        _ => e,
+    }
+}
+
+fn expect(r: &mut FrameReader<Conn>, want: Kind, what: &'static str) -> Result<Vec<u8>, MigError> {
     let f = r.expect()?;
     match f.kind {
         k if k == want => Ok(f.payload),
@@ -56,10 +79,11 @@ pub(super) fn open(
     opts: &SourceOptions,
     ctl: &MigrationControl,
 ) -> Result<(Box<Link>, Arc<PageStats>), MigError> {
-    let control = connect(to, opts.peer_timeout, ctl)?;
+    let control = connect(to, opts, ctl)?;
     let nonce = session::nonce();
     let verify = opts.verify != VerifyMode::Off;
-    let caps = CAP_LZ4 | if verify { CAP_VERIFY } else { 0 };
+    let psk = opts.security.psk();
+    let caps = CAP_LZ4 | if verify { CAP_VERIFY } else { 0 } | if psk.is_some() { CAP_PSK } else { 0 };
     let mut w = FrameWriter::new(control.try_clone()?);
     let mut r = FrameReader::new(control.try_clone()?);
     let hello = Hello {
@@ -67,9 +91,11 @@ pub(super) fn open(
         role: Role::Control,
         nonce,
         caps,
-    };
-    w.send(Kind::Hello, &hello.encode())?;
-    let peer = Hello::decode(&expect(&mut r, Kind::Hello, "Hello")?)?;
+    }
+    .encode();
+    w.send(Kind::Hello, &hello).map_err(|e| explain(e.into(), &control))?;
+    let peer_hello = expect(&mut r, Kind::Hello, "Hello").map_err(|e| explain(e, &control))?;
+    let peer = Hello::decode(&peer_hello)?;
     if peer.version != VERSION {
         return Err(WireError::Version(peer.version, VERSION).into());
     }
@@ -79,15 +105,31 @@ pub(super) fn open(
     if verify && peer.caps & CAP_VERIFY == 0 {
         return Err(MigError::Incompatible("the destination cannot verify".into()));
     }
+    match (psk.is_some(), peer.caps & CAP_PSK != 0) {
+        (true, false) => {
+            return Err(MigError::Transport(
+                "the destination has no pre-shared key; start it with the same --psk-file".into(),
+            ))
+        }
+        (false, true) => {
+            return Err(MigError::Transport(
+                "the destination requires a pre-shared key (--psk-file)".into(),
+            ))
+        }
+        _ => {}
+    }
     let key = session::key(nonce, peer.nonce);
     w.set_key(key);
     r.set_key(key);
+    let keys = psk.map(|p| p.session(&hello, &peer_hello));
+    w.set_mac(keys.as_ref().map(|k| k.key(Dir::ToDest, 0)));
+    r.set_mac(keys.as_ref().map(|k| k.key(Dir::ToSource, 0)));
     let mut cfg = vm_config_msg(vm, opts);
     cfg.verify = opts.verify;
     w.send(Kind::Config, &cfg.encode())?;
     let ok = expect(&mut r, Kind::ConfigOk, "ConfigOk").map_err(|e| match e {
         MigError::Peer(m) => MigError::Incompatible(m),
-        e => e,
+        e => explain(e, &control),
     })?;
     msg::decode_empty(&ok)?;
 
@@ -110,19 +152,29 @@ pub(super) fn open(
         shared.clone(),
         w.seq(),
         key,
+        keys.as_ref().map(|k| k.key(Dir::ToDest, 0)),
     )];
     for c in 0..opts.channels {
-        let s = connect(to, opts.peer_timeout, ctl)?;
+        let s = connect(to, opts, ctl)?;
         let mut pw = FrameWriter::new(s.try_clone()?).with_key(key);
+        pw.set_mac(keys.as_ref().map(|k| k.key(Dir::ToDest, PAGE_HELLO)));
         let h = Hello {
             version: VERSION,
             role: Role::Pages { channel: c },
             nonce,
             caps,
         };
-        pw.send(Kind::Hello, &h.encode())?;
+        pw.send(Kind::Hello, &h.encode()).map_err(|e| explain(e.into(), &s))?;
         sockets.push(s.try_clone()?);
-        senders.push(Sender::spawn_after(format!("mig-pages-{c}"), s, shared.clone(), 1, key));
+        let mac = keys.as_ref().map(|k| k.key(Dir::ToDest, c + 1));
+        senders.push(Sender::spawn_after(
+            format!("mig-pages-{c}"),
+            s,
+            shared.clone(),
+            1,
+            key,
+            mac,
+        ));
     }
     let pages: Vec<usize> = if opts.channels == 0 {
         vec![0]
