@@ -3,11 +3,12 @@
 //! `{"error": {"desc": "..."}}`). Commands: `query-status`, `migrate`, `query-migrate`,
 //! `migrate-cancel`, `cont`, `quit`.
 
+use crate::security::SecFlags;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// `"verify"`: a mode name, or the boolean older scripts send (`true`: the default mode,
@@ -47,6 +48,13 @@ pub struct MigrateArgs {
     pub max_bandwidth: u64,
     /// Milliseconds the source waits on a silent destination before it gives up.
     pub peer_timeout: u64,
+    /// TLS credentials (all three) or a pre-shared key file, loaded when the migration
+    /// starts; none of them: plain TCP.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_hostname: Option<String>,
+    pub psk_file: Option<PathBuf>,
 }
 
 impl Default for MigrateArgs {
@@ -62,11 +70,38 @@ impl Default for MigrateArgs {
             verify: VerifyArg::Flag(true),
             max_bandwidth: 0,
             peer_timeout: 10_000,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_hostname: None,
+            psk_file: None,
         }
     }
 }
 
 impl MigrateArgs {
+    pub fn security(&self) -> SecFlags {
+        SecFlags {
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_hostname: self.tls_hostname.clone(),
+            psk_file: self.psk_file.clone(),
+        }
+    }
+
+    /// The same arguments with `sec`'s transport.
+    pub fn with_security(self, sec: SecFlags) -> MigrateArgs {
+        MigrateArgs {
+            tls_cert: sec.tls_cert,
+            tls_key: sec.tls_key,
+            tls_ca: sec.tls_ca,
+            tls_hostname: sec.tls_hostname,
+            psk_file: sec.psk_file,
+            ..self
+        }
+    }
+
     pub fn options(&self) -> Result<migration::SourceOptions> {
         let mode = migration::DeviceTracking::parse(&self.mode)
             .ok_or_else(|| anyhow!("unknown mode '{}' (iommu, device-log, none)", self.mode))?;
@@ -98,6 +133,7 @@ impl MigrateArgs {
             verify: self.verify.mode()?,
             max_bandwidth: (self.max_bandwidth > 0).then_some(self.max_bandwidth),
             peer_timeout: Duration::from_millis(self.peer_timeout),
+            security: self.security().load()?,
             ..Default::default()
         })
     }

@@ -2,8 +2,10 @@
 //! migration between them with a progress display, and its summary.
 
 use crate::control::{Client, MigrateArgs};
+use crate::security::{self, SecFlags};
 use crate::vmopts::VmOpts;
 use anyhow::{anyhow, bail, Context, Result};
+use migration::transport::throwaway;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -57,12 +59,50 @@ fn vm_args(o: &VmOpts) -> Vec<String> {
     a
 }
 
+/// The demo's transport: plain TCP unless one of these is given.
+pub struct Transport {
+    /// Mutual TLS with throwaway credentials.
+    pub tls: bool,
+    pub psk_file: Option<PathBuf>,
+}
+
+/// A directory removed with everything in it when the demo ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Each side's transport flags, and the directory of throwaway credentials to remove.
+fn transport(t: &Transport) -> Result<(SecFlags, SecFlags, Option<TempDir>)> {
+    if t.tls {
+        let dir = TempDir(std::env::temp_dir().join(format!("livemig-demo-{}-tls", std::process::id())));
+        let f = throwaway::generate(&dir.0).map_err(|e| anyhow!("throwaway TLS credentials: {e}"))?;
+        return Ok((
+            security::throwaway_side(&f.source, &f.ca),
+            security::throwaway_side(&f.dest, &f.ca),
+            Some(dir),
+        ));
+    }
+    let sec = SecFlags {
+        psk_file: t.psk_file.clone(),
+        ..Default::default()
+    }
+    .absolute()?;
+    // Refused here rather than by both children.
+    sec.load()?;
+    Ok((sec.clone(), sec, None))
+}
+
 /// Runs the demo; its exit status is `livemig migrate`'s (0 only when the migration
 /// completed, verified unless verification was turned off).
-pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool) -> Result<i32> {
+pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool, how: Transport) -> Result<i32> {
     vmm::kvm_for_tests().map_err(|e| anyhow!("the demo needs KVM: {e}"))?;
     vm.validate()?;
     vm.config()?;
+    let (src_sec, dest_sec, _creds) = transport(&how)?;
     let exe = std::env::current_exe().context("finding the livemig binary")?;
     let mut kids = Children(Vec::new());
     let say = |m: &str| {
@@ -76,6 +116,7 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool) -> Result
         .env(crate::PARENT_ENV, std::process::id().to_string())
         .args(["receive", "--listen", "127.0.0.1:0", "--exit-after-ms", "1000"])
         .args(["--peer-timeout", &format!("{}", mig.peer_timeout as f64 / 1000.0)])
+        .args(dest_sec.cli_args())
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the destination process")?;
@@ -121,10 +162,17 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool) -> Result
     std::thread::sleep(Duration::from_millis(warmup_ms));
     let st = c.execute("query-status", serde_json::json!({}))?;
     say(&format!(
-        "guest warmed up for {warmup_ms} ms: {} pages written, {} accel jobs completed; migrating (mode {})",
-        st["pages-written"], st["jobs-completed"], mig.mode
+        "guest warmed up for {warmup_ms} ms: {} pages written, {} accel jobs completed; migrating (mode {}, {})",
+        st["pages-written"],
+        st["jobs-completed"],
+        mig.mode,
+        match (how.tls, &how.psk_file) {
+            (true, _) => "mutual TLS with throwaway certificates",
+            (_, Some(_)) => "frames authenticated by the pre-shared key",
+            _ => "plain TCP",
+        }
     ));
-    let mig = MigrateArgs { uri: addr, ..mig };
+    let mig = MigrateArgs { uri: addr, ..mig }.with_security(src_sec);
     c.execute("migrate", serde_json::to_value(&mig)?)?;
     let info = crate::summary::follow(&mut c, !json)?;
     // The source holds its paused copy after a handover until told otherwise; the demo is

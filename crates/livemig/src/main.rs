@@ -25,6 +25,7 @@ mod faults_cmd;
 mod iommu_demo;
 mod receive;
 mod run;
+mod security;
 mod summary;
 mod vmopts;
 
@@ -104,6 +105,7 @@ impl MigFlags {
             }),
             max_bandwidth: (self.max_bandwidth_mib * 1048576.0) as u64,
             peer_timeout: (self.peer_timeout * 1000.0) as u64,
+            ..Default::default()
         }
     }
 }
@@ -123,6 +125,14 @@ enum Cmd {
         /// Print the final state as one JSON object (QEMU query-migrate field names).
         #[arg(long)]
         json: bool,
+        /// Migrate over mutually authenticated TLS with a throwaway CA and certificates
+        /// generated for this run (in a temporary directory, removed afterwards).
+        #[arg(long, conflicts_with = "psk_file")]
+        tls: bool,
+        /// Authenticate every frame with the pre-shared key in this file (at least 32 hex
+        /// digits, mode 0600), on both sides.
+        #[arg(long)]
+        psk_file: Option<PathBuf>,
     },
     /// Start a VM running its guest programs, controlled through a unix socket (JSON lines:
     /// query-status, migrate, query-migrate, migrate-cancel, cont, quit). After a migration
@@ -158,6 +168,8 @@ enum Cmd {
         to: String,
         #[command(flatten)]
         mig: MigFlags,
+        #[command(flatten)]
+        sec: security::SecFlags,
         /// Print the final state as one JSON object.
         #[arg(long)]
         json: bool,
@@ -178,6 +190,8 @@ enum Cmd {
         /// before this side gives up; without the source's commit the VM is discarded.
         #[arg(long, default_value_t = 10.0, value_parser = parse_timeout)]
         peer_timeout: f64,
+        #[command(flatten)]
+        sec: security::SecFlags,
         /// Test-only: resume without waiting for the source's commit (breaks the protocol on
         /// purpose; the fault matrix must then report split brains).
         #[arg(long, hide = true)]
@@ -381,15 +395,31 @@ fn run() -> Result<i32> {
             mig,
             warmup_ms,
             json,
-        } => demo::demo(&vm, mig.args(String::new()), warmup_ms, json),
+            tls,
+            psk_file,
+        } => demo::demo(
+            &vm,
+            mig.args(String::new()),
+            warmup_ms,
+            json,
+            demo::Transport { tls, psk_file },
+        ),
         Cmd::Run {
             vm,
             control,
             release_after,
         } => run::run(&vm, &control, release_after.map(std::time::Duration::from_secs_f64)).map(|()| 0),
-        Cmd::Migrate { control, to, mig, json } => {
+        Cmd::Migrate {
+            control,
+            to,
+            mig,
+            sec,
+            json,
+        } => {
+            // The VM process loads the files: it may run in another directory.
+            let args = mig.args(to).with_security(sec.absolute()?);
             let mut c = control::Client::connect(&control)?;
-            c.execute("migrate", serde_json::to_value(mig.args(to))?)?;
+            c.execute("migrate", serde_json::to_value(args)?)?;
             let info = summary::follow(&mut c, !json)?;
             if json {
                 out!("{}", serde_json::to_string_pretty(&info)?);
@@ -403,12 +433,14 @@ fn run() -> Result<i32> {
             accel_dev_id,
             exit_after_ms,
             peer_timeout,
+            sec,
             sabotage_resume_before_commit,
         } => receive::receive(
             &listen,
             migration::DestOptions {
                 accel_dev_id,
                 peer_timeout: std::time::Duration::from_secs_f64(peer_timeout),
+                security: sec.for_destination()?,
                 sabotage_resume_before_commit,
                 ..Default::default()
             },

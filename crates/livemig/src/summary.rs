@@ -79,10 +79,11 @@ fn outcome(i: &Value) -> String {
 pub fn print(i: &Value) {
     let status = s(i, "status");
     out!(
-        "migration {status} (mode {}, verify {}, {} page channel(s), CPU dirty log {})",
+        "migration {status} (mode {}, verify {}, {} page channel(s), transport {}, CPU dirty log {})",
         s(i, "livemig.mode"),
         s(i, "livemig.verify"),
         u(i, "livemig.channels"),
+        s(i, "livemig.transport"),
         s(i, "livemig.cpu-dirty-log")
     );
     out!("  outcome           {}", outcome(i));
