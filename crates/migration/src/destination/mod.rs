@@ -102,7 +102,14 @@ pub fn receive(listener: &TcpListener, opts: &DestOptions, log: &dyn Fn(&str)) -
     let mut ctl = Ctl {
         w: FrameWriter::new(control.try_clone().map_err(io)?),
     };
-    let res = run(listener, &control, &mut ctl, opened, opts, log);
+    let res = run(listener, &control, &mut ctl, opened, opts, log).map_err(|e| match (control.transport_error(), e) {
+        // A record that failed its authentication ends the session; say so rather than
+        // "connection closed".
+        (Some(why), MigError::Wire(w)) => {
+            MigError::Transport(format!("the TLS session with the source failed: {why} ({w})"))
+        }
+        (_, e) => e,
+    });
     if let Err(e) = &res {
         // Best effort: the source learns why, then both ends close. After a commit this
         // frame means "discarded".
