@@ -8,7 +8,7 @@
 //! Only the first connection (the control connection) is rewritten; run it with page
 //! channels off so the final round travels there.
 
-use migration::frame::{encode_keyed, Kind, HEADER_LEN, MAGIC, MAX_PAYLOAD};
+use migration::frame::{encode_keyed, encode_unchecked, Kind, HEADER_LEN, MAGIC, MAX_PAYLOAD};
 use migration::msg::{Encoding, Hello, PagesHead, CAP_PSK, PAGES_HEAD};
 use migration::transport::psk::TAG;
 use std::io::{ErrorKind, Read, Write};
@@ -248,13 +248,21 @@ fn frames(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
         let kind = Kind::from_u8(f[4]);
         let seq = seq_of(&f);
         let payload = &f[HEADER_LEN..];
-        // A forged payload carries a tag the forger cannot compute: zeros in its place.
+        // Frames as the sender makes them: with a key, no CRC but a tag, which the forger
+        // cannot compute (zeros stand in for it in a frame it makes up).
+        let encode = |out: &mut Vec<u8>, kind: Kind, seq: u64, payload: &[u8]| {
+            if psk {
+                encode_unchecked(out, kind, seq, payload)
+            } else {
+                encode_keyed(out, key, kind, seq, payload)
+            }
+        };
         let forge = |out: &mut Vec<u8>, kind: Kind, seq: u64, body: &[u8]| {
             let mut p = body.to_vec();
             if psk {
                 p.extend_from_slice(&[0; TAG]);
             }
-            encode_keyed(out, key, kind, seq, &p);
+            encode(out, kind, seq, &p);
         };
         out.clear();
         let at = |shift: i64| seq.wrapping_add_signed(shift);
@@ -288,7 +296,7 @@ fn frames(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
                         if let Some(s) = pick {
                             let p = &s.frame[HEADER_LEN..];
                             let kind = Kind::Pages;
-                            encode_keyed(&mut out, key, kind, at(shift), p);
+                            encode(&mut out, kind, at(shift), p);
                             shift += 1;
                             note(
                                 sh,
@@ -351,7 +359,7 @@ fn frames(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
             _ => {}
         }
         match kind {
-            Some(k) if shift != 0 => encode_keyed(&mut out, key, k, at(shift), payload),
+            Some(k) if shift != 0 => encode(&mut out, k, at(shift), payload),
             _ => out.extend_from_slice(&f),
         }
         if to.write_all(&out).is_err() {

@@ -106,6 +106,12 @@ pub fn encode_keyed(out: &mut Vec<u8>, key: u64, kind: Kind, seq: u64, payload: 
     out.extend_from_slice(payload);
 }
 
+/// Encodes a frame whose CRC field stays zero: one a tag or TLS authenticates.
+pub fn encode_unchecked(out: &mut Vec<u8>, kind: Kind, seq: u64, payload: &[u8]) {
+    out.extend_from_slice(&header(kind, payload.len() as u32, seq));
+    out.extend_from_slice(payload);
+}
+
 /// Writes frames with consecutive sequence numbers.
 pub struct FrameWriter<W: Write> {
     w: W,
@@ -113,6 +119,8 @@ pub struct FrameWriter<W: Write> {
     key: u64,
     /// With a pre-shared key: every payload goes out followed by its tag.
     mac: Option<MacKey>,
+    /// Whether frames carry a CRC (not when a tag or TLS authenticates them).
+    crc: bool,
     buf: Vec<u8>,
     bytes: u64,
 }
@@ -128,13 +136,21 @@ impl<W: Write> FrameWriter<W> {
             seq,
             key: 0,
             mac: None,
+            crc: true,
             buf: Vec::new(),
             bytes: 0,
         }
     }
-    /// Frames from here on carry an HMAC tag under `mac` (a pre-shared key's).
+    /// Frames from here on carry an HMAC tag under `mac` (a pre-shared key's), which makes
+    /// their CRC redundant: it is left zero.
     pub fn set_mac(&mut self, mac: Option<MacKey>) {
+        self.crc &= mac.is_none();
         self.mac = mac;
+    }
+    /// Frames from here on go over a connection that authenticates every byte (TLS): their
+    /// CRC is left zero.
+    pub fn trust_transport(&mut self) {
+        self.crc = false;
     }
     /// Frames from here on carry the session key in their CRC.
     pub fn with_key(mut self, key: u64) -> Self {
@@ -151,13 +167,14 @@ impl<W: Write> FrameWriter<W> {
     pub fn send(&mut self, kind: Kind, payload: &[u8]) -> std::io::Result<()> {
         self.buf.clear();
         match &self.mac {
-            None => encode_keyed(&mut self.buf, self.key, kind, self.seq, payload),
+            None if self.crc => encode_keyed(&mut self.buf, self.key, kind, self.seq, payload),
+            None => encode_unchecked(&mut self.buf, kind, self.seq, payload),
             Some(m) => {
                 let tag = m.tag(self.seq, kind as u8, payload);
                 let mut p = Vec::with_capacity(payload.len() + TAG);
                 p.extend_from_slice(payload);
                 p.extend_from_slice(&tag);
-                encode_keyed(&mut self.buf, self.key, kind, self.seq, &p);
+                encode_unchecked(&mut self.buf, kind, self.seq, &p);
             }
         }
         self.seq += 1;
@@ -183,6 +200,8 @@ pub struct FrameReader<R: Read> {
     key: u64,
     /// With a pre-shared key: every payload must end in its tag.
     mac: Option<MacKey>,
+    /// Whether frames carry a CRC to check.
+    crc: bool,
     bytes: u64,
 }
 
@@ -202,12 +221,19 @@ impl<R: Read> FrameReader<R> {
             seq: 0,
             key: 0,
             mac: None,
+            crc: true,
             bytes: 0,
         }
     }
-    /// Frames from here on must carry an HMAC tag under `mac`.
+    /// Frames from here on must carry an HMAC tag under `mac`, and no CRC.
     pub fn set_mac(&mut self, mac: Option<MacKey>) {
+        self.crc &= mac.is_none();
         self.mac = mac;
+    }
+    /// Frames from here on come over a connection that authenticates every byte (TLS), and
+    /// carry no CRC.
+    pub fn trust_transport(&mut self) {
+        self.crc = false;
     }
     /// Frames from here on must carry the session key in their CRC.
     pub fn set_key(&mut self, key: u64) {
@@ -247,7 +273,8 @@ impl<R: Read> FrameReader<R> {
         let want = u32::from_le_bytes(h[20..24].try_into().unwrap());
         let mut hh = h;
         hh[20..24].fill(0);
-        if checksum(self.key, &hh, &payload) != want {
+        let sum = if self.crc { checksum(self.key, &hh, &payload) } else { 0 };
+        if sum != want {
             return Err(WireError::Checksum { seq: self.seq });
         }
         // Checked after the checksum, so a corrupted kind or reserved byte reads as corruption.

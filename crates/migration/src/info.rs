@@ -123,6 +123,9 @@ pub struct LivemigInfo {
     pub verify: String,
     /// `tcp`, `tls` or `psk`.
     pub transport: String,
+    /// Time from the bulk round's start to the switchover, in which `ram.precopy-bytes`
+    /// were sent (less the handshake's few).
+    pub precopy_ms: f64,
     pub outcome: Outcome,
     pub destination: DestState,
     pub downtime_parts: DowntimeParts,

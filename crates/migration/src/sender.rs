@@ -149,8 +149,12 @@ impl Sender {
 
 fn run(rx: Receiver<Job>, stream: Conn, sh: &Shared, seq: u64, key: u64, mac: Option<MacKey>) -> Result<(), String> {
     let (mem, stats) = (&*sh.mem, &*sh.stats);
+    let tls = stream.authenticated();
     let mut w = FrameWriter::with_seq(BufWriter::with_capacity(1 << 20, stream), seq).with_key(key);
     w.set_mac(mac);
+    if tls {
+        w.trust_transport();
+    }
     let mut enc = RunEncoder::new(sh.compress);
     let mut counted = 0u64;
     let err = |e: std::io::Error| e.to_string();

@@ -144,6 +144,10 @@ fn run(
     let keys = psk.map(|p| p.session(&opened.hello_bytes, &mine));
     r.set_mac(keys.as_ref().map(|k| k.key(Dir::ToDest, 0)));
     ctl.w.set_mac(keys.as_ref().map(|k| k.key(Dir::ToSource, 0)));
+    if control.authenticated() {
+        r.trust_transport();
+        ctl.w.trust_transport();
+    }
     let f = r.expect()?;
     if f.kind != Kind::Config {
         return Err(unexpected(f.kind, "Config"));

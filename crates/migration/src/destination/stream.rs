@@ -219,6 +219,9 @@ fn accept_pages(
             let mut r =
                 FrameReader::new(BufReader::with_capacity(1 << 20, s.try_clone().map_err(io)?)).with_key(sess.key);
             r.set_mac(sess.keys.map(|k| k.key(Dir::ToDest, PAGE_HELLO)));
+            if s.authenticated() {
+                r.trust_transport();
+            }
             let channel = match r.expect().map_err(MigError::from).and_then(|f| {
                 if f.kind != Kind::Hello {
                     return Err(unexpected(f.kind, "Hello"));

@@ -205,6 +205,7 @@ pub(super) fn after_commit(
     ctl.update(|i| {
         i.vfio.transferred = pre.devp.bytes;
         i.ram.precopy_bytes = pre.bytes;
+        i.livemig.precopy_ms = pre.sending * 1e3;
         i.ram.downtime_bytes = stats.wire_bytes.load(Ordering::Relaxed) - pre.bytes;
         i.ram.remaining = 0;
         i.ram.iteration_count = pre.iteration;

@@ -124,6 +124,10 @@ pub(super) fn open(
     let keys = psk.map(|p| p.session(&hello, &peer_hello));
     w.set_mac(keys.as_ref().map(|k| k.key(Dir::ToDest, 0)));
     r.set_mac(keys.as_ref().map(|k| k.key(Dir::ToSource, 0)));
+    if control.authenticated() {
+        w.trust_transport();
+        r.trust_transport();
+    }
     let mut cfg = vm_config_msg(vm, opts);
     cfg.verify = opts.verify;
     w.send(Kind::Config, &cfg.encode())?;
@@ -158,6 +162,9 @@ pub(super) fn open(
         let s = connect(to, opts, ctl)?;
         let mut pw = FrameWriter::new(s.try_clone()?).with_key(key);
         pw.set_mac(keys.as_ref().map(|k| k.key(Dir::ToDest, PAGE_HELLO)));
+        if s.authenticated() {
+            pw.trust_transport();
+        }
         let h = Hello {
             version: VERSION,
             role: Role::Pages { channel: c },

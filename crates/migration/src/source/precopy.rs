@@ -22,8 +22,10 @@ pub(super) struct Precopy {
     pub expected: Duration,
     pub cpu_dirty_total: u64,
     pub dev_dirty_total: u64,
-    /// Seconds of pre-copy (bulk round and iterations).
+    /// Seconds of the iterations after the bulk round (what the dirty rates are over).
     pub seconds: f64,
+    /// Seconds from the bulk round's start to the switchover: what sent `bytes`.
+    pub sending: f64,
     pub bytes: u64,
     pub devp: DeviceProgress,
     /// Pages the last sync found dirty and that were not sent: the final round sends them
@@ -71,6 +73,7 @@ pub(super) fn run(
     let mut conv = Convergence::new(opts.downtime_limit, opts.auto_converge, Instant::now(), 0);
     let mut iteration = 1u64;
     let (mut cpu_dirty_total, mut dev_dirty_total) = (0u64, 0u64);
+    let bulk = Instant::now();
     link.queue_pages(&all)?;
     link.end_iteration(1, all.count())?;
     // The bulk round can take long (a bandwidth cap): show it moving.
@@ -165,6 +168,7 @@ pub(super) fn run(
         cpu_dirty_total,
         dev_dirty_total,
         seconds: start.elapsed().as_secs_f64().max(1e-6),
+        sending: bulk.elapsed().as_secs_f64(),
         bytes: stats.wire_bytes.load(Ordering::Relaxed),
         devp,
         pending: cpu,

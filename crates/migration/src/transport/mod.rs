@@ -2,20 +2,18 @@
 //! QEMU), TLS 1.3 with mutual authentication on every connection, or a pre-shared key that
 //! puts an HMAC on every frame.
 //!
-//! The engines see one type, [`Conn`], whatever the transport: a TCP stream, or for TLS the
-//! local end of a socket pair whose other end a bridge thread (`bridge.rs`) relays through
-//! the TLS session. So timeouts, `shutdown` (which a cancel relies on) and clones for a
-//! reader and a writer work the same on both.
+//! The engines see one type, [`Conn`], whatever the transport: a TCP stream, or a TLS session
+//! over one that the connection's threads share (`session.rs`). Timeouts, `shutdown` (which a
+//! cancel relies on) and clones for a reader and a writer work the same on both.
 
-mod bridge;
 pub mod psk;
+mod session;
 pub mod throwaway;
 pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use psk::Psk;
@@ -58,26 +56,34 @@ impl std::fmt::Debug for Security {
     }
 }
 
-#[derive(Debug)]
 enum Inner {
     Tcp(TcpStream),
-    /// The application's end of a socket pair relayed through TLS.
-    Bridged(UnixStream),
+    Tls(Arc<session::Tls>),
 }
 
 /// One connection of a migration, whatever its transport.
-#[derive(Debug)]
 pub struct Conn {
     inner: Inner,
-    /// Why the TLS session ended, when it ended in an error.
-    tls_error: Option<Arc<Mutex<Option<String>>>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Inner::Tcp(s) => write!(f, "Conn::Tcp({s:?})"),
+            Inner::Tls(t) => write!(f, "Conn::Tls({:?})", t.tcp()),
+        }
+    }
 }
 
 impl Conn {
     pub fn tcp(s: TcpStream) -> Conn {
-        Conn {
-            inner: Inner::Tcp(s),
-            tls_error: None,
+        Conn { inner: Inner::Tcp(s) }
+    }
+
+    fn socket(&self) -> &TcpStream {
+        match &self.inner {
+            Inner::Tcp(s) => s,
+            Inner::Tls(t) => t.tcp(),
         }
     }
 
@@ -85,39 +91,38 @@ impl Conn {
         Ok(Conn {
             inner: match &self.inner {
                 Inner::Tcp(s) => Inner::Tcp(s.try_clone()?),
-                Inner::Bridged(s) => Inner::Bridged(s.try_clone()?),
+                Inner::Tls(t) => Inner::Tls(t.clone()),
             },
-            tls_error: self.tls_error.clone(),
         })
     }
 
-    /// Shuts the connection down; for TLS the bridge then closes the session and the socket.
+    /// Shuts the connection down; TLS says `close_notify` first when it can.
     pub fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
         match &self.inner {
             Inner::Tcp(s) => s.shutdown(how),
-            Inner::Bridged(s) => s.shutdown(how),
+            Inner::Tls(t) => t.shutdown(how),
         }
     }
 
     pub fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
-        match &self.inner {
-            Inner::Tcp(s) => s.set_read_timeout(d),
-            Inner::Bridged(s) => s.set_read_timeout(d),
-        }
+        self.socket().set_read_timeout(d)
     }
 
     pub fn set_write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
-        match &self.inner {
-            Inner::Tcp(s) => s.set_write_timeout(d),
-            Inner::Bridged(s) => s.set_write_timeout(d),
-        }
+        self.socket().set_write_timeout(d)
+    }
+
+    /// Whether the connection authenticates every byte itself (TLS), so frames need no CRC.
+    pub fn authenticated(&self) -> bool {
+        matches!(self.inner, Inner::Tls(_))
     }
 
     /// Why the TLS session failed, if it did (an alert from the peer, a bad record).
     pub fn transport_error(&self) -> Option<String> {
-        self.tls_error
-            .as_ref()
-            .and_then(|e| e.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        match &self.inner {
+            Inner::Tcp(_) => None,
+            Inner::Tls(t) => t.error(),
+        }
     }
 }
 
@@ -125,7 +130,7 @@ impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match &mut self.inner {
             Inner::Tcp(s) => s.read(buf),
-            Inner::Bridged(s) => s.read(buf),
+            Inner::Tls(t) => t.read(buf),
         }
     }
 }
@@ -134,13 +139,13 @@ impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match &mut self.inner {
             Inner::Tcp(s) => s.write(buf),
-            Inner::Bridged(s) => s.write(buf),
+            Inner::Tls(t) => t.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match &mut self.inner {
             Inner::Tcp(s) => s.flush(),
-            Inner::Bridged(s) => s.flush(),
+            Inner::Tls(_) => Ok(()),
         }
     }
 }
@@ -157,13 +162,19 @@ fn looks_like_tls(b: &[u8]) -> bool {
     b.len() >= 2 && b[0] == 0x16 && b[1] == 0x03
 }
 
+fn tls_conn(tcp: TcpStream, session: rustls::Connection) -> Conn {
+    Conn {
+        inner: Inner::Tls(Arc::new(session::Tls::new(tcp, session))),
+    }
+}
+
 /// The source's side of a new connection to `host` over `tcp`, with the handshake done.
 pub fn client(tcp: TcpStream, host: &str, sec: &Security, timeout: Duration) -> Result<Conn, String> {
     let _ = tcp.set_nodelay(true);
     match sec {
         Security::Tls(creds) => {
             let session = creds.client_handshake(&tcp, host, timeout)?;
-            bridge::spawn(tcp, session)
+            Ok(tls_conn(tcp, session))
         }
         _ => Ok(Conn::tcp(tcp)),
     }
@@ -176,7 +187,7 @@ pub fn server(tcp: TcpStream, sec: &Security, timeout: Duration) -> Result<Conn,
     match sec {
         Security::Tls(creds) => {
             let session = creds.server_handshake(&tcp, timeout)?;
-            bridge::spawn(tcp, session)
+            Ok(tls_conn(tcp, session))
         }
         _ => {
             let mut first = [0u8; 2];
