@@ -11,7 +11,7 @@ fn gib_per_s(bytes: u64, d: Duration) -> f64 {
 }
 
 /// A ratio; huge ones (a skipped walk against a full one) in scientific notation.
-fn fmt_ratio(x: f64) -> String {
+pub(crate) fn fmt_ratio(x: f64) -> String {
     if x >= 1000.0 {
         format!("{x:.1e}×")
     } else {
@@ -310,126 +310,6 @@ pub fn pause(vcpus: u32, cycles: u32) -> Result<()> {
             fmt_dur(q),
             fmt_dur(x),
             fmt_ratio(m.as_secs_f64() / bm.as_secs_f64())
-        );
-    }
-    Ok(())
-}
-
-/// Raw loopback TCP throughput in bytes/s: the ceiling for any migration stream.
-fn loopback_tcp(bytes: u64) -> Result<f64> {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let rx = std::thread::spawn(move || -> std::io::Result<u64> {
-        let (mut s, _) = l.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
-        loop {
-            match s.read(&mut buf)? {
-                0 => return Ok(n),
-                k => n += k as u64,
-            }
-        }
-    });
-    let mut s = std::net::TcpStream::connect(addr)?;
-    let buf = vec![0x5au8; 1 << 20];
-    let t = std::time::Instant::now();
-    for _ in 0..bytes >> 20 {
-        s.write_all(&buf)?;
-    }
-    drop(s);
-    let got = rx.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
-    Ok(got as f64 / t.elapsed().as_secs_f64())
-}
-
-/// One migration per (mode, verification) of the same guest shape; a table with the `none`
-/// mode (no device-write tracking) of the same verification as the baseline.
-pub fn migration(
-    vm: &crate::vmopts::VmOpts,
-    modes: &[String],
-    verifies: &[String],
-    warmup_ms: u64,
-    channels: u16,
-) -> Result<()> {
-    use migration::{DestOptions, DeviceTracking, MigrationControl, SourceOptions, VerifyMode};
-    vmm::kvm_for_tests().map_err(|e| anyhow::anyhow!("KVM is needed: {e}"))?;
-    let mut rows = Vec::new();
-    let pairs = verifies.iter().flat_map(|v| modes.iter().map(move |m| (m, v)));
-    for (m, v) in pairs {
-        let mode =
-            DeviceTracking::parse(m).ok_or_else(|| anyhow::anyhow!("unknown mode '{m}' (iommu, device-log, none)"))?;
-        let verify =
-            VerifyMode::parse(v).ok_or_else(|| anyhow::anyhow!("unknown verify mode '{v}' (gate, audit, off)"))?;
-        eprintln!("migrating with mode {mode}, verify {verify} ...");
-        let src = std::sync::Arc::new(vm.build()?);
-        src.resume()?;
-        std::thread::sleep(Duration::from_millis(warmup_ms));
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let addr = l.local_addr()?.to_string();
-        let dest = std::thread::spawn(move || migration::receive(&l, &DestOptions::default(), &|_| {}));
-        let ctl = MigrationControl::default();
-        let opts = SourceOptions {
-            mode,
-            channels,
-            verify,
-            ..Default::default()
-        };
-        let info =
-            migration::migrate(&src, &addr, &opts, &ctl).map_err(|e| anyhow::anyhow!("{mode}: {}", e.chain()))?;
-        let inc = dest
-            .join()
-            .map_err(|_| anyhow::anyhow!("destination panicked"))?
-            .map_err(|e| anyhow::anyhow!("{}", e.chain()))?;
-        if verify != VerifyMode::Off && info.livemig.verified != Some(true) {
-            bail!("{mode}: verification failed: {}", info.livemig.verify_detail);
-        }
-        drop(inc);
-        drop(src);
-        rows.push((mode, verify, info));
-    }
-    let tcp = loopback_tcp(2 << 30)?;
-    println!(
-        "{} MiB guest, dirtier at {} MiB/s over {} MiB ({:?}), accelerator {}; CPU dirty log {}; {} page channel(s); \
-         downtime limit 300 ms. Raw loopback TCP in the same run: {:.2} GiB/s. Downtime: the source's pause to the \
-         destination's resume on the shared monotonic clock; blackout: the guest's last progress on the source to \
-         its first on the destination.\n",
-        vm.memory_mib,
-        vm.rate,
-        vm.ws()?,
-        vm.pattern,
-        if vm.no_accel { "absent" } else { "busy" },
-        vm.dirty_log,
-        channels,
-        tcp / (1u64 << 30) as f64
-    );
-    println!("| mode | verify | downtime | of it: verification | blackout | expected | total time | iterations | device-dirtied pages | pages sent | wire MiB | downtime ÷ none | wire bytes ÷ none |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for (m, v, i) in &rows {
-        let base = rows
-            .iter()
-            .find(|(bm, bv, _)| *bm == DeviceTracking::None && bv == v)
-            .map(|(_, _, i)| i);
-        let sent = i.ram.normal + i.ram.duplicate;
-        let d = i.downtime_us.unwrap_or(0) as f64 / 1e3;
-        let (rd, rb) = match base {
-            Some(b) => (
-                fmt_ratio(d / (b.downtime_us.unwrap_or(1).max(1) as f64 / 1e3)),
-                fmt_ratio(i.ram.transferred as f64 / b.ram.transferred.max(1) as f64),
-            ),
-            None => ("–".into(), "–".into()),
-        };
-        let blackout = i
-            .livemig
-            .guest_blackout_us
-            .map_or("–".into(), |b| format!("{:.1} ms", b as f64 / 1e3));
-        println!(
-            "| {m} | {v} | {d:.1} ms | {:.1} ms | {blackout} | {} ms | {} ms | {} | {} | {sent} | {:.1} | {rd} | {rb} |",
-            (i.livemig.downtime_parts.verification as f64 + i.livemig.dest_verify_ms * 1e3) / 1e3,
-            i.livemig.expected_downtime_at_switchover_ms,
-            i.total_time,
-            i.ram.iteration_count,
-            i.livemig.device_dirty_pages,
-            i.ram.transferred as f64 / 1048576.0,
         );
     }
     Ok(())

@@ -18,6 +18,8 @@ macro_rules! eout {
 }
 
 mod bench;
+mod bench_migration;
+mod bench_transport;
 mod control;
 mod ctlsock;
 mod demo;
@@ -304,6 +306,37 @@ enum BenchCmd {
         /// Parallel page connections.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
         channels: u16,
+        /// Transports, comma separated: tcp, tls (mutual TLS with throwaway certificates),
+        /// psk (an HMAC on every frame, with a random key). Compared against tcp.
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["tcp".to_string()], value_parser = ["tcp", "tls", "psk"])]
+        transport: Vec<String>,
+        /// Send pages uncompressed.
+        #[arg(long)]
+        no_compress: bool,
+        /// Fill guest RAM past the working set with incompressible bytes before each
+        /// migration, so that pre-copy moves data rather than zero runs.
+        #[arg(long)]
+        fill: bool,
+        /// Migrations per configuration, interleaved; medians are reported.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+    },
+    /// The transports alone (no VM): 64-page runs of incompressible data over loopback,
+    /// framed and checked as a migration does, per transport and connection count; throughput
+    /// and CPU time against plain TCP.
+    Transport {
+        /// Transports, comma separated (tcp, tls, psk).
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["tcp".to_string(), "tls".to_string(), "psk".to_string()], value_parser = ["tcp", "tls", "psk"])]
+        transport: Vec<String>,
+        /// Connection counts, comma separated (1 to 64).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1u16, 2], value_parser = clap::value_parser!(u16).range(1..=64))]
+        channels: Vec<u16>,
+        /// GiB per transfer.
+        #[arg(long, default_value_t = 2.0)]
+        gib: f64,
+        /// Transfers per configuration, interleaved; medians are reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
     },
     /// 4 KiB DMA writes through the IOTLB against memcpy.
     Dma {
@@ -476,6 +509,12 @@ fn bench_cmd(what: BenchCmd) -> Result<()> {
                 naive: !no_naive,
             }),
             BenchCmd::Dma { runs } => bench::dma(runs),
+            BenchCmd::Transport {
+                transport,
+                channels,
+                gib,
+                runs,
+            } => bench_transport::run(&transport, &channels, gib, runs as usize),
             BenchCmd::Pause { vcpus, cycles } => bench::pause(vcpus, cycles),
             BenchCmd::Migration {
                 vm,
@@ -483,7 +522,21 @@ fn bench_cmd(what: BenchCmd) -> Result<()> {
                 verify,
                 warmup_ms,
                 channels,
-            } => bench::migration(&vm, &modes, &verify, warmup_ms, channels),
+                transport,
+                no_compress,
+                fill,
+                runs,
+            } => bench_migration::run(&bench_migration::Args {
+                vm,
+                modes,
+                verify,
+                transports: transport,
+                warmup_ms,
+                channels,
+                compress: !no_compress,
+                fill,
+                runs: runs as usize,
+            }),
             BenchCmd::CpuDirty {
                 memory_mib,
                 rates,

@@ -389,6 +389,30 @@ impl Vm {
 
     /// Loads `prog` for `vcpu`: code, control page, and the accel-client's area. Call before
     /// the vCPU first runs.
+    /// Fills guest RAM from `from` to its end with bytes that do not compress: a benchmark's
+    /// stand-in for memory a guest uses (zero pages cross the wire as a few bytes). The guest
+    /// programs never touch RAM past their working set, so that is where it belongs.
+    pub fn fill_incompressible(&self, from: u64) -> Result<u64, VmError> {
+        let end = self.mem_size();
+        let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ from;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = from;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            for w in buf[..n].chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            self.memory()
+                .write_slice(&buf[..n], GuestAddress(at))
+                .map_err(|e| VmError::Config(format!("filling guest RAM at {at:#x}: {e}")))?;
+            at += n as u64;
+        }
+        Ok(end.saturating_sub(from))
+    }
+
     pub fn load_program(&self, vcpu: u32, prog: &Program) -> Result<(), VmError> {
         if vcpu >= self.cfg.vcpus {
             return Err(VmError::Config(format!("no vCPU {vcpu}")));
