@@ -244,3 +244,59 @@ fn migrate_over_tls_through_the_control_socket() {
     assert_eq!(v["livemig"]["verified"], true);
     let _ = ctl.cmd("quit", json!({}));
 }
+
+/// A smoke of the throughput benchmarks (the documented runs are longer): every transport
+/// gets its row and its ratio against plain TCP from the same run.
+#[test]
+fn the_transport_benchmarks_compare_against_plain_tcp() {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "transport",
+            "--gib",
+            "0.05",
+            "--runs",
+            "1",
+            "--channels",
+            "1,2",
+        ])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["| tcp | 1 |", "| tls | 1 |", "| psk | 1 |", "| tls | 2 |"] {
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("{row}: {s}"));
+        assert!(line.contains("GiB/s") && line.contains('×'), "{line}");
+    }
+    vmm::need_kvm!();
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "migration",
+            "--memory-mib",
+            "128",
+            "--ws-mib",
+            "16",
+            "--rate",
+            "16",
+        ])
+        .args(["--modes", "iommu", "--verify", "off", "--transport", "tcp,tls,psk"])
+        .args(["--no-compress", "--fill", "--warmup-ms", "100", "--channels", "2"])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(s.contains("no compression; RAM past the working set filled"), "{s}");
+    for t in ["tcp", "tls", "psk"] {
+        let row = format!("| {t} | iommu | off | ");
+        let line = s
+            .lines()
+            .filter(|l| l.starts_with(&row))
+            .find(|l| l.contains("MiB/s"))
+            .unwrap_or_else(|| panic!("{t}: {s}"));
+        assert!(line.contains('×'), "{line}");
+    }
+}

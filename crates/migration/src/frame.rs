@@ -4,7 +4,8 @@
 //! The key binds every frame after the handshake to its session: a frame recorded from
 //! another session fails its CRC here, however well-formed it is. A CRC is not a MAC; it
 //! catches accidents (a stream replayed to the wrong destination, a stale connection), not a
-//! forger.
+//! forger. Against a forger, a pre-shared key's tag ends every payload, or TLS carries the
+//! frames; either way the CRC is redundant and left zero (`docs/transport.md`).
 
 use crate::error::WireError;
 use crate::transport::psk::{MacKey, TAG};

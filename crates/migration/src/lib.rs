@@ -1,7 +1,8 @@
 //! The migration engine: the wire protocol (`frame`, `msg`, `pages`; documented in
 //! `docs/protocol.md`), the source engine with QEMU's convergence and a switchover that
 //! commits before the destination may run the guest, the destination, device-write tracking in
-//! three modes, and verification (gate or audit).
+//! three modes, verification (gate or audit), and the transports (`transport`: plain TCP, TLS,
+//! a pre-shared key; documented in `docs/transport.md`).
 //!
 //! It owns nothing of the VM, the devices or the IOMMU: it drives `vmm::Vm`, the `vfio`
 //! VMM-side sequence and the iommufd/DMA-logging uAPIs.

@@ -12,7 +12,8 @@
 //!   lets go of the session and waits for room. Records leave in the order they were sealed,
 //!   whatever the number of writers.
 //!
-//! Lock order: reader buffer, then write lock, then session. Timeouts, `shutdown` and
+//! Why and what it saves: `docs/transport.md`, "One session, several threads". Lock order:
+//! reader buffer, then write lock, then session. Timeouts, `shutdown` and
 //! clones act on the socket, as for plain TCP. The first session error is kept for
 //! [`super::Conn::transport_error`].
 

@@ -1,6 +1,7 @@
 //! TLS credentials and handshakes, as QEMU's `tls-creds-x509` with `verify-peer`: each side
 //! has a certificate and key signed by a CA both trust, each verifies the other's, TLS 1.3
-//! only, AES-128-GCM preferred (AES-NI makes it the cheapest suite here).
+//! only, AES-128-GCM preferred (AES-NI makes it the cheapest suite here), and every
+//! connection authenticated by a full handshake (`docs/transport.md`).
 
 use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
@@ -56,18 +57,21 @@ impl TlsCreds {
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), p.clone())
             .build()
             .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
-        let server = ServerConfig::builder_with_provider(p.clone())
+        let mut server = ServerConfig::builder_with_provider(p.clone())
             .with_protocol_versions(&tls13)
             .map_err(|e| e.to_string())?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
-        let client = ClientConfig::builder_with_provider(p)
+        let mut client = ClientConfig::builder_with_provider(p)
             .with_protocol_versions(&tls13)
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+        // Every connection runs the full mutual handshake: no tickets, no resumption.
+        server.send_tls13_tickets = 0;
+        client.resumption = rustls::client::Resumption::disabled();
         Ok(TlsCreds {
             client: Arc::new(client),
             server: Arc::new(server),
