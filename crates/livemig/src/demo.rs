@@ -75,9 +75,30 @@ impl Drop for TempDir {
     }
 }
 
+/// Removes the throwaway credentials of demos that were killed before they could.
+fn sweep_stale_credentials() {
+    let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("livemig-demo-"))
+            .and_then(|n| n.strip_suffix("-tls"))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// Each side's transport flags, and the directory of throwaway credentials to remove.
 fn transport(t: &Transport) -> Result<(SecFlags, SecFlags, Option<TempDir>)> {
     if t.tls {
+        sweep_stale_credentials();
         let dir = TempDir(std::env::temp_dir().join(format!("livemig-demo-{}-tls", std::process::id())));
         let f = throwaway::generate(&dir.0).map_err(|e| anyhow!("throwaway TLS credentials: {e}"))?;
         return Ok((

@@ -24,28 +24,23 @@ fn key_file(d: &std::path::Path, mode: u32) -> PathBuf {
     f
 }
 
-fn demo(extra: &[&str]) -> Value {
-    let out = Command::new(BIN)
-        .args([
-            "demo",
-            "--json",
-            "--memory-mib",
-            "256",
-            "--ws-mib",
-            "128",
-            "--rate",
-            "64",
-        ])
-        .args(["--warmup-ms", "300", "--channels", "2"])
+/// `livemig demo --json` with `extra` arguments: its JSON, and its process id.
+fn demo(extra: &[&str]) -> (Value, u32) {
+    let child = Command::new(BIN)
+        .args(["demo", "--json", "--warmup-ms", "300", "--channels", "2"])
         .args(extra)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{extra:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    (serde_json::from_slice(&out.stdout).unwrap(), pid)
 }
 
 #[test]
@@ -53,12 +48,11 @@ fn demo_over_mutual_tls_and_with_a_key_completes_verified() {
     vmm::need_kvm!();
     let d = dir("demo");
     let f = key_file(&d, 0o600);
-    for (extra, transport) in [
-        (vec!["--tls"], "tls"),
-        (vec!["--psk-file", f.to_str().unwrap()], "psk"),
-        (vec![], "tcp"),
-    ] {
-        let v = demo(&extra);
+    let small = ["--memory-mib", "256", "--ws-mib", "128", "--rate", "64"];
+    // TLS at the demo's own size (1 GiB, the dirtier at 256 MiB/s); the others smaller.
+    let key = [&["--psk-file", f.to_str().unwrap()][..], &small[..]].concat();
+    for (extra, transport) in [(vec!["--tls"], "tls"), (key, "psk"), (small.to_vec(), "tcp")] {
+        let (v, pid) = demo(&extra);
         assert_eq!(v["status"], "completed", "{extra:?}");
         assert_eq!(v["livemig"]["transport"], transport, "{extra:?}");
         assert_eq!(
@@ -66,17 +60,10 @@ fn demo_over_mutual_tls_and_with_a_key_completes_verified() {
             "{extra:?}: {}",
             v["livemig"]["verify-detail"]
         );
+        // The throwaway credentials are gone with the demo.
+        let creds = std::env::temp_dir().join(format!("livemig-demo-{pid}-tls"));
+        assert!(!creds.exists(), "{}", creds.display());
     }
-    // The throwaway credentials are gone with the demo.
-    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name().to_string_lossy().ends_with("-tls")
-                && e.file_name().to_string_lossy().starts_with("livemig-demo-")
-        })
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]
@@ -88,7 +75,14 @@ fn bad_transport_options_are_refused_up_front() {
     std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
     let cert = d.join("c.pem");
     std::fs::write(&cert, "not a certificate").unwrap();
+    // A FIFO would block a reader forever; a huge file would fill its memory.
+    let fifo = d.join("fifo");
+    let made = Command::new("mkfifo").arg("-m").arg("600").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let huge = d.join("huge.pem");
+    std::fs::File::create(&huge).unwrap().set_len(2 << 20).unwrap();
     let (open, short, cert) = (open.to_str().unwrap(), short.to_str().unwrap(), cert.to_str().unwrap());
+    let (fifo, huge) = (fifo.to_str().unwrap(), huge.to_str().unwrap());
     for (args, says) in [
         (vec!["demo", "--tls", "--psk-file", open], "--psk-file"),
         (vec!["migrate", "--to", "h:1", "--tls-cert", cert], "--tls-key"),
@@ -139,6 +133,21 @@ fn bad_transport_options_are_refused_up_front() {
             "no PEM certificate",
         ),
         (vec!["demo", "--psk-file", open], "chmod 600"),
+        (vec!["demo", "--psk-file", fifo], "not a regular file"),
+        (
+            vec![
+                "receive",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls-cert",
+                huge,
+                "--tls-key",
+                cert,
+                "--tls-ca",
+                cert,
+            ],
+            "more than the 1048576 bytes",
+        ),
     ] {
         let out = Command::new(BIN).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

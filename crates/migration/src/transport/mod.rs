@@ -150,6 +150,24 @@ impl Write for Conn {
     }
 }
 
+/// Reads a small regular file named by option `what`: a FIFO, a device or a huge file is
+/// refused rather than read (it could block, or fill memory).
+pub(crate) fn read_small(path: &std::path::Path, what: &str, max: u64) -> Result<Vec<u8>, String> {
+    let named = || format!("{what} {}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", named()))?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", named()));
+    }
+    if meta.len() > max {
+        return Err(format!(
+            "{}: {} bytes, more than the {max} bytes allowed",
+            named(),
+            meta.len()
+        ));
+    }
+    std::fs::read(path).map_err(|e| format!("{}: {e}", named()))
+}
+
 /// The host part of `HOST:PORT` (`[v6]:PORT` too): the name a destination's certificate
 /// must carry.
 pub fn host_of(to: &str) -> &str {

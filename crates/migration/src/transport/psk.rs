@@ -43,12 +43,13 @@ impl Psk {
         let meta = std::fs::metadata(path).map_err(|e| format!("--psk-file {}: {e}", path.display()))?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(format!(
-                "--psk-file {}: readable by others (mode {:o}); `chmod 600` it",
+                "--psk-file {}: open to others (mode {:o}); `chmod 600` it",
                 path.display(),
                 meta.permissions().mode() & 0o777
             ));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("--psk-file {}: {e}", path.display()))?;
+        let bytes = super::read_small(path, "--psk-file", 4096)?;
+        let text = String::from_utf8(bytes).map_err(|_| format!("--psk-file {}: not text", path.display()))?;
         Self::from_hex(text.trim()).map_err(|e| format!("--psk-file {}: {e}", path.display()))
     }
 

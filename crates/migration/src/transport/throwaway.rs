@@ -5,7 +5,7 @@
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// One side's files.
@@ -90,9 +90,14 @@ impl Ca {
     }
 }
 
-/// A fresh CA and both sides' credentials in `dir` (created if missing).
+/// A fresh CA and both sides' credentials in `dir` (created if missing, readable by its
+/// owner only).
 pub fn generate(dir: &Path) -> Result<Files, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     let ca = Ca::new(dir, "livemig")?;
     Ok(Files {
         source: ca.leaf(dir, "source", Leaf::default())?,

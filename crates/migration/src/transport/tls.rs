@@ -31,9 +31,13 @@ fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
+/// PEM files larger than this are refused unread.
+const MAX_PEM: u64 = 1 << 20;
+
 fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{what} {}: {e}", path.display()))?
+    let pem = super::read_small(path, what, MAX_PEM)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .map(|c| c.map(|c| c.into_owned()))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{what} {}: {e}", path.display()))?;
     if certs.is_empty() {
@@ -46,7 +50,8 @@ impl TlsCreds {
     /// Loads a certificate (chain), its private key and the CA that signs the peer's.
     pub fn load(cert: &Path, key: &Path, ca: &Path, hostname: Option<String>) -> Result<TlsCreds, String> {
         let chain = read_certs(cert, "--tls-cert")?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+        let pem = super::read_small(key, "--tls-key", MAX_PEM)?;
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
         let mut roots = RootCertStore::empty();
         for c in read_certs(ca, "--tls-ca")? {
             roots.add(c).map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
