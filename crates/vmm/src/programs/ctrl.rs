@@ -118,8 +118,9 @@ pub enum PageCheck {
 }
 
 /// Checks one page. `published` is the vCPU's `K_PAGES`: stamps up to that generation were
-/// complete when it was stored. The dirtier stores magic, page number, generation, then the
-/// checksum, so a torn stamp has a generation above `published` (or 0 on a first write).
+/// complete when it was stored. The dirtier stores page number, magic, generation, then the
+/// checksum, so a torn stamp is the page number alone (a first write), or has a generation
+/// above `published` (or 0 on a first write).
 pub fn check_page(pfn: u64, bytes: &[u8; 32], published: u64) -> PageCheck {
     if bytes.iter().all(|&b| b == 0) {
         return PageCheck::Clean;
@@ -130,7 +131,10 @@ pub fn check_page(pfn: u64, bytes: &[u8; 32], published: u64) -> PageCheck {
             let w = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8"));
             let (magic, page, generation) = (w(0), w(1), w(2));
             let magic_ok = magic & !0xff == STAMP_MAGIC;
-            if magic_ok && (page == pfn || page == 0) && (generation > published || generation == 0) {
+            // The dirtier stores the page number before the magic, so a first write stopped
+            // between those two stores leaves the page number alone in a zero page.
+            let number_only = magic == 0 && page == pfn && generation == 0 && w(3) == 0;
+            if number_only || magic_ok && (page == pfn || page == 0) && (generation > published || generation == 0) {
                 PageCheck::InFlight
             } else {
                 PageCheck::Bad(e)
@@ -186,5 +190,16 @@ mod tests {
         b[24] ^= 1;
         assert_eq!(verify_stamp(0x1234, &b), Err(StampError::Checksum));
         assert_eq!(verify_stamp(0, &[0; 32]), Err(StampError::Missing));
+    }
+
+    #[test]
+    fn a_first_write_stopped_after_the_page_number_is_in_flight() {
+        let mut b = [0u8; 32];
+        b[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
+        assert_eq!(check_page(0x1234, &b, 10), PageCheck::InFlight);
+        // The number of another page, or anything after it, is not a torn first write.
+        assert_eq!(check_page(0x1235, &b, 10), PageCheck::Bad(StampError::Missing));
+        b[16] = 1;
+        assert_eq!(check_page(0x1234, &b, 10), PageCheck::Bad(StampError::Missing));
     }
 }
