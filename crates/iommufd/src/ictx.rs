@@ -735,7 +735,7 @@ impl IommuFd {
     /// caller's buffer, window by window; a huge leaf that crosses a window's end is still
     /// reported whole within the range (see `bitmap.rs`), while the part of a leaf outside the
     /// range is cleared with it but not reported, as in Linux. Deviations from Linux, as the
-    /// spec marks them: a non-power-of-two `page_size`, disabled tracking and holes fail with
+    /// spec marks them: a zero length, a non-power-of-two `page_size`, disabled tracking and holes fail with
     /// `EINVAL`, and a buffer too short for the range fails with `EFAULT`, instead of a silent
     /// partial result.
     pub fn hwpt_get_dirty_bitmap(&self, cmd: &mut HwptGetDirtyBitmap<'_>) -> Result<(), Errno> {
@@ -745,8 +745,13 @@ impl IommuFd {
         let st = self.lock();
         let h = st.hwpt(cmd.hwpt_id)?;
         let ioas = st.ioas(h.ioas)?;
+        // A zero length would pass Linux's check below at IOVA 0 as the whole 64-bit space, a
+        // range no buffer can cover; it is refused before anything is walked instead.
+        if cmd.length == 0 {
+            return err(EINVAL, "zero length");
+        }
         // iommufd_check_iova_range()
-        let Some(last) = cmd.iova.checked_add(cmd.length.wrapping_sub(1)) else {
+        let Some(last) = cmd.iova.checked_add(cmd.length - 1) else {
             return err(EOVERFLOW, "iova + length - 1 wraps");
         };
         let align = st.iova_alignment(ioas);

@@ -82,14 +82,28 @@ impl IommuFd {
     }
 
     fn read_user(&self, va: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        // copy_from_user of nothing succeeds whatever the pointer.
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        // Resolve before allocating: the length comes from the caller, and a bogus one (a
+        // count of 2^32 ranges, a bitmap for 2^64 bytes) must cost an EFAULT, not the heap.
+        let Some((mem, off)) = self.user_memory().resolve(va, len as u64) else {
+            return err(EFAULT, "bad user pointer");
+        };
         let mut v = vec![0u8; len];
-        match self.user_memory().resolve(va, len as u64) {
-            Some((mem, off)) if host_read(mem.as_ref(), off, &mut v) => Ok(v),
-            _ => err(EFAULT, "bad user pointer"),
+        if host_read(mem.as_ref(), off, &mut v) {
+            Ok(v)
+        } else {
+            err(EFAULT, "bad user pointer")
         }
     }
 
     fn write_user(&self, va: u64, data: &[u8]) -> Result<(), Errno> {
+        // copy_to_user of nothing succeeds whatever the pointer.
+        if data.is_empty() {
+            return Ok(());
+        }
         match self.user_memory().resolve(va, data.len() as u64) {
             Some((mem, off)) if host_write(mem.as_ref(), off, data) => Ok(()),
             _ => err(EFAULT, "bad user pointer"),
@@ -367,5 +381,41 @@ mod tests {
             EFAULT,
             "unbacked bitmap pointer"
         );
+        // Found by fuzzing: a range of 2^62 bytes asks for a 2^47-byte bitmap. The pointer
+        // is checked before anything that size is allocated.
+        g.set_u64(24, 1 << 62);
+        g.set_u64(40, va);
+        assert_eq!(
+            fd.ioctl(IOMMU_HWPT_GET_DIRTY_BITMAP, &mut g.b).unwrap_err(),
+            EFAULT,
+            "a bitmap larger than user memory"
+        );
+    }
+
+    #[test]
+    fn allowed_iova_counts_are_bounded_by_user_memory_not_the_heap() {
+        let fd = IommuFd::new();
+        let mem = Arc::new(AnonMemory::new(1 << 16, false).unwrap());
+        let va = fd.register_user_memory(mem.clone());
+        let mut a = hdr(12, &[0; 8]);
+        fd.ioctl(IOMMU_IOAS_ALLOC, &mut a).unwrap();
+        let ioas = u32::from_le_bytes(a[8..12].try_into().unwrap());
+        let mut r = Arg { b: vec![0u8; 24] };
+        r.set_u32(0, 24);
+        r.set_u32(4, ioas);
+        // Found by fuzzing: 2^32 - 1 ranges of 16 bytes (64 GiB) were allocated before the
+        // pointer was looked at.
+        r.set_u32(8, u32::MAX);
+        r.set_u64(16, va);
+        assert_eq!(fd.ioctl(IOMMU_IOAS_ALLOW_IOVAS, &mut r.b).unwrap_err(), EFAULT);
+        // Zero ranges copy nothing, so any pointer will do (Linux's copy_from_user of 0).
+        r.set_u32(8, 0);
+        r.set_u64(16, 0);
+        fd.ioctl(IOMMU_IOAS_ALLOW_IOVAS, &mut r.b).unwrap();
+        // One range from user memory is read.
+        mem.write(0, &[0x00, 0x10, 0, 0, 0, 0, 0, 0, 0xff, 0x1f, 0, 0, 0, 0, 0, 0]);
+        r.set_u32(8, 1);
+        r.set_u64(16, va);
+        fd.ioctl(IOMMU_IOAS_ALLOW_IOVAS, &mut r.b).unwrap();
     }
 }

@@ -787,6 +787,26 @@ fn get_dirty_bitmap_short_buffer_efault() {
     assert_eq!(e(bitmap(&fx, h, 0x10_0000, 64 * 4096, 4096, 0, &mut buf)), EFAULT);
 }
 
+/// Found by fuzzing: at IOVA 0 a zero length passes the range check as the whole 64-bit
+/// space, and sizing its bitmap underflowed (a panic where overflow is checked).
+#[test]
+fn get_dirty_bitmap_zero_length_einval() {
+    let fx = fx(VtdSs, 4 * MIB);
+    map(&fx, 0x10_0000, 0, 16 * 4096).unwrap();
+    let h = hwpt(&fx, IOMMU_HWPT_ALLOC_DIRTY_TRACKING).unwrap();
+    track(&fx, h, true).unwrap();
+    let mut buf = [0u8; 8];
+    for page_size in [1, 4096] {
+        assert_eq!(
+            e(bitmap(&fx, h, 0, 0, page_size, 0, &mut buf)),
+            EINVAL,
+            "page_size {page_size}"
+        );
+    }
+    assert_eq!(e(bitmap(&fx, h, 0x10_0000, 0, 4096, 0, &mut buf)), EINVAL);
+    assert_eq!(buf, [0; 8], "nothing written");
+}
+
 // ---- type1 ----
 
 fn type1(fmt: FormatKind) -> (Type1Container, u64, std::sync::Arc<iommu::AnonMemory>) {
