@@ -180,6 +180,68 @@ pub fn parse_request(line: &str) -> Result<(String, Value), String> {
     Ok((cmd.to_string(), v.get("arguments").cloned().unwrap_or(json!({}))))
 }
 
+/// One command of the control socket, its arguments checked: everything a client sends is
+/// turned into this before anything acts on it (and the fuzzer feeds this parser).
+#[derive(Clone, Debug)]
+pub enum Request {
+    QueryStatus,
+    Migrate(Box<MigrateArgs>),
+    QueryMigrate,
+    MigrateCancel,
+    Cont { force: bool },
+    Quit { force: bool },
+}
+
+impl Request {
+    pub fn parse(line: &str) -> Result<Request, String> {
+        let (cmd, args) = parse_request(line)?;
+        Ok(match cmd.as_str() {
+            "query-status" => no_args(&args).map(|()| Request::QueryStatus)?,
+            "query-migrate" => no_args(&args).map(|()| Request::QueryMigrate)?,
+            "migrate-cancel" => no_args(&args).map(|()| Request::MigrateCancel)?,
+            "migrate" => Request::Migrate(Box::new(
+                serde_json::from_value(args).map_err(|e| format!("bad arguments: {e}"))?,
+            )),
+            "cont" => Request::Cont {
+                force: flag(&args, "force")?,
+            },
+            "quit" => Request::Quit {
+                force: flag(&args, "force")?,
+            },
+            other => {
+                return Err(format!(
+                    "unknown command '{other}' (query-status, migrate, query-migrate, migrate-cancel, cont, quit)"
+                ))
+            }
+        })
+    }
+}
+
+fn no_args(args: &Value) -> Result<(), String> {
+    match args.as_object() {
+        Some(o) => match o.keys().next() {
+            Some(k) => Err(format!("unknown argument '{k}'")),
+            None => Ok(()),
+        },
+        None => Err("arguments must be an object".into()),
+    }
+}
+
+/// A boolean argument (absent: false); anything but a boolean is refused.
+fn flag(args: &Value, name: &str) -> Result<bool, String> {
+    let Some(o) = args.as_object() else {
+        return Err("arguments must be an object".into());
+    };
+    if let Some(k) = o.keys().find(|k| *k != name) {
+        return Err(format!("unknown argument '{k}'"));
+    }
+    match o.get(name) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(format!("'{name}' must be true or false, not {v}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +283,46 @@ mod tests {
             .to_string()
             .contains("unknown verify mode 'maybe'"));
         assert!(serde_json::from_value::<MigrateArgs>(json!({"uri": "h:1", "verify": 3})).is_err());
+    }
+
+    #[test]
+    fn requests_are_checked_before_anything_acts() {
+        let p = |l: &str| Request::parse(l);
+        assert!(matches!(p(r#"{"execute":"query-status"}"#), Ok(Request::QueryStatus)));
+        assert!(matches!(
+            p(r#"{"execute":"cont","arguments":{"force":true}}"#),
+            Ok(Request::Cont { force: true })
+        ));
+        assert!(matches!(p(r#"{"execute":"quit"}"#), Ok(Request::Quit { force: false })));
+        assert!(matches!(
+            p(r#"{"execute":"migrate","arguments":{"uri":"h:1"}}"#),
+            Ok(Request::Migrate(a)) if a.uri == "h:1"
+        ));
+        for (line, err) in [
+            (
+                r#"{"execute":"query-migrate","arguments":{"x":1}}"#,
+                "unknown argument 'x'",
+            ),
+            (
+                r#"{"execute":"migrate-cancel","arguments":[]}"#,
+                "arguments must be an object",
+            ),
+            (
+                r#"{"execute":"cont","arguments":{"force":"yes"}}"#,
+                "'force' must be true or false, not \"yes\"",
+            ),
+            (
+                r#"{"execute":"quit","arguments":{"forced":true}}"#,
+                "unknown argument 'forced'",
+            ),
+            (r#"{"execute":"reboot"}"#, "unknown command 'reboot'"),
+            (
+                r#"{"execute":"migrate","arguments":{"uri":"h:1","chanels":4}}"#,
+                "bad arguments",
+            ),
+        ] {
+            let e = p(line).unwrap_err();
+            assert!(e.contains(err), "{line}: {e}");
+        }
     }
 }

@@ -20,20 +20,19 @@ macro_rules! eout {
 mod bench;
 mod bench_migration;
 mod bench_transport;
-mod control;
 mod ctlsock;
 mod demo;
 mod faults_cmd;
 mod iommu_demo;
 mod receive;
 mod run;
-mod security;
 mod summary;
 mod vmopts;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use iommu::FormatKind;
+use livemig::{control, security};
 use std::path::PathBuf;
 use vmopts::VmOpts;
 

@@ -5,7 +5,7 @@
 //! a destination that dies at any point loses nothing, and `cont` runs the guest here again
 //! (`docs/protocol.md`, "Who decides").
 
-use crate::control::{parse_request, MigrateArgs};
+use crate::control::{MigrateArgs, Request};
 use crate::ctlsock::ControlSocket;
 use crate::vmopts::VmOpts;
 use anyhow::Result;
@@ -76,7 +76,7 @@ pub fn run(opts: &VmOpts, control: &Path, release_after: Option<Duration>) -> Re
     sock.serve(
         &srv.quit,
         Arc::new(move |line: &str| {
-            let reply = match parse_request(line).and_then(|(cmd, args)| handle(&s2, &cmd, args)) {
+            let reply = match Request::parse(line).and_then(|r| handle(&s2, r)) {
                 Ok(v) => json!({ "return": v }),
                 Err(e) => json!({ "error": { "class": "GenericError", "desc": e } }),
             };
@@ -127,17 +127,14 @@ fn release_when_confirmed(srv: &Server, after: Duration) {
     }
 }
 
-fn handle(srv: &Arc<Server>, cmd: &str, args: Value) -> Result<Value, String> {
-    match cmd {
-        "query-status" => Ok(status(srv)),
-        "migrate" => migrate(srv, args),
-        "query-migrate" => serde_json::to_value(srv.mig.snapshot()).map_err(|e| e.to_string()),
-        "migrate-cancel" => srv.mig.cancel().map(|()| json!({})).map_err(|e| e.to_string()),
-        "cont" => cont(srv, &args),
-        "quit" => quit(srv, &args),
-        other => Err(format!(
-            "unknown command '{other}' (query-status, migrate, query-migrate, migrate-cancel, cont, quit)"
-        )),
+fn handle(srv: &Arc<Server>, r: Request) -> Result<Value, String> {
+    match r {
+        Request::QueryStatus => Ok(status(srv)),
+        Request::Migrate(a) => migrate(srv, *a),
+        Request::QueryMigrate => serde_json::to_value(srv.mig.snapshot()).map_err(|e| e.to_string()),
+        Request::MigrateCancel => srv.mig.cancel().map(|()| json!({})).map_err(|e| e.to_string()),
+        Request::Cont { force } => cont(srv, force),
+        Request::Quit { force } => quit(srv, force),
     }
 }
 
@@ -178,8 +175,7 @@ fn status(srv: &Server) -> Value {
     v
 }
 
-fn migrate(srv: &Arc<Server>, args: Value) -> Result<Value, String> {
-    let a: MigrateArgs = serde_json::from_value(args).map_err(|e| format!("bad arguments: {e}"))?;
+fn migrate(srv: &Arc<Server>, a: MigrateArgs) -> Result<Value, String> {
     let opts = a.options().map_err(|e| e.to_string())?;
     {
         let mut at = srv.at();
@@ -233,8 +229,7 @@ fn migrate(srv: &Arc<Server>, args: Value) -> Result<Value, String> {
 
 /// Runs a held guest here again. Safe without `force` only when the destination is known not
 /// to run it (it said it discarded it).
-fn cont(srv: &Server, args: &Value) -> Result<Value, String> {
-    let force = flag(args, "force")?;
+fn cont(srv: &Server, force: bool) -> Result<Value, String> {
     let mut at = srv.at();
     match &*at {
         Where::Here => return Ok(json!({})),
@@ -275,8 +270,7 @@ fn cont(srv: &Server, args: &Value) -> Result<Value, String> {
 ///   whether the guest held here is the only copy;
 /// * holding a guest the destination discarded, or may not run: refused without
 ///   `{"force": true}`.
-fn quit(srv: &Arc<Server>, args: &Value) -> Result<Value, String> {
-    let force = flag(args, "force")?;
+fn quit(srv: &Arc<Server>, force: bool) -> Result<Value, String> {
     match &*srv.at() {
         Where::Migrating => match srv.mig.cancel() {
             Ok(()) => {
@@ -312,19 +306,4 @@ fn quit(srv: &Arc<Server>, args: &Value) -> Result<Value, String> {
     }
     srv.quit.store(true, Ordering::Release);
     Ok(json!({}))
-}
-
-/// A boolean argument (absent: false); anything but a boolean is refused.
-fn flag(args: &Value, name: &str) -> Result<bool, String> {
-    let Some(o) = args.as_object() else {
-        return Err("arguments must be an object".into());
-    };
-    if let Some(k) = o.keys().find(|k| *k != name) {
-        return Err(format!("unknown argument '{k}'"));
-    }
-    match o.get(name) {
-        None => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(format!("'{name}' must be true or false, not {v}")),
-    }
 }
