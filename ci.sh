@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, then runs every check and test of the workspace:
-# formatting, clippy with -D warnings, and all tests (unit, property, integration, KVM, TCP).
+# formatting, clippy with -D warnings, all tests (unit, property, integration, KVM, TCP), and
+# a one-minute smoke of every fuzz target under AFL++ (fuzz/run.sh, docs/fuzzing.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -9,6 +10,7 @@ log() { printf '\n== %s\n' "$*"; }
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+command -v make >/dev/null 2>&1 || need_apt+=(make) # AFL++ is built from source by cargo-afl
 if ((${#need_apt[@]})); then
     log "installing ${need_apt[*]}"
     SUDO=""
@@ -54,5 +56,8 @@ fi
 
 log "benchmarks build"
 cargo build --workspace --release --benches
+
+log "fuzz smoke: every target under AFL++, 56 s in total (installs cargo-afl if missing)"
+./fuzz/run.sh --all 56
 
 log "all checks passed"
