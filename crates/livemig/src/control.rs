@@ -188,8 +188,16 @@ pub enum Request {
     Migrate(Box<MigrateArgs>),
     QueryMigrate,
     MigrateCancel,
-    Cont { force: bool },
-    Quit { force: bool },
+    Cont {
+        force: bool,
+    },
+    Quit {
+        force: bool,
+    },
+    /// `--incoming` processes: drop a guest handed over, and wait for the next one.
+    Release {
+        force: bool,
+    },
 }
 
 impl Request {
@@ -208,11 +216,12 @@ impl Request {
             "quit" => Request::Quit {
                 force: flag(&args, "force")?,
             },
-            other => {
-                return Err(format!(
-                    "unknown command '{other}' (query-status, migrate, query-migrate, migrate-cancel, cont, quit)"
-                ))
-            }
+            "release" => Request::Release {
+                force: flag(&args, "force")?,
+            },
+            other => return Err(format!(
+                "unknown command '{other}' (query-status, migrate, query-migrate, migrate-cancel, cont, quit, release)"
+            )),
         })
     }
 }

@@ -1,63 +1,15 @@
 //! `livemig demo`: a destination process and a source VM process on loopback, a live
 //! migration between them with a progress display, and its summary.
 
-use crate::control::{Client, MigrateArgs};
+use crate::children::{connect_control, livemig, spawn_listening, vm_args, Children};
+use crate::control::MigrateArgs;
 use crate::security::{self, SecFlags};
 use crate::vmopts::VmOpts;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use migration::transport::throwaway;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
-
-/// Kills the children if the demo fails half-way.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            if let Ok(None) = c.try_wait() {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
-    }
-}
-
-fn vm_args(o: &VmOpts) -> Vec<String> {
-    let mut a = vec![
-        "--memory-mib".into(),
-        o.memory_mib.to_string(),
-        "--vcpus".into(),
-        o.vcpus.to_string(),
-        "--rate".into(),
-        o.rate.to_string(),
-        "--dirty-log".into(),
-        o.dirty_log.clone(),
-        "--ring-entries".into(),
-        o.ring_entries.to_string(),
-        "--iommu-format".into(),
-        o.iommu_format.name().into(),
-        "--pattern".into(),
-        match o.pattern {
-            vmm::Pattern::Sequential => "sequential",
-            vmm::Pattern::Uniform => "uniform",
-            vmm::Pattern::HotCold { .. } => "hotcold",
-        }
-        .into(),
-    ];
-    if let Some(ws) = o.ws_mib {
-        a.extend(["--ws-mib".into(), ws.to_string()]);
-    }
-    if o.no_accel {
-        a.push("--no-accel".into());
-    }
-    if o.iommu_4k {
-        a.push("--iommu-4k".into());
-    }
-    a
-}
 
 /// The demo's transport: plain TCP unless one of these is given.
 pub struct Transport {
@@ -124,8 +76,7 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool, how: Tran
     vm.validate()?;
     vm.config()?;
     let (src_sec, dest_sec, _creds) = transport(&how)?;
-    let exe = std::env::current_exe().context("finding the livemig binary")?;
-    let mut kids = Children(Vec::new());
+    let mut kids = Children::default();
     let say = |m: &str| {
         if !json {
             println!("{m}");
@@ -133,31 +84,15 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool, how: Tran
     };
 
     // The destination picks a free port and says which on its first line.
-    let mut dest = Command::new(&exe)
-        .env(crate::PARENT_ENV, std::process::id().to_string())
-        .args(["receive", "--listen", "127.0.0.1:0", "--exit-after-ms", "1000"])
+    let mut dest = livemig()?;
+    dest.args(["receive", "--listen", "127.0.0.1:0", "--exit-after-ms", "1000"])
         .args(["--peer-timeout", &format!("{}", mig.peer_timeout as f64 / 1000.0)])
-        .args(dest_sec.cli_args())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the destination process")?;
-    let out = dest
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow!("no stdout from the destination"))?;
-    kids.0.push(dest);
-    let mut lines = BufReader::new(out).lines();
-    let first = lines.next().ok_or_else(|| anyhow!("the destination exited"))??;
-    let addr = first
-        .strip_prefix("listening on ")
-        .ok_or_else(|| anyhow!("unexpected destination output: {first}"))?
-        .to_string();
+        .args(dest_sec.cli_args());
+    let (addr, dest_out) = spawn_listening(dest, &mut kids, "destination")?;
     say(&format!("destination process {} listening on {addr}", kids.0[0].id()));
-    let dest_out = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
 
     let sock = PathBuf::from(format!("/tmp/livemig-demo-{}.sock", std::process::id()));
-    let src = Command::new(&exe)
-        .env(crate::PARENT_ENV, std::process::id().to_string())
+    let src = livemig()?
         .arg("run")
         .args(vm_args(vm))
         .arg("--control")
@@ -167,19 +102,7 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool, how: Tran
         .context("starting the source VM process")?;
     say(&format!("source VM process {}", src.id()));
     kids.0.push(src);
-    let t = std::time::Instant::now();
-    let mut c = loop {
-        if let Ok(c) = Client::connect(&sock) {
-            break c;
-        }
-        if let Some(st) = kids.0[1].try_wait()? {
-            bail!("the source VM process exited ({st}) before opening its control socket");
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("the source VM process did not open {} within 30 s", sock.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut c = connect_control(&sock, &mut kids.0[1], "source VM")?;
     std::thread::sleep(Duration::from_millis(warmup_ms));
     let st = c.execute("query-status", serde_json::json!({}))?;
     say(&format!(

@@ -20,12 +20,14 @@ macro_rules! eout {
 mod bench;
 mod bench_migration;
 mod bench_transport;
+mod children;
 mod ctlsock;
 mod demo;
 mod faults_cmd;
 mod iommu_demo;
 mod receive;
 mod run;
+mod soak;
 mod summary;
 mod vmopts;
 
@@ -136,7 +138,7 @@ enum Cmd {
         psk_file: Option<PathBuf>,
     },
     /// Start a VM running its guest programs, controlled through a unix socket (JSON lines:
-    /// query-status, migrate, query-migrate, migrate-cancel, cont, quit). After a migration
+    /// query-status, migrate, query-migrate, migrate-cancel, cont, quit, release). After a migration
     /// hands the guest over, the process keeps it paused (postmigrate) until `quit`, or until
     /// --release-after.
     Run {
@@ -151,6 +153,22 @@ enum Cmd {
         /// is always kept.
         #[arg(long, value_parser = parse_timeout)]
         release_after: Option<f64>,
+        /// Start without a VM and wait for one to migrate in on HOST:PORT (QEMU's -incoming;
+        /// port 0 picks a free one, printed on the first line). The VM options are then the
+        /// source's. A guest handed over from here is released with `release` (or
+        /// --release-after), and the process waits on the same address for the next one.
+        #[arg(long)]
+        incoming: Option<String>,
+        /// With --incoming: seconds without progress from a source before giving up on it.
+        #[arg(long, default_value_t = 10.0, value_parser = parse_timeout, requires = "incoming")]
+        peer_timeout: f64,
+        /// With --incoming: the transport incoming migrations must use.
+        #[command(flatten)]
+        sec: security::SecFlags,
+        /// Test-only: leak a descriptor, a thread or memory on every guest received (the
+        /// soak's bounds must catch it).
+        #[arg(long, hide = true, requires = "incoming")]
+        sabotage_leak: Option<run::Leak>,
     },
     /// Ask a `livemig run` process to migrate its VM, follow it and print the summary.
     #[command(after_help = "Exit status:
@@ -216,6 +234,27 @@ enum Cmd {
     /// reorders or garbles at each protocol step, in each direction; checks that the guest
     /// never runs twice, is never lost, and that nothing hangs or panics. Prints the table.
     Faults(faults_cmd::Args),
+    /// One guest migrated back and forth between two long-lived `run --incoming` processes,
+    /// A → B → A → …, each migration verified, with both processes' RSS, open descriptors and
+    /// threads sampled after each and held to bounds (docs/soak.md). Exit 0 only if all pass.
+    Soak {
+        #[command(flatten)]
+        vm: VmOpts,
+        #[command(flatten)]
+        mig: MigFlags,
+        /// Migrations between the two processes (after the first, from the origin to A).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        migrations: u32,
+        /// How long the guest runs on each host before it moves on, in milliseconds.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+        dwell_ms: u64,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Test-only: both processes leak this on every guest they receive.
+        #[arg(long, hide = true)]
+        sabotage_leak: Option<run::Leak>,
+    },
     /// Benchmarks, printed as Markdown tables with same-run baselines.
     Bench {
         #[command(subcommand)]
@@ -440,7 +479,32 @@ fn run() -> Result<i32> {
             vm,
             control,
             release_after,
-        } => run::run(&vm, &control, release_after.map(std::time::Duration::from_secs_f64)).map(|()| 0),
+            incoming,
+            peer_timeout,
+            sec,
+            sabotage_leak,
+        } => {
+            let incoming = match incoming {
+                Some(listen) => Some(run::Incoming {
+                    listen,
+                    opts: migration::DestOptions {
+                        peer_timeout: std::time::Duration::from_secs_f64(peer_timeout),
+                        security: sec.for_destination()?,
+                        ..Default::default()
+                    },
+                    sabotage_leak,
+                }),
+                None if sec.cli_args().is_empty() => None,
+                None => anyhow::bail!("the transport options of `run` are for --incoming (`migrate` takes its own)"),
+            };
+            run::run(
+                &vm,
+                &control,
+                release_after.map(std::time::Duration::from_secs_f64),
+                incoming,
+            )
+            .map(|()| 0)
+        }
         Cmd::Migrate {
             control,
             to,
@@ -484,6 +548,21 @@ fn run() -> Result<i32> {
             threads,
             writes,
         } => iommu_demo::run(memory_mib, threads, writes).map(|()| 0),
+        Cmd::Soak {
+            vm,
+            mig,
+            migrations,
+            dwell_ms,
+            json,
+            sabotage_leak,
+        } => soak::run(&soak::Args {
+            vm,
+            mig: mig.args(String::new()),
+            migrations,
+            dwell_ms,
+            json,
+            sabotage_leak,
+        }),
         Cmd::Bench { what } => bench_cmd(what).map(|()| 0),
         Cmd::Faults(a) => faults_cmd::run(&a),
     }

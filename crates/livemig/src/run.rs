@@ -4,13 +4,20 @@
 //! in QEMU's `postmigrate`, until `quit` (or `--release-after`, for a confirmed handover):
 //! a destination that dies at any point loses nothing, and `cont` runs the guest here again
 //! (`docs/protocol.md`, "Who decides").
+//!
+//! With `--incoming` the process starts empty and takes its VM from a migration, as QEMU's
+//! `-incoming` does. It can then send the guest on, and once a handover is confirmed,
+//! `release` drops the held copy and the process waits on the same address for the next
+//! guest: this is how `livemig soak` ping-pongs one VM between two long-lived processes
+//! (`docs/soak.md`).
 
 use crate::control::{MigrateArgs, Request};
 use crate::ctlsock::ControlSocket;
 use crate::vmopts::VmOpts;
 use anyhow::Result;
-use migration::{DestState, MigrationControl, Outcome};
+use migration::{DestOptions, DestState, MigrationControl, Outcome};
 use serde_json::{json, Value};
+use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +27,8 @@ use vmm::Vm;
 /// Where the guest is, as this process sees it.
 #[derive(Clone, Debug)]
 enum Where {
+    /// No guest here: waiting for one to migrate in (`--incoming`; QEMU's `inmigrate`).
+    Waiting,
     /// It runs here (never migrated, or rolled back, or resumed with `cont`).
     Here,
     Migrating,
@@ -32,8 +41,56 @@ enum Where {
     },
 }
 
+/// `--incoming`: where guests arrive, and how they are received.
+pub struct Incoming {
+    pub listen: String,
+    pub opts: DestOptions,
+    /// Test-only: leak something on every guest received, so the soak can show that its
+    /// bounds catch a leak.
+    pub sabotage_leak: Option<Leak>,
+}
+
+/// What `--sabotage-leak` leaks on every guest received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Leak {
+    /// An open descriptor.
+    Fd,
+    /// A thread that never ends.
+    Thread,
+    /// 24 MiB of written heap.
+    Memory,
+}
+
+impl Leak {
+    fn leak(self) {
+        match self {
+            Leak::Fd => {
+                if let Ok(f) = std::fs::File::open("/dev/null") {
+                    std::mem::forget(f);
+                }
+            }
+            Leak::Thread => {
+                let _ = std::thread::Builder::new().name("leaked".into()).spawn(|| loop {
+                    std::thread::park();
+                });
+            }
+            Leak::Memory => {
+                // black_box: an allocation nobody reads may be optimized away.
+                std::hint::black_box(Vec::leak(vec![0x5au8; 24 << 20]));
+            }
+        }
+    }
+}
+
 struct Server {
-    vm: Arc<Vm>,
+    /// The guest's VM while this process has one (running, migrating or held).
+    vm: Mutex<Option<Arc<Vm>>>,
+    /// `--incoming`: the listener that stays bound for the process's life, so every guest
+    /// comes back to the same address.
+    incoming: Option<(Arc<TcpListener>, DestOptions)>,
+    sabotage_leak: Option<Leak>,
+    /// Guests received so far.
+    received: std::sync::atomic::AtomicU64,
     mig: Arc<MigrationControl>,
     at: Mutex<Where>,
     quit: AtomicBool,
@@ -45,29 +102,56 @@ impl Server {
     fn at(&self) -> std::sync::MutexGuard<'_, Where> {
         self.at.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn vm(&self) -> Result<Arc<Vm>, String> {
+        self.vm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| "no guest here: this process is waiting for an incoming migration".to_string())
+    }
 }
 
-pub fn run(opts: &VmOpts, control: &Path, release_after: Option<Duration>) -> Result<()> {
+pub fn run(opts: &VmOpts, control: &Path, release_after: Option<Duration>, incoming: Option<Incoming>) -> Result<()> {
     raise_fd_limit();
     // Claim the socket before building the VM: a refused path costs nothing.
     let sock = ControlSocket::bind(control)?;
-    let vm = Arc::new(opts.build()?);
-    vm.resume()?;
-    out!(
-        "VM running: {} MiB, {} vCPU(s), dirtier at {} MiB/s{}; control socket {}",
-        opts.memory_mib,
-        opts.vcpus,
-        opts.rate,
-        if opts.no_accel { "" } else { ", accelerator busy" },
-        control.display()
-    );
+    let (vm, at, incoming) = match incoming {
+        None => {
+            let vm = Arc::new(opts.build()?);
+            vm.resume()?;
+            out!(
+                "VM running: {} MiB, {} vCPU(s), dirtier at {} MiB/s{}; control socket {}",
+                opts.memory_mib,
+                opts.vcpus,
+                opts.rate,
+                if opts.no_accel { "" } else { ", accelerator busy" },
+                control.display()
+            );
+            (Some(vm), Where::Here, None)
+        }
+        Some(inc) => {
+            let l = TcpListener::bind(&inc.listen).map_err(|e| anyhow::anyhow!("listening on {}: {e}", inc.listen))?;
+            // The first line tells a parent process which port was chosen.
+            out!("listening on {}", l.local_addr()?);
+            out!("waiting for an incoming guest; control socket {}", control.display());
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            (None, Where::Waiting, Some((Arc::new(l), inc.opts, inc.sabotage_leak)))
+        }
+    };
     let srv = Arc::new(Server {
-        vm,
+        vm: Mutex::new(vm),
+        sabotage_leak: incoming.as_ref().and_then(|i| i.2),
+        incoming: incoming.map(|i| (i.0, i.1)),
+        received: Default::default(),
         mig: Arc::new(MigrationControl::default()),
-        at: Mutex::new(Where::Here),
+        at: Mutex::new(at),
         quit: AtomicBool::new(false),
         thread: Mutex::new(None),
     });
+    if srv.incoming.is_some() {
+        wait_for_guest(&srv);
+    }
     if let Some(after) = release_after {
         let s = srv.clone();
         std::thread::spawn(move || release_when_confirmed(&s, after));
@@ -86,6 +170,8 @@ pub fn run(opts: &VmOpts, control: &Path, release_after: Option<Duration>) -> Re
     // Let the last reply reach its client.
     std::thread::sleep(Duration::from_millis(50));
     let held = matches!(&*srv.at(), Where::Held { .. });
+    // The guest's VM goes before the process does (its vCPU threads are joined).
+    srv.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
     out!(
         "{}",
         if held {
@@ -109,7 +195,7 @@ fn raise_fd_limit() {
 }
 
 /// `--release-after`: exit that long after a handover the destination confirmed.
-fn release_when_confirmed(srv: &Server, after: Duration) {
+fn release_when_confirmed(srv: &Arc<Server>, after: Duration) {
     while !srv.quit.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
         let due = match &*srv.at() {
@@ -122,7 +208,11 @@ fn release_when_confirmed(srv: &Server, after: Duration) {
         };
         if due {
             out!("--release-after: the destination confirmed the handover; releasing the guest held here");
-            srv.quit.store(true, Ordering::Release);
+            if srv.incoming.is_some() {
+                let _ = release(srv, false);
+            } else {
+                srv.quit.store(true, Ordering::Release);
+            }
         }
     }
 }
@@ -135,27 +225,35 @@ fn handle(srv: &Arc<Server>, r: Request) -> Result<Value, String> {
         Request::MigrateCancel => srv.mig.cancel().map(|()| json!({})).map_err(|e| e.to_string()),
         Request::Cont { force } => cont(srv, force),
         Request::Quit { force } => quit(srv, force),
+        Request::Release { force } => release(srv, force),
     }
 }
 
 /// QEMU's run states: `running`, `finish-migrate` while the switchover has the guest paused,
 /// `postmigrate` while this process holds a guest it handed over (or tried to).
 fn status(srv: &Server) -> Value {
-    let (mut pages, mut jobs, mut errors) = (0, 0, 0);
-    for i in 0..srv.vm.vcpu_count() {
-        let c = srv.vm.counters(i);
-        pages += c.pages_written;
-        jobs += c.jobs_completed;
-        errors += c.errors;
+    let (mut pages, mut jobs, mut errors, mut running) = (0, 0, 0, false);
+    if let Ok(vm) = srv.vm() {
+        for i in 0..vm.vcpu_count() {
+            let c = vm.counters(i);
+            pages += c.pages_written;
+            jobs += c.jobs_completed;
+            errors += c.errors;
+        }
+        running = vm.running();
     }
-    let running = srv.vm.running();
     let mut v = json!({
         "running": running,
         "pages-written": pages,
         "jobs-completed": jobs,
         "guest-errors": errors,
     });
+    if let Some((l, _)) = &srv.incoming {
+        v["incoming"] = json!(l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        v["guests-received"] = json!(srv.received.load(Ordering::Acquire));
+    }
     match &*srv.at() {
+        Where::Waiting => v["status"] = json!("inmigrate"),
         Where::Here => v["status"] = json!("running"),
         Where::Migrating => {
             let switching = srv.mig.snapshot().status == migration::Status::Device;
@@ -188,10 +286,18 @@ fn migrate(srv: &Arc<Server>, a: MigrateArgs) -> Result<Value, String> {
                         .into(),
                 )
             }
+            Where::Waiting => return Err("no guest here: this process is waiting for an incoming migration".into()),
             Where::Here => {}
         }
         *at = Where::Migrating;
     }
+    let vm = match srv.vm() {
+        Ok(vm) => vm,
+        Err(e) => {
+            *srv.at() = Where::Here;
+            return Err(e);
+        }
+    };
     // Before the reply: a query right after it sees this migration, and a cancel right after
     // it is kept for it.
     srv.mig.begin();
@@ -199,7 +305,8 @@ fn migrate(srv: &Arc<Server>, a: MigrateArgs) -> Result<Value, String> {
     let t = std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
-            let _ = migration::migrate(&s.vm, &a.uri, &opts, &s.mig);
+            let _ = migration::migrate(&vm, &a.uri, &opts, &s.mig);
+            drop(vm);
             let info = s.mig.snapshot();
             *s.at() = match info.livemig.outcome {
                 Outcome::Completed | Outcome::Held => Where::Held {
@@ -233,6 +340,7 @@ fn cont(srv: &Server, force: bool) -> Result<Value, String> {
     let mut at = srv.at();
     match &*at {
         Where::Here => return Ok(json!({})),
+        Where::Waiting => return Err("no guest here: this process is waiting for an incoming migration".into()),
         Where::Migrating => return Err("a migration is running: migrate-cancel it first".into()),
         Where::Held { dest, .. } => match dest {
             DestState::Discarded => {}
@@ -253,10 +361,9 @@ fn cont(srv: &Server, force: bool) -> Result<Value, String> {
             }
         },
     }
-    srv.vm
-        .resume_devices()
-        .map_err(|e| format!("devices to RUNNING: {e}"))?;
-    srv.vm.resume().map_err(|e| format!("resuming the vCPUs: {e}"))?;
+    let vm = srv.vm()?;
+    vm.resume_devices().map_err(|e| format!("devices to RUNNING: {e}"))?;
+    vm.resume().map_err(|e| format!("resuming the vCPUs: {e}"))?;
     *at = Where::Here;
     Ok(json!({}))
 }
@@ -295,15 +402,84 @@ fn quit(srv: &Arc<Server>, force: bool) -> Result<Value, String> {
         Where::Held {
             dest: DestState::Discarded | DestState::Unknown | DestState::None | DestState::Ready,
             ..
-        } if !force => {
-            return Err(
-                "the guest held here may be its only copy (the destination discarded it, or may not run \
-                        it): `cont` runs it here; quit with {\"force\": true} drops it"
-                    .into(),
-            )
-        }
+        } if !force => return Err(format!("{MAY_BE_ONLY_COPY}; quit with {{\"force\": true}} drops it")),
         _ => {}
     }
     srv.quit.store(true, Ordering::Release);
     Ok(json!({}))
+}
+
+/// The message for dropping a held guest the destination may not run.
+const MAY_BE_ONLY_COPY: &str =
+    "the guest held here may be its only copy (the destination discarded it, or may not run \
+                                it): `cont` runs it here";
+
+/// `--incoming` only: drops a guest held here after a handover and waits for the next one on
+/// the same address. Without `force`, only a handover the destination confirmed is released
+/// (the same rule as `quit`).
+fn release(srv: &Arc<Server>, force: bool) -> Result<Value, String> {
+    if srv.incoming.is_none() {
+        return Err("release is for processes started with --incoming; `quit` ends this one".into());
+    }
+    let mut at = srv.at();
+    match &*at {
+        Where::Waiting => return Ok(json!({})),
+        Where::Here => return Err("the guest runs here: only a guest handed over is released".into()),
+        Where::Migrating => return Err("a migration is running: wait until query-migrate ends".into()),
+        Where::Held { dest, .. } if *dest != DestState::Running && !force => {
+            return Err(format!("{MAY_BE_ONLY_COPY}; release with {{\"force\": true}} drops it"))
+        }
+        Where::Held { .. } => {}
+    }
+    // The migration thread has ended (the state left Migrating): join it so that its last
+    // reference to the VM is gone before the VM is.
+    if let Some(t) = srv.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = t.join();
+    }
+    srv.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
+    *at = Where::Waiting;
+    drop(at);
+    out!("released the guest held here; waiting for the next one");
+    wait_for_guest(srv);
+    Ok(json!({}))
+}
+
+/// Receives the next guest on the `--incoming` listener, off the control socket's threads.
+/// A migration that fails leaves this process empty and waiting again.
+fn wait_for_guest(srv: &Arc<Server>) {
+    let s = srv.clone();
+    let spawned = std::thread::Builder::new().name("incoming".into()).spawn(move || {
+        let Some((l, opts)) = &s.incoming else {
+            return;
+        };
+        while !s.quit.load(Ordering::Acquire) {
+            match migration::receive(l, opts, &|m| eout!("[incoming] {m}")) {
+                Ok(inc) => {
+                    let n = s.received.fetch_add(1, Ordering::AcqRel) + 1;
+                    if let Some(leak) = s.sabotage_leak {
+                        leak.leak();
+                    }
+                    let r = &inc.report;
+                    out!(
+                        "guest {n} received: {} pages, {} device bytes, {} iterations; running ({:.1} ms from switchover to running){}",
+                        r.pages_received,
+                        r.device_bytes,
+                        r.iterations,
+                        r.resume_time.as_secs_f64() * 1e3,
+                        match &r.unverified {
+                            Some(why) => format!("; UNVERIFIED: {why}"),
+                            None => String::new(),
+                        }
+                    );
+                    *s.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(inc.vm);
+                    *s.at() = Where::Here;
+                    return;
+                }
+                Err(e) => eout!("[incoming] no guest runs here: {}; waiting for the next attempt", e.chain()),
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        eout!("[incoming] cannot start the receiving thread: {e}");
+    }
 }

@@ -52,6 +52,26 @@ pub fn receive_with(extra: &[&str]) -> (Kid, String) {
     (Kid(c), addr)
 }
 
+/// `livemig run --incoming` on a free port with control socket `sock`: empty until a guest
+/// migrates in.
+pub fn run_incoming(sock: &str, extra: &[&str]) -> (Kid, String) {
+    let mut c = Command::new(BIN)
+        .args(["run", "--incoming", "127.0.0.1:0", "--control", sock])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    (Kid(c), addr)
+}
+
 pub fn receive() -> (Kid, String) {
     receive_with(&[])
 }
