@@ -57,7 +57,7 @@ pub enum Leak {
     Fd,
     /// A thread that never ends.
     Thread,
-    /// 24 MiB of written heap.
+    /// 40 MiB of written heap.
     Memory,
 }
 
@@ -76,7 +76,7 @@ impl Leak {
             }
             Leak::Memory => {
                 // black_box: an allocation nobody reads may be optimized away.
-                std::hint::black_box(Vec::leak(vec![0x5au8; 24 << 20]));
+                std::hint::black_box(Vec::leak(vec![0x5au8; 40 << 20]));
             }
         }
     }

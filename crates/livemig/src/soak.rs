@@ -29,7 +29,7 @@ pub struct Args {
 /// (`docs/soak.md`, "Bounds").
 pub mod bounds {
     /// Resident memory may grow by this much ...
-    pub const RSS_KIB: u64 = 16 << 10;
+    pub const RSS_KIB: u64 = 32 << 10;
     /// ... or by this fraction of the baseline, whichever is larger.
     pub const RSS_FRACTION: f64 = 0.05;
     /// Descriptors: none may be left behind.

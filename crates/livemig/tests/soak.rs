@@ -150,7 +150,7 @@ fn a_short_soak_passes_within_its_bounds() {
     }
 }
 
-/// The bounds must see a leak: processes that leak one descriptor, one thread or 24 MiB per
+/// The bounds must see a leak: processes that leak one descriptor, one thread or 40 MiB per
 /// guest received fail the soak, on that figure.
 #[test]
 fn the_soak_catches_a_leaked_descriptor_thread_or_memory() {
