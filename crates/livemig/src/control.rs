@@ -219,9 +219,11 @@ impl Request {
             "release" => Request::Release {
                 force: flag(&args, "force")?,
             },
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown command '{other}' (query-status, migrate, query-migrate, migrate-cancel, cont, quit, release)"
-            )),
+            ))
+            }
         })
     }
 }
