@@ -11,6 +11,8 @@ need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v make >/dev/null 2>&1 || need_apt+=(make) # AFL++ is built from source by cargo-afl
+# ip and tc make the two-host tests' network namespaces, veth pair and shaped links.
+{ command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; } || need_apt+=(iproute2)
 if ((${#need_apt[@]})); then
     log "installing ${need_apt[*]}"
     SUDO=""
@@ -30,9 +32,13 @@ for comp in rustfmt clippy; do
     fi
 done
 
-# Tests that need KVM must run for real wherever /dev/kvm exists.
+# Tests that need KVM must run for real wherever /dev/kvm exists, and the two-host tests
+# wherever we are root (network namespaces need CAP_NET_ADMIN).
 if [ -e /dev/kvm ]; then
     export LIVEMIG_REQUIRE_KVM=1
+fi
+if [ "$(id -u)" = 0 ]; then
+    export LIVEMIG_REQUIRE_NETNS=1
 fi
 
 log "cargo fmt --check"
@@ -48,8 +54,9 @@ test_log="$(mktemp)"
 trap 'rm -f "$test_log"' EXIT
 cargo test --workspace --release 2>&1 | tee "$test_log"
 skipped="$(grep -c '^SKIPPED (needs KVM)' "$test_log" || true)"
-if [ "$skipped" -gt 0 ]; then
-    log "$skipped test(s) SKIPPED: they need /dev/kvm (their names are above)"
+skipped_net="$(grep -c '^SKIPPED (needs network namespaces)' "$test_log" || true)"
+if [ "$skipped" -gt 0 ] || [ "$skipped_net" -gt 0 ]; then
+    log "$skipped test(s) SKIPPED for want of /dev/kvm, $skipped_net for want of network namespaces (names above)"
 else
     log "no test skipped"
 fi

@@ -28,8 +28,17 @@ impl Drop for Children {
 
 /// `livemig` itself, for a child that dies with this process (`crate::PARENT_ENV`).
 pub fn livemig() -> Result<Command> {
+    livemig_in(None)
+}
+
+/// The same, inside one side's network namespace when `at` names one (`ip netns exec` execs
+/// livemig, so the child is still this process's child).
+pub fn livemig_in(at: Option<(&netlab::TwoHosts, netlab::Side)>) -> Result<Command> {
     let exe = std::env::current_exe().context("finding the livemig binary")?;
-    let mut c = Command::new(exe);
+    let mut c = match at {
+        Some((h, side)) => h.command(side, exe),
+        None => Command::new(exe),
+    };
     c.env(crate::PARENT_ENV, std::process::id().to_string());
     Ok(c)
 }

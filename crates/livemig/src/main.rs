@@ -19,6 +19,7 @@ macro_rules! eout {
 
 mod bench;
 mod bench_migration;
+mod bench_net;
 mod bench_transport;
 mod children;
 mod ctlsock;
@@ -255,10 +256,57 @@ enum Cmd {
         #[arg(long, hide = true)]
         sabotage_leak: Option<run::Leak>,
     },
+    /// A TCP relay that impairs the link as netem would, where netem is missing: adds latency
+    /// and jitter to every chunk (in order), stalls, or cuts every connection at set times.
+    /// Prints `listening on ADDR` first; runs until killed.
+    Proxy {
+        /// HOST:PORT to listen on (port 0 picks a free one).
+        #[arg(long)]
+        listen: String,
+        /// HOST:PORT to relay to.
+        #[arg(long)]
+        to: String,
+        /// One-way delay added to every chunk, in milliseconds.
+        #[arg(long, default_value_t = 0.0, value_parser = parse_ms)]
+        latency_ms: f64,
+        /// Each chunk's delay varies uniformly by up to this much, in milliseconds.
+        #[arg(long, default_value_t = 0.0, value_parser = parse_ms)]
+        jitter_ms: f64,
+        /// Stall (deliver nothing) from this many milliseconds after the start ...
+        #[arg(long, value_parser = parse_ms, requires = "stall_ms")]
+        stall_at_ms: Option<f64>,
+        /// ... for this many milliseconds.
+        #[arg(long, value_parser = parse_ms, requires = "stall_at_ms")]
+        stall_ms: Option<f64>,
+        /// Close every connection this many milliseconds after the start, and refuse new ones.
+        #[arg(long, value_parser = parse_ms)]
+        cut_at_ms: Option<f64>,
+        /// Seed of the jitter.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Raw TCP between two hosts, for `bench net`.
+    #[command(hide = true)]
+    NetProbe {
+        #[command(subcommand)]
+        what: NetProbe,
+    },
     /// Benchmarks, printed as Markdown tables with same-run baselines.
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetProbe {
+    /// Count the bytes of one connection on ADDR.
+    Listen { addr: String },
+    /// Send MiB to ADDR and print the rate.
+    Send {
+        addr: String,
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+        mib: u64,
     },
 }
 
@@ -359,6 +407,33 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
     },
+    /// One migration per device-tracking mode and link: loopback, and links between two
+    /// network namespaces shaped with tc tbf (needs root and iproute2), with each link's raw
+    /// TCP throughput from the same run: convergence, downtime, total time (docs/network.md).
+    Net {
+        #[command(flatten)]
+        vm: VmOpts,
+        #[command(flatten)]
+        mig: MigFlags,
+        /// Links, comma separated: loopback, or a shaped rate such as 1gbit, 10gbit, 500mbit.
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["loopback".to_string(), "10gbit".to_string(), "1gbit".to_string()], value_parser = parse_net_link)]
+        links: Vec<String>,
+        /// Modes, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["iommu".to_string(), "device-log".to_string(), "none".to_string()], value_parser = ["iommu", "device-log", "none"])]
+        modes: Vec<String>,
+        /// One-way latency added by the impairing relay (`livemig proxy`), in milliseconds.
+        #[arg(long, default_value_t = 0.0, value_parser = parse_ms)]
+        latency_ms: f64,
+        /// Jitter added by the relay, in milliseconds.
+        #[arg(long, default_value_t = 0.0, value_parser = parse_ms)]
+        jitter_ms: f64,
+        /// How long the guest runs before each migration, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        warmup_ms: u64,
+        /// MiB sent to measure each link's raw TCP throughput.
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
+        probe_mib: u64,
+    },
     /// The transports alone (no VM): 64-page runs of incompressible data over loopback,
     /// framed and checked as a migration does, per transport and connection count; throughput
     /// and CPU time against plain TCP.
@@ -382,6 +457,22 @@ enum BenchCmd {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+}
+
+fn parse_ms(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3_600_000.0).contains(&v) => Ok(v),
+        Ok(_) => Err(format!("'{s}': must be from 0 to 3600000 milliseconds")),
+        Err(e) => Err(format!("'{s}': {e}")),
+    }
+}
+
+fn parse_net_link(s: &str) -> Result<String, String> {
+    bench_net::parse_link(s).map(|_| s.to_string())
+}
+
+fn ms(v: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(v / 1e3)
 }
 
 fn parse_format(s: &str) -> Result<FormatKind, String> {
@@ -563,6 +654,35 @@ fn run() -> Result<i32> {
             json,
             sabotage_leak,
         }),
+        Cmd::Proxy {
+            listen,
+            to,
+            latency_ms,
+            jitter_ms,
+            stall_at_ms,
+            stall_ms,
+            cut_at_ms,
+            seed,
+        } => {
+            let imp = faults::Impairment {
+                latency: ms(latency_ms),
+                jitter: ms(jitter_ms),
+                stall: stall_at_ms.zip(stall_ms).map(|(a, b)| (ms(a), ms(b))),
+                cut: cut_at_ms.map(ms),
+                seed,
+            };
+            let link = faults::ImpairedLink::start(&listen, to, imp)
+                .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
+            out!("listening on {}", link.addr);
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            loop {
+                std::thread::park();
+            }
+        }
+        Cmd::NetProbe { what } => match what {
+            NetProbe::Listen { addr } => bench_net::probe_listen(&addr).map(|()| 0),
+            NetProbe::Send { addr, mib } => bench_net::probe_send(&addr, mib).map(|()| 0),
+        },
         Cmd::Bench { what } => bench_cmd(what).map(|()| 0),
         Cmd::Faults(a) => faults_cmd::run(&a),
     }
@@ -587,6 +707,25 @@ fn bench_cmd(what: BenchCmd) -> Result<()> {
                 naive: !no_naive,
             }),
             BenchCmd::Dma { runs } => bench::dma(runs),
+            BenchCmd::Net {
+                vm,
+                mig,
+                links,
+                modes,
+                latency_ms,
+                jitter_ms,
+                warmup_ms,
+                probe_mib,
+            } => bench_net::run(&bench_net::Args {
+                vm,
+                links,
+                modes,
+                mig: mig.args(String::new()),
+                latency_ms,
+                jitter_ms,
+                warmup_ms,
+                probe_mib,
+            }),
             BenchCmd::Transport {
                 transport,
                 channels,
