@@ -84,15 +84,21 @@ pub(crate) fn cpu_now() -> Duration {
 
 /// CPU time of this process's vCPU threads, by thread id (from `/proc/self/task`).
 fn vcpu_times() -> Vec<(u32, Duration)> {
+    task_times("/proc/self/task", "vcpu")
+}
+
+/// CPU time of the threads under `tasks` (a `/proc/PID/task` directory) whose name starts
+/// with `prefix`, by thread id.
+pub(crate) fn task_times(tasks: &str, prefix: &str) -> Vec<(u32, Duration)> {
     let hz = rustix::param::clock_ticks_per_second().max(1);
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+    let Ok(dir) = std::fs::read_dir(tasks) else {
         return Vec::new();
     };
     dir.filter_map(|e| {
         let e = e.ok()?;
         let tid: u32 = e.file_name().to_str()?.parse().ok()?;
         let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        if !comm.starts_with("vcpu") {
+        if !comm.starts_with(prefix) {
             return None;
         }
         // utime and stime are fields 14 and 15, counted after the parenthesised name.

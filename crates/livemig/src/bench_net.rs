@@ -4,6 +4,7 @@
 //! relay (latency, jitter) in the source's namespace.
 
 use crate::bench::fmt_ratio;
+use crate::bench_control::{PollStats, Pollers};
 use crate::children::{connect_control, livemig_in, spawn_listening, vm_args, Children};
 use crate::control::MigrateArgs;
 use crate::vmopts::VmOpts;
@@ -79,36 +80,44 @@ fn raw_tcp(h: Option<&TwoHosts>, mib: u64) -> Result<f64> {
         .ok_or_else(|| anyhow!("unexpected probe output: {text}"))
 }
 
-/// One migration of a fresh guest from the source's side to the destination's.
-fn migrate_once(h: Option<&TwoHosts>, a: &Args, mode: &str, n: usize) -> Result<Value> {
+/// One migration of a fresh guest, in child processes: from the source's side to the
+/// destination's (loopback without `hosts`).
+pub(crate) struct Once<'a> {
+    pub hosts: Option<&'a TwoHosts>,
+    pub vm: &'a VmOpts,
+    pub mig: &'a MigrateArgs,
+    pub mode: &'a str,
+    /// Through the impairing relay: one-way latency and jitter in milliseconds.
+    pub relay: Option<(f64, f64)>,
+    pub warmup_ms: u64,
+    /// Makes the control socket's path unique within this process.
+    pub n: usize,
+    /// Clients polling `query-migrate` on the source's socket throughout: how many, how often.
+    pub pollers: Option<(usize, Duration)>,
+}
+
+/// Runs `o`: the final `query-migrate`, and what the pollers saw.
+pub(crate) fn migrate_once(o: &Once<'_>) -> Result<(Value, Option<PollStats>)> {
+    let h = o.hosts;
     let mut kids = Children::default();
     let mut d = livemig_in(at(h, Side::Dest))?;
-    d.args([
-        "receive",
-        "--listen",
-        &format!("{}:0", dest_ip(h)),
-        "--exit-after-ms",
-        "300",
-    ])
-    .args(["--peer-timeout", &format!("{}", a.mig.peer_timeout as f64 / 1000.0)])
-    .stderr(Stdio::null());
+    let listen = format!("{}:0", dest_ip(h));
+    d.args(["receive", "--listen", &listen, "--exit-after-ms", "300"])
+        .args(["--peer-timeout", &format!("{}", o.mig.peer_timeout as f64 / 1000.0)])
+        .stderr(Stdio::null());
     let (mut uri, _) = spawn_listening(d, &mut kids, "destination")?;
-    if a.latency_ms > 0.0 || a.jitter_ms > 0.0 {
+    if let Some((latency, jitter)) = o.relay {
         let mut p = livemig_in(at(h, Side::Source))?;
+        let (latency, jitter) = (latency.to_string(), jitter.to_string());
         p.args(["proxy", "--listen", "127.0.0.1:0", "--to", &uri])
-            .args([
-                "--latency-ms",
-                &a.latency_ms.to_string(),
-                "--jitter-ms",
-                &a.jitter_ms.to_string(),
-            ])
+            .args(["--latency-ms", &latency, "--jitter-ms", &jitter])
             .stderr(Stdio::null());
         uri = spawn_listening(p, &mut kids, "impairing relay")?.0;
     }
-    let sock = PathBuf::from(format!("/tmp/livemig-benchnet-{}-{n}.sock", std::process::id()));
+    let sock = PathBuf::from(format!("/tmp/livemig-bench-{}-{}.sock", std::process::id(), o.n));
     let src = livemig_in(at(h, Side::Source))?
         .arg("run")
-        .args(vm_args(&a.vm))
+        .args(vm_args(o.vm))
         .arg("--control")
         .arg(&sock)
         .stdout(Stdio::null())
@@ -118,16 +127,22 @@ fn migrate_once(h: Option<&TwoHosts>, a: &Args, mode: &str, n: usize) -> Result<
     kids.0.push(src);
     let i = kids.0.len() - 1;
     let mut c = connect_control(&sock, &mut kids.0[i], "source VM")?;
-    std::thread::sleep(Duration::from_millis(a.warmup_ms));
+    std::thread::sleep(Duration::from_millis(o.warmup_ms));
+    let pollers = o
+        .pollers
+        .map(|(k, every)| Pollers::start(&sock, k, every))
+        .transpose()?;
     let args = MigrateArgs {
         uri,
-        mode: mode.to_string(),
-        ..a.mig.clone()
+        mode: o.mode.to_string(),
+        ..o.mig.clone()
     };
     c.execute("migrate", serde_json::to_value(&args)?)?;
-    let info = crate::summary::follow(&mut c, false)?;
+    let info = crate::summary::follow(&mut c, false);
+    let src_pid = kids.0[i].id();
+    let polled = pollers.map(|p| p.stop(crate::bench_control::threads_cpu(src_pid, "ctl-client")));
     let _ = c.execute("quit", json!({}));
-    Ok(info)
+    Ok((info?, polled))
 }
 
 fn u(v: &Value, path: &str) -> u64 {
@@ -157,7 +172,17 @@ pub fn run(a: &Args) -> Result<()> {
         eprintln!("[bench net] {name}: raw TCP {:.0} MiB/s", raw / 1048576.0);
         for mode in &a.modes {
             n += 1;
-            let info = migrate_once(hosts.as_ref(), a, mode, n).with_context(|| format!("{name}, mode {mode}"))?;
+            let once = Once {
+                hosts: hosts.as_ref(),
+                vm: &a.vm,
+                mig: &a.mig,
+                mode,
+                relay: (a.latency_ms > 0.0 || a.jitter_ms > 0.0).then_some((a.latency_ms, a.jitter_ms)),
+                warmup_ms: a.warmup_ms,
+                n,
+                pollers: None,
+            };
+            let (info, _) = migrate_once(&once).with_context(|| format!("{name}, mode {mode}"))?;
             eprintln!(
                 "[bench net] {name} {mode}: {}, {} iterations, downtime {:.1} ms, total {} ms",
                 s(&info, "status"),

@@ -21,8 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Control connections served at once.
-pub const MAX_CLIENTS: usize = 64;
+/// Control connections served at once: room for a hundred management clients polling at
+/// once (`tests/concurrency.rs`), each with its own thread.
+pub const MAX_CLIENTS: usize = 128;
 /// A client that sends nothing for this long is disconnected.
 pub const IDLE: Duration = Duration::from_secs(60);
 /// The longest a reply waits for a client that does not read.

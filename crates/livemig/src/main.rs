@@ -18,6 +18,7 @@ macro_rules! eout {
 }
 
 mod bench;
+mod bench_control;
 mod bench_migration;
 mod bench_net;
 mod bench_transport;
@@ -434,6 +435,27 @@ enum BenchCmd {
         #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
         probe_mib: u64,
     },
+    /// Migrations with and without N clients polling query-migrate on the source's control
+    /// socket, interleaved: downtime and total time with ÷ without, and the clients' replies.
+    Control {
+        #[command(flatten)]
+        vm: VmOpts,
+        #[command(flatten)]
+        mig: MigFlags,
+        /// Polling clients, each on its own connection (at most 120: the socket serves 128).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=120))]
+        clients: u64,
+        /// Each client's pause between two polls, in milliseconds (0.1 s: ten polls a second
+        /// per client, a thousand in all).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+        interval_ms: u64,
+        /// Migrations per configuration (interleaved); medians are reported.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// How long the guest runs before each migration, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        warmup_ms: u64,
+    },
     /// The transports alone (no VM): 64-page runs of incompressible data over loopback,
     /// framed and checked as a migration does, per transport and connection count; throughput
     /// and CPU time against plain TCP.
@@ -707,6 +729,21 @@ fn bench_cmd(what: BenchCmd) -> Result<()> {
                 naive: !no_naive,
             }),
             BenchCmd::Dma { runs } => bench::dma(runs),
+            BenchCmd::Control {
+                vm,
+                mig,
+                clients,
+                interval_ms,
+                runs,
+                warmup_ms,
+            } => bench_control::run(&bench_control::Args {
+                vm,
+                mig: mig.args(String::new()),
+                clients: clients as usize,
+                interval_ms,
+                runs: runs as usize,
+                warmup_ms,
+            }),
             BenchCmd::Net {
                 vm,
                 mig,

@@ -475,7 +475,10 @@ fn wait_for_guest(srv: &Arc<Server>) {
                     *s.at() = Where::Here;
                     return;
                 }
-                Err(e) => eout!("[incoming] no guest runs here: {}; waiting for the next attempt", e.chain()),
+                Err(e) => eout!(
+                    "[incoming] no guest runs here: {}; waiting for the next attempt",
+                    e.chain()
+                ),
             }
         }
     });
