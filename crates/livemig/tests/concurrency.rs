@@ -84,3 +84,39 @@ fn a_hundred_clients_polling_are_all_answered_during_a_migration() {
     }
     assert!(replies >= 100, "{replies}");
 }
+
+/// A smoke of `bench control` (the documented run is longer): both rows, the ratio, and the
+/// clients' figures, all answered.
+#[test]
+fn the_control_load_benchmark_compares_with_and_without_clients() {
+    vmm::need_kvm!();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "bench",
+            "control",
+            "--runs",
+            "1",
+            "--clients",
+            "20",
+            "--interval-ms",
+            "20",
+        ])
+        .args([
+            "--memory-mib",
+            "128",
+            "--ws-mib",
+            "32",
+            "--rate",
+            "16",
+            "--warmup-ms",
+            "200",
+        ])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(s.lines().any(|l| l.starts_with("| 0 | ")), "{s}");
+    assert!(s.lines().any(|l| l.starts_with("| 20 | ")), "{s}");
+    assert!(s.contains("downtime with ÷ without: "), "{s}");
+    assert!(s.contains(" 0 errors;"), "{s}");
+}

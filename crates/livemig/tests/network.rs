@@ -206,13 +206,23 @@ fn a_migration_through_latency_and_jitter_completes_verified() {
 #[test]
 fn namespaces_are_removed_even_when_a_test_fails() {
     netlab::need_netns!();
-    let before = netlab::ours();
+    let made = std::sync::Mutex::new(Vec::new());
     let r = std::panic::catch_unwind(|| {
-        let _h = TwoHosts::create(Some(Shape { mbit: 10_000.0 })).unwrap();
+        let h = TwoHosts::create(Some(Shape { mbit: 10_000.0 })).unwrap();
+        for side in [Side::Source, Side::Dest] {
+            made.lock().unwrap().push(h.namespace(side).to_string());
+        }
+        assert!(netlab::list().contains(&made.lock().unwrap()[0]));
         panic!("a failing test");
     });
     assert!(r.is_err());
-    assert_eq!(netlab::ours(), before, "nothing left behind");
+    let made = made.into_inner().unwrap();
+    assert_eq!(made.len(), 2);
+    let now = netlab::list();
+    assert!(
+        made.iter().all(|n| !now.contains(n)),
+        "left behind: {made:?} in {now:?}"
+    );
 
     // A namespace named after a process that no longer exists.
     let mut gone = Command::new("true").spawn().unwrap();
@@ -222,7 +232,65 @@ fn namespaces_are_removed_even_when_a_test_fails() {
     let ok = Command::new("ip").args(["netns", "add", &stale]).status().unwrap();
     assert!(ok.success());
     let h = TwoHosts::create(None).unwrap();
-    let list = String::from_utf8(Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
-    assert!(!list.contains(&stale), "{list}");
+    assert!(!netlab::list().contains(&stale), "the stale namespace was swept");
     drop(h);
+}
+
+/// A smoke of `bench net` (the documented run is longer): a row per link and mode, each with
+/// the link's raw TCP throughput and its ratio against iommu from the same run.
+#[test]
+fn the_network_benchmark_measures_every_link_and_mode() {
+    vmm::need_kvm!();
+    netlab::need_netns!();
+    let child = Command::new(BIN)
+        .args(["bench", "net", "--links", "loopback,1gbit", "--modes", "iommu,none"])
+        .args([
+            "--memory-mib",
+            "128",
+            "--ws-mib",
+            "32",
+            "--rate",
+            "16",
+            "--warmup-ms",
+            "200",
+        ])
+        .args(["--probe-mib", "32", "--latency-ms", "1", "--jitter-ms", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(s.contains("through the relay, 1 ms ± 1 ms each way"), "{s}");
+    for row in ["| loopback |", "| 1gbit |"] {
+        for mode in ["| iommu | completed |", "| none | completed |"] {
+            let line = s
+                .lines()
+                .find(|l| l.starts_with(row) && l.contains(mode))
+                .unwrap_or_else(|| panic!("{row} {mode}: {s}"));
+            assert!(line.contains("MiB/s") && line.contains('×'), "{line}");
+        }
+    }
+    assert_eq!(
+        netlab::of_process(pid),
+        Vec::<String>::new(),
+        "the benchmark's namespaces are gone"
+    );
+}
+
+#[test]
+fn bad_links_are_refused_up_front() {
+    for (link, says) in [
+        ("2tbit", "a link is loopback or a rate"),
+        ("0gbit", "from 1mbit to 100gbit"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["bench", "net", "--links", link])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{link}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{link}");
+    }
 }

@@ -63,7 +63,7 @@ pub fn available() -> Result<(), NetlabError> {
     run("ip", &["netns", "list"])?;
     run("tc", &["-V"])?;
     // Creating one is the only real test of the privilege.
-    // Unique among this process's tests, and outside `ours()`'s `lmig<pid>x` names.
+    // Unique among this process's tests, and outside `of_process`'s `lmig<pid>x` names.
     let probe = format!(
         "{PREFIX}{}p{}",
         std::process::id(),
@@ -260,14 +260,18 @@ impl Drop for TwoHosts {
     }
 }
 
-/// Namespaces of ours that exist now (for tests that check the cleanup).
-pub fn ours() -> Vec<String> {
-    let mine = format!("{PREFIX}{}x", std::process::id());
+/// The namespaces process `pid` made that exist now (for tests that check the cleanup).
+pub fn of_process(pid: u32) -> Vec<String> {
+    let mine = format!("{PREFIX}{pid}x");
+    list().into_iter().filter(|n| n.starts_with(&mine)).collect()
+}
+
+/// Every network namespace's name.
+pub fn list() -> Vec<String> {
     run("ip", &["netns", "list"])
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&mine))
         .map(str::to_string)
         .collect()
 }
