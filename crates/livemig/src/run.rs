@@ -29,6 +29,9 @@ use vmm::Vm;
 enum Where {
     /// No guest here: waiting for one to migrate in (`--incoming`; QEMU's `inmigrate`).
     Waiting,
+    /// A guest that migrated in runs here, and the destination's checks after the resume
+    /// (its progress, an audit) are still going; it cannot be sent on yet.
+    Arriving,
     /// It runs here (never migrated, or rolled back, or resumed with `cont`).
     Here,
     Migrating,
@@ -94,6 +97,10 @@ struct Server {
     mig: Arc<MigrationControl>,
     at: Mutex<Where>,
     quit: AtomicBool,
+    /// `quit` was accepted and waits for a migration's rollback: nothing new may start.
+    quitting: AtomicBool,
+    /// An `incoming` thread is receiving (changed only under the `at` lock).
+    receiving: AtomicBool,
     /// The migration thread, while one runs.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -147,6 +154,8 @@ pub fn run(opts: &VmOpts, control: &Path, release_after: Option<Duration>, incom
         mig: Arc::new(MigrationControl::default()),
         at: Mutex::new(at),
         quit: AtomicBool::new(false),
+        quitting: AtomicBool::new(false),
+        receiving: AtomicBool::new(false),
         thread: Mutex::new(None),
     });
     if srv.incoming.is_some() {
@@ -255,6 +264,10 @@ fn status(srv: &Server) -> Value {
     match &*srv.at() {
         Where::Waiting => v["status"] = json!("inmigrate"),
         Where::Here => v["status"] = json!("running"),
+        Where::Arriving => {
+            v["status"] = json!("running");
+            v["arriving"] = json!(true);
+        }
         Where::Migrating => {
             let switching = srv.mig.snapshot().status == migration::Status::Device;
             v["status"] = json!(if switching { "finish-migrate" } else { "running" });
@@ -273,63 +286,68 @@ fn status(srv: &Server) -> Value {
     v
 }
 
+const QUITTING: &str = "the process is quitting (a migration is being rolled back first)";
+const WAITING: &str = "no guest here: this process is waiting for an incoming migration";
+
 fn migrate(srv: &Arc<Server>, a: MigrateArgs) -> Result<Value, String> {
     let opts = a.options().map_err(|e| e.to_string())?;
-    {
-        let mut at = srv.at();
-        match &*at {
-            Where::Migrating => return Err("a migration is already running".into()),
-            Where::Held { .. } => {
-                return Err(
-                    "the guest was handed over and is held here (postmigrate): `quit` releases it, \
-                            `cont` runs it here again"
-                        .into(),
-                )
-            }
-            Where::Waiting => return Err("no guest here: this process is waiting for an incoming migration".into()),
-            Where::Here => {}
-        }
-        *at = Where::Migrating;
+    // The state stays locked until the migration thread's handle is stored, so a `quit`
+    // that sees `Migrating` always finds the thread to wait for.
+    let mut at = srv.at();
+    if srv.quitting.load(Ordering::Acquire) {
+        return Err(QUITTING.into());
     }
-    let vm = match srv.vm() {
-        Ok(vm) => vm,
-        Err(e) => {
-            *srv.at() = Where::Here;
-            return Err(e);
+    match &*at {
+        Where::Migrating => return Err("a migration is already running".into()),
+        Where::Held { .. } => {
+            return Err(
+                "the guest was handed over and is held here (postmigrate): `quit` releases it, \
+                        `cont` runs it here again"
+                    .into(),
+            )
         }
-    };
+        Where::Waiting => return Err(WAITING.into()),
+        Where::Arriving => {
+            return Err(
+                "the guest is still arriving here (the checks after its resume are running); try again in a moment"
+                    .into(),
+            )
+        }
+        Where::Here => {}
+    }
+    let vm = srv.vm()?;
     // Before the reply: a query right after it sees this migration, and a cancel right after
     // it is kept for it.
     srv.mig.begin();
     let s = srv.clone();
-    let t = std::thread::Builder::new()
-        .name("migration".into())
-        .spawn(move || {
-            let _ = migration::migrate(&vm, &a.uri, &opts, &s.mig);
-            drop(vm);
-            let info = s.mig.snapshot();
-            *s.at() = match info.livemig.outcome {
-                Outcome::Completed | Outcome::Held => Where::Held {
-                    outcome: info.livemig.outcome,
-                    dest: info.livemig.destination,
-                    reason: match info.livemig.outcome {
-                        Outcome::Completed => "handed over: the destination confirmed that it runs the guest".into(),
-                        _ => info.error_desc.unwrap_or_default(),
-                    },
-                    since: Instant::now(),
+    let t = std::thread::Builder::new().name("migration".into()).spawn(move || {
+        let _ = migration::migrate(&vm, &a.uri, &opts, &s.mig);
+        drop(vm);
+        let info = s.mig.snapshot();
+        *s.at() = match info.livemig.outcome {
+            Outcome::Completed | Outcome::Held => Where::Held {
+                outcome: info.livemig.outcome,
+                dest: info.livemig.destination,
+                reason: match info.livemig.outcome {
+                    Outcome::Completed => "handed over: the destination confirmed that it runs the guest".into(),
+                    _ => info.error_desc.unwrap_or_default(),
                 },
-                _ => Where::Here,
-            };
-        })
-        .map_err(|e| format!("starting the migration: {e}"));
+                since: Instant::now(),
+            },
+            _ => Where::Here,
+        };
+    });
     match t {
         Ok(t) => {
+            *at = Where::Migrating;
             *srv.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
             Ok(json!({}))
         }
         Err(e) => {
-            *srv.at() = Where::Here;
-            Err(e)
+            let why = format!("starting the migration: {e}");
+            // Whoever follows it sees it end, failed, with the guest untouched.
+            srv.mig.abandon(&why);
+            Err(why)
         }
     }
 }
@@ -338,9 +356,12 @@ fn migrate(srv: &Arc<Server>, a: MigrateArgs) -> Result<Value, String> {
 /// to run it (it said it discarded it).
 fn cont(srv: &Server, force: bool) -> Result<Value, String> {
     let mut at = srv.at();
+    if srv.quitting.load(Ordering::Acquire) {
+        return Err(QUITTING.into());
+    }
     match &*at {
-        Where::Here => return Ok(json!({})),
-        Where::Waiting => return Err("no guest here: this process is waiting for an incoming migration".into()),
+        Where::Here | Where::Arriving => return Ok(json!({})),
+        Where::Waiting => return Err(WAITING.into()),
         Where::Migrating => return Err("a migration is running: migrate-cancel it first".into()),
         Where::Held { dest, .. } => match dest {
             DestState::Discarded => {}
@@ -381,6 +402,7 @@ fn quit(srv: &Arc<Server>, force: bool) -> Result<Value, String> {
     match &*srv.at() {
         Where::Migrating => match srv.mig.cancel() {
             Ok(()) => {
+                srv.quitting.store(true, Ordering::Release);
                 let s = srv.clone();
                 // Reply first; the wait for the rollback happens off the client's thread.
                 std::thread::spawn(move || {
@@ -422,9 +444,17 @@ fn release(srv: &Arc<Server>, force: bool) -> Result<Value, String> {
         return Err("release is for processes started with --incoming; `quit` ends this one".into());
     }
     let mut at = srv.at();
+    if srv.quitting.load(Ordering::Acquire) {
+        return Err(QUITTING.into());
+    }
     match &*at {
-        Where::Waiting => return Ok(json!({})),
-        Where::Here => return Err("the guest runs here: only a guest handed over is released".into()),
+        Where::Waiting => {
+            drop(at);
+            // A receiver that could not be started is started now.
+            wait_for_guest(srv);
+            return Ok(json!({}));
+        }
+        Where::Here | Where::Arriving => return Err("the guest runs here: only a guest handed over is released".into()),
         Where::Migrating => return Err("a migration is running: wait until query-migrate ends".into()),
         Where::Held { dest, .. } if *dest != DestState::Running && !force => {
             return Err(format!("{MAY_BE_ONLY_COPY}; release with {{\"force\": true}} drops it"))
@@ -444,45 +474,79 @@ fn release(srv: &Arc<Server>, force: bool) -> Result<Value, String> {
     Ok(json!({}))
 }
 
-/// Receives the next guest on the `--incoming` listener, off the control socket's threads.
-/// A migration that fails leaves this process empty and waiting again.
+/// Receives the next guest on the `--incoming` listener, off the control socket's threads,
+/// unless a receiver already runs or a guest is here. A migration that fails leaves this
+/// process empty and waiting again.
 fn wait_for_guest(srv: &Arc<Server>) {
+    {
+        let at = srv.at();
+        if !matches!(*at, Where::Waiting) || srv.receiving.swap(true, Ordering::AcqRel) {
+            return;
+        }
+    }
     let s = srv.clone();
     let spawned = std::thread::Builder::new().name("incoming".into()).spawn(move || {
-        let Some((l, opts)) = &s.incoming else {
-            return;
-        };
-        while !s.quit.load(Ordering::Acquire) {
-            match migration::receive(l, opts, &|m| eout!("[incoming] {m}")) {
-                Ok(inc) => {
-                    let n = s.received.fetch_add(1, Ordering::AcqRel) + 1;
-                    if let Some(leak) = s.sabotage_leak {
-                        leak.leak();
-                    }
-                    let r = &inc.report;
-                    out!(
-                        "guest {n} received: {} pages, {} device bytes, {} iterations; running ({:.1} ms from switchover to running){}",
-                        r.pages_received,
-                        r.device_bytes,
-                        r.iterations,
-                        r.resume_time.as_secs_f64() * 1e3,
-                        match &r.unverified {
-                            Some(why) => format!("; UNVERIFIED: {why}"),
-                            None => String::new(),
-                        }
-                    );
-                    *s.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(inc.vm);
-                    *s.at() = Where::Here;
-                    return;
-                }
-                Err(e) => eout!(
-                    "[incoming] no guest runs here: {}; waiting for the next attempt",
-                    e.chain()
-                ),
-            }
+        if let Some((l, opts)) = &s.incoming {
+            receive_loop(&s, l, opts);
         }
+        s.receiving.store(false, Ordering::Release);
     });
     if let Err(e) = spawned {
-        eout!("[incoming] cannot start the receiving thread: {e}");
+        srv.receiving.store(false, Ordering::Release);
+        eout!("[incoming] cannot start the receiving thread ({e}); `release` retries");
+    }
+}
+
+fn receive_loop(s: &Arc<Server>, l: &TcpListener, opts: &DestOptions) {
+    while !s.quit.load(Ordering::Acquire) {
+        // The guest is published here the moment it runs, before the source hears of it.
+        let mut opts = opts.clone();
+        let s2 = s.clone();
+        opts.on_running = Some(migration::OnRunning(Arc::new(move |vm: &Arc<Vm>| {
+            let mut at = s2.at();
+            *s2.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.clone());
+            *at = Where::Arriving;
+        })));
+        let got = migration::receive(l, &opts, &|m| eout!("[incoming] {m}"));
+        drop(opts);
+        match got {
+            Ok(inc) => {
+                let n = s.received.fetch_add(1, Ordering::AcqRel) + 1;
+                if let Some(leak) = s.sabotage_leak {
+                    leak.leak();
+                }
+                let r = &inc.report;
+                out!(
+                    "guest {n} received: {} pages, {} device bytes, {} iterations; running ({:.1} ms from switchover to running){}",
+                    r.pages_received,
+                    r.device_bytes,
+                    r.iterations,
+                    r.resume_time.as_secs_f64() * 1e3,
+                    match &r.unverified {
+                        Some(why) => format!("; UNVERIFIED: {why}"),
+                        None => String::new(),
+                    }
+                );
+                let mut at = s.at();
+                *s.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(inc.vm);
+                *at = Where::Here;
+                // Under the lock: a `release` that sees Waiting again later starts a new one.
+                s.receiving.store(false, Ordering::Release);
+                return;
+            }
+            Err(e) => {
+                // A guest that ran here and then failed its checks was stopped: forget it.
+                let mut at = s.at();
+                if matches!(*at, Where::Arriving) {
+                    s.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    *at = Where::Waiting;
+                }
+                drop(at);
+                eout!(
+                    "[incoming] no guest runs here: {}; waiting for the next attempt",
+                    e.chain()
+                );
+            }
+        }
     }
 }

@@ -100,6 +100,40 @@ fn incoming_processes_take_guests_in_turn_and_never_drop_the_only_copy() {
     assert_eq!(later["guest-errors"], 0, "{later}");
 }
 
+/// The source learns that the guest runs on the destination before the destination's own
+/// checks after the resume are over; from that moment the `--incoming` process must not
+/// say "no guest here" (which would invite an operator to quit it, or to take it for empty).
+#[test]
+fn an_incoming_process_owns_the_guest_from_the_moment_it_runs() {
+    vmm::need_kvm!();
+    let (sa, so) = (sock("own-a"), sock("own-origin"));
+    let (_a, addr_a) = run_incoming(&sa, &[]);
+    let mut ca = Ctl::connect(&sa);
+    let _origin = run_vm(&so, &[]);
+    let mut co = Ctl::connect(&so);
+    co.ret("migrate", json!({ "uri": addr_a }));
+    let t = Instant::now();
+    loop {
+        let i = co.ret("query-migrate", json!({}));
+        if i["livemig"]["destination"] == "running" {
+            break;
+        }
+        assert!(i["status"] != "failed", "{i}");
+        assert!(t.elapsed() < Duration::from_secs(60), "{i}");
+    }
+    let st = ca.ret("query-status", json!({}));
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(st["running"], true, "{st}");
+    if st["arriving"] == true {
+        // Still checking: it cannot be sent on yet, nor released.
+        assert!(error(&ca.cmd("migrate", json!({ "uri": "127.0.0.1:1" }))).contains("still arriving"));
+        assert!(error(&ca.cmd("release", json!({}))).contains("runs here"));
+    }
+    assert_eq!(co.wait_status(&["completed", "failed"])["status"], "completed");
+    let st = wait_run_state(&mut ca, "running");
+    assert_eq!(st["guests-received"], 1, "{st}");
+}
+
 #[test]
 fn run_takes_transport_options_only_with_incoming() {
     let out = Command::new(BIN)

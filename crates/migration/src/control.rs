@@ -127,6 +127,18 @@ impl MigrationControl {
         true
     }
 
+    /// A migration that `begin` announced but that never started (its thread could not be
+    /// made): it ends failed, the guest untouched, so whoever follows it is not left waiting.
+    pub fn abandon(&self, why: &str) {
+        self.finish();
+        self.update(|i| {
+            i.status = Status::Failed;
+            i.livemig.outcome = crate::info::Outcome::RolledBack;
+            i.livemig.source_vcpus_running = true;
+            i.error_desc = Some(why.to_string());
+        });
+    }
+
     /// The migration ended, whichever way.
     pub(crate) fn finish(&self) {
         let mut g = self.gate();

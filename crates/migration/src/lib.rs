@@ -27,7 +27,7 @@ pub mod throttle;
 pub mod transport;
 
 pub use control::{CancelError, MigrationControl};
-pub use destination::{receive, DestOptions, DestReport, Incoming};
+pub use destination::{receive, DestOptions, DestReport, Incoming, OnRunning};
 pub use dirty_source::DeviceTracking;
 pub use error::{MigError, WireError};
 pub use info::{DestState, MigrationInfo, Outcome, Status};

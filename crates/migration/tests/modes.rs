@@ -99,10 +99,22 @@ fn outrunning_guest(auto_converge: bool, max_iterations: u32) -> MigrationInfo {
 #[test]
 fn auto_converge_throttles_a_guest_that_outruns_the_bandwidth() {
     need_kvm!();
-    let without = outrunning_guest(false, 6);
+    // The premise is a guest that outruns the link. A vCPU starved by other tests on this
+    // 2-core machine may dirty too little for that, and then converges unthrottled; that run
+    // says nothing about auto-converge, so it is retried (a few times, then the premise
+    // failing is itself the failure).
+    let mut tries = Vec::new();
+    let without = loop {
+        let w = outrunning_guest(false, 6);
+        if w.livemig.switchover_reason == "max-iterations" || tries.len() == 2 {
+            break w;
+        }
+        tries.push(w.livemig.cpu_dirty_pages_rate);
+    };
     assert_eq!(
         without.livemig.switchover_reason, "max-iterations",
-        "without a throttle it does not converge"
+        "without a throttle it does not converge (dirty page rates of the runs that did: {tries:?}, then {})",
+        without.livemig.cpu_dirty_pages_rate
     );
     assert_eq!(without.cpu_throttle_percentage, 0);
     let with = outrunning_guest(true, 200);

@@ -155,6 +155,9 @@ pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received)
         "guest running on the destination ({} pages received)",
         rx.report.pages_received
     ));
+    if let Some(h) = &opts.on_running {
+        (h.0)(&vm);
+    }
     let told = ctl.send(
         Kind::Running,
         &Running {

@@ -38,6 +38,21 @@ pub struct DestOptions {
     /// the split brain that follows).
     #[doc(hidden)]
     pub sabotage_resume_before_commit: bool,
+    /// Called with the VM the moment the guest runs here, before the source is told: a
+    /// process that reports its own state (`livemig run --incoming`) then never says "no
+    /// guest here" about a guest the source believes is here. `receive` still has checks to
+    /// run after it (progress, audit) before it returns.
+    pub on_running: Option<OnRunning>,
+}
+
+/// See [`DestOptions::on_running`].
+#[derive(Clone)]
+pub struct OnRunning(pub Arc<dyn Fn(&Arc<Vm>) + Send + Sync>);
+
+impl std::fmt::Debug for OnRunning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnRunning(..)")
+    }
 }
 
 impl Default for DestOptions {
@@ -48,6 +63,7 @@ impl Default for DestOptions {
             peer_timeout: Duration::from_secs(10),
             security: crate::transport::Security::Plain,
             sabotage_resume_before_commit: false,
+            on_running: None,
         }
     }
 }
