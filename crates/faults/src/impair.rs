@@ -5,7 +5,7 @@
 //! of a destination (`docs/network.md`).
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -31,9 +31,11 @@ pub struct Impairment {
 
 /// Bytes read in one go; also the unit of delay.
 const CHUNK: usize = 64 << 10;
-/// Chunks in flight per direction before the reader waits (a bounded backlog: the
-/// bandwidth-delay product of a fast link at this latency, or the sender blocks).
-const IN_FLIGHT: usize = 1024;
+/// Chunks held per direction before the reader waits: 8 MiB, the bandwidth-delay product of
+/// 1 GiB/s at 8 ms. Beyond it the sender is slowed, as by a full queue on a real link.
+const IN_FLIGHT: usize = 128;
+/// The longest the relay waits to reach its target for a new connection.
+const CONNECT: Duration = Duration::from_secs(5);
 /// How often blocked threads look at the stop and cut flags.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -41,8 +43,8 @@ struct Shared {
     imp: Impairment,
     started: Instant,
     stop: AtomicBool,
-    /// Every socket the relay holds, to close at a cut or a stop.
-    socks: Mutex<Vec<TcpStream>>,
+    /// Every open connection's two sockets, by connection id, to close at a cut or a stop.
+    socks: Mutex<Vec<(u64, [TcpStream; 2])>>,
 }
 
 impl Shared {
@@ -59,9 +61,18 @@ impl Shared {
         (t >= from && t < to).then_some(to)
     }
     fn close_all(&self) {
-        for s in self.socks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
+        for (_, pair) in self.socks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            for s in pair {
+                let _ = s.shutdown(Shutdown::Both);
+            }
         }
+    }
+    /// Forgets a connection both of whose directions have ended.
+    fn forget(&self, id: u64) {
+        self.socks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, _)| *i != id);
     }
 }
 
@@ -101,6 +112,7 @@ impl Drop for ImpairedLink {
 fn accept(l: TcpListener, to: String, sh: Arc<Shared>) {
     let mut seed = sh.imp.seed;
     let mut cut_done = false;
+    let mut id = 0u64;
     while !sh.stop.load(Ordering::Acquire) {
         if sh.cut_due() {
             if !cut_done {
@@ -117,13 +129,31 @@ fn accept(l: TcpListener, to: String, sh: Arc<Shared>) {
         match l.accept() {
             Ok((a, _)) => {
                 seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                id += 1;
                 let _ = a.set_nonblocking(false);
-                let Ok(b) = TcpStream::connect(&to) else {
-                    continue;
-                };
-                let _ = (a.set_nodelay(true), b.set_nodelay(true));
-                if let Err(e) = relay(a, b, &sh, seed) {
-                    eprintln!("impair: a connection could not be relayed: {e}");
+                // Connected off this thread: a target that does not answer must not hold up
+                // the next connection, nor a cut.
+                let (to, sh, seed, id) = (to.clone(), sh.clone(), seed, id);
+                let spawned = std::thread::Builder::new()
+                    .name("impair-connect".into())
+                    .spawn(move || {
+                        let b = to
+                            .to_socket_addrs()
+                            .and_then(|mut a| a.next().ok_or_else(|| std::io::Error::other("no address")))
+                            .and_then(|sa| TcpStream::connect_timeout(&sa, CONNECT));
+                        match b {
+                            Ok(b) => {
+                                let _ = (a.set_nodelay(true), b.set_nodelay(true));
+                                if let Err(e) = relay(id, a, b, &sh, seed) {
+                                    eprintln!("impair: a connection could not be relayed: {e}");
+                                    sh.forget(id);
+                                }
+                            }
+                            Err(e) => eprintln!("impair: cannot reach {to}: {e}"),
+                        }
+                    });
+                if let Err(e) = spawned {
+                    eprintln!("impair: a connection was dropped: {e}");
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
@@ -134,13 +164,18 @@ fn accept(l: TcpListener, to: String, sh: Arc<Shared>) {
 
 /// Two directions, each a reader that stamps chunks with their delivery time and a writer
 /// that delivers them then.
-fn relay(a: TcpStream, b: TcpStream, sh: &Arc<Shared>, seed: u64) -> std::io::Result<()> {
+fn relay(id: u64, a: TcpStream, b: TcpStream, sh: &Arc<Shared>, seed: u64) -> std::io::Result<()> {
     {
         let mut socks = sh.socks.lock().unwrap_or_else(|e| e.into_inner());
-        socks.push(a.try_clone()?);
-        socks.push(b.try_clone()?);
+        if sh.halted() {
+            return Ok(());
+        }
+        socks.push((id, [a.try_clone()?, b.try_clone()?]));
     }
+    // The last of the two writers to end forgets the connection.
+    let ended = Arc::new(std::sync::atomic::AtomicU8::new(0));
     for (i, (from, to)) in [(a.try_clone()?, b.try_clone()?), (b, a)].into_iter().enumerate() {
+        let ended = ended.clone();
         let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(IN_FLIGHT);
         let (s1, s2) = (sh.clone(), sh.clone());
         let mut rng = Rng(seed ^ (i as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03));
@@ -150,6 +185,11 @@ fn relay(a: TcpStream, b: TcpStream, sh: &Arc<Shared>, seed: u64) -> std::io::Re
             let mut last = Instant::now();
             let mut buf = vec![0u8; CHUNK];
             while !s1.halted() {
+                // A stalled link takes nothing in either: the sender's queue fills.
+                if let Some(until) = s1.stalled_until(Instant::now()) {
+                    std::thread::sleep((until - Instant::now()).min(POLL));
+                    continue;
+                }
                 match from.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
@@ -164,9 +204,12 @@ fn relay(a: TcpStream, b: TcpStream, sh: &Arc<Shared>, seed: u64) -> std::io::Re
                 }
             }
         })?;
-        std::thread::Builder::new()
-            .name("impair-write".into())
-            .spawn(move || deliver(rx, to, &s2))?;
+        std::thread::Builder::new().name("impair-write".into()).spawn(move || {
+            deliver(rx, to, &s2);
+            if ended.fetch_add(1, Ordering::AcqRel) == 1 {
+                s2.forget(id);
+            }
+        })?;
     }
     Ok(())
 }
@@ -306,6 +349,23 @@ mod tests {
         let rtt = round_trip(&mut c, 10);
         assert!(rtt >= Duration::from_millis(250), "{rtt:?}");
         assert!(round_trip(&mut c, 10) < Duration::from_millis(200), "after the stall");
+    }
+
+    #[test]
+    fn a_closed_connection_is_forgotten() {
+        let link = ImpairedLink::start("127.0.0.1:0", echo(), Impairment::default()).unwrap();
+        for _ in 0..20 {
+            let mut c = TcpStream::connect(&link.addr).unwrap();
+            round_trip(&mut c, 10);
+        }
+        let t = Instant::now();
+        while !link.sh.socks.lock().unwrap().is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "sockets kept after their connections closed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]

@@ -53,12 +53,17 @@ impl Pollers {
     /// Connects all clients before returning, so that every one is polling when the
     /// migration starts.
     pub fn start(sock: &Path, clients: usize, interval: Duration) -> Result<Pollers> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (started, cpu0) = (Instant::now(), crate::bench_migration::cpu_now());
-        let mut threads = Vec::with_capacity(clients);
+        // Built first, so that a connection failing half-way stops the clients already
+        // polling (on drop).
+        let mut p = Pollers {
+            started: Instant::now(),
+            cpu0: crate::bench_migration::cpu_now(),
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::with_capacity(clients),
+        };
         for i in 0..clients {
             let mut c = Client::connect(sock)?;
-            let stop = stop.clone();
+            let stop = p.stop.clone();
             let t = std::thread::Builder::new()
                 .name(format!("poller-{i}"))
                 .spawn(move || {
@@ -77,28 +82,24 @@ impl Pollers {
                     (ok, err, lat)
                 })
                 .map_err(|e| anyhow!("starting poller {i}: {e}"))?;
-            threads.push(t);
+            p.threads.push(t);
         }
-        Ok(Pollers {
-            started,
-            cpu0,
-            stop,
-            threads,
-        })
+        Ok(p)
     }
 
     /// Stops the clients; `server_cpu` is what the serving threads used, measured by the
     /// caller before the clients hang up (their threads, and their counts, go with them).
-    pub fn stop(self, server_cpu: Duration) -> PollStats {
+    pub fn stop(mut self, server_cpu: Duration) -> PollStats {
         self.stop.store(true, Ordering::Release);
+        let threads = std::mem::take(&mut self.threads);
         let mut s = PollStats {
-            clients: self.threads.len(),
+            clients: threads.len(),
             wall: self.started.elapsed(),
             client_cpu: crate::bench_migration::cpu_now().saturating_sub(self.cpu0),
             server_cpu,
             ..Default::default()
         };
-        for t in self.threads {
+        for t in threads {
             if let Ok((ok, err, lat)) = t.join() {
                 s.requests += ok;
                 s.errors += err;
@@ -109,6 +110,13 @@ impl Pollers {
         }
         s.latencies.sort_unstable();
         s
+    }
+}
+
+/// Clients left polling when a run fails half-way are stopped.
+impl Drop for Pollers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
     }
 }
 

@@ -5,7 +5,7 @@
 
 use crate::bench::fmt_ratio;
 use crate::bench_control::{PollStats, Pollers};
-use crate::children::{connect_control, livemig_in, spawn_listening, vm_args, Children};
+use crate::children::{connect_control, livemig_in, spawn_listening, vm_args, Children, Sockets};
 use crate::control::MigrateArgs;
 use crate::vmopts::VmOpts;
 use anyhow::{anyhow, bail, Context, Result};
@@ -99,6 +99,9 @@ pub(crate) struct Once<'a> {
 /// Runs `o`: the final `query-migrate`, and what the pollers saw.
 pub(crate) fn migrate_once(o: &Once<'_>) -> Result<(Value, Option<PollStats>)> {
     let h = o.hosts;
+    let sock = PathBuf::from(format!("/tmp/livemig-bench-{}-{}.sock", std::process::id(), o.n));
+    // Declared before the children, so removed after them.
+    let _sockets = Sockets(vec![sock.clone()]);
     let mut kids = Children::default();
     let mut d = livemig_in(at(h, Side::Dest))?;
     let listen = format!("{}:0", dest_ip(h));
@@ -114,7 +117,6 @@ pub(crate) fn migrate_once(o: &Once<'_>) -> Result<(Value, Option<PollStats>)> {
             .stderr(Stdio::null());
         uri = spawn_listening(p, &mut kids, "impairing relay")?.0;
     }
-    let sock = PathBuf::from(format!("/tmp/livemig-bench-{}-{}.sock", std::process::id(), o.n));
     let src = livemig_in(at(h, Side::Source))?
         .arg("run")
         .args(vm_args(o.vm))
@@ -142,6 +144,11 @@ pub(crate) fn migrate_once(o: &Once<'_>) -> Result<(Value, Option<PollStats>)> {
     let src_pid = kids.0[i].id();
     let polled = pollers.map(|p| p.stop(crate::bench_control::threads_cpu(src_pid, "ctl-client")));
     let _ = c.execute("quit", json!({}));
+    // Let it go on its own (its socket removed, its VM torn down) before the next one starts.
+    let t = std::time::Instant::now();
+    while matches!(kids.0[i].try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok((info?, polled))
 }
 

@@ -6,7 +6,7 @@ use crate::control::Client;
 use crate::vmopts::VmOpts;
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -115,5 +115,20 @@ pub fn connect_control(sock: &Path, kid: &mut Child, what: &str) -> Result<Clien
             bail!("the {what} process did not open {} within 30 s", sock.display());
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Control socket paths of children, removed (with their lock files) after the children
+/// are gone, however they ended.
+pub struct Sockets(pub Vec<PathBuf>);
+
+impl Drop for Sockets {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+            let mut lock = p.clone().into_os_string();
+            lock.push(".lock");
+            let _ = std::fs::remove_file(lock);
+        }
     }
 }

@@ -244,11 +244,13 @@ enum Cmd {
         vm: VmOpts,
         #[command(flatten)]
         mig: MigFlags,
-        /// Migrations between the two processes (after the first, from the origin to A).
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        /// Migrations between the two processes (after the first, from the origin to A); at
+        /// least 4, so that each process is compared in both of its states.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(4..=100_000))]
         migrations: u32,
-        /// How long the guest runs on each host before it moves on, in milliseconds.
-        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+        /// How long the guest runs on each host before it moves on, in milliseconds (100 to
+        /// 30000: long enough to show progress, short of the control socket's idle limit).
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(100..=30_000))]
         dwell_ms: u64,
         /// Print the result as one JSON object.
         #[arg(long)]
@@ -428,8 +430,8 @@ enum BenchCmd {
         /// Jitter added by the relay, in milliseconds.
         #[arg(long, default_value_t = 0.0, value_parser = parse_ms)]
         jitter_ms: f64,
-        /// How long the guest runs before each migration, in milliseconds.
-        #[arg(long, default_value_t = 1000)]
+        /// How long the guest runs before each migration, in milliseconds (at most 30000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=30_000))]
         warmup_ms: u64,
         /// MiB sent to measure each link's raw TCP throughput.
         #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
@@ -452,8 +454,8 @@ enum BenchCmd {
         /// Migrations per configuration (interleaved); medians are reported.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
-        /// How long the guest runs before each migration, in milliseconds.
-        #[arg(long, default_value_t = 1000)]
+        /// How long the guest runs before each migration, in milliseconds (at most 30000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=30_000))]
         warmup_ms: u64,
     },
     /// The transports alone (no VM): 64-page runs of incompressible data over loopback,

@@ -3,7 +3,7 @@
 //! resident memory, open descriptors and threads of both processes sampled after each one
 //! and held to stated bounds (`docs/soak.md`).
 
-use crate::children::{connect_control, livemig, spawn_listening, vm_args, Children};
+use crate::children::{connect_control, livemig, spawn_listening, vm_args, Children, Sockets};
 use crate::control::{Client, MigrateArgs};
 use crate::vmopts::VmOpts;
 use anyhow::{anyhow, bail, Context, Result};
@@ -206,8 +206,8 @@ pub fn run(a: &Args) -> Result<i32> {
     vmm::kvm_for_tests().map_err(|e| anyhow!("the soak needs KVM: {e}"))?;
     a.vm.validate()?;
     a.vm.config()?;
-    if a.migrations == 0 {
-        bail!("--migrations must be at least 1");
+    if a.migrations < 4 {
+        bail!("--migrations must be at least 4: each process is then compared in both of its states");
     }
     let say = |m: &str| {
         if !a.json {
@@ -232,21 +232,6 @@ pub fn run(a: &Args) -> Result<i32> {
         print(&v);
     }
     Ok(if v["passed"] == true { 0 } else { 1 })
-}
-
-/// Control socket paths of children, removed (with their lock files) after the children
-/// are gone, however they ended.
-struct Sockets(Vec<PathBuf>);
-
-impl Drop for Sockets {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-            let mut lock = p.clone().into_os_string();
-            lock.push(".lock");
-            let _ = std::fs::remove_file(lock);
-        }
-    }
 }
 
 fn soak(a: &Args, logs: &Path, say: &dyn Fn(&str)) -> Result<Value> {

@@ -101,6 +101,19 @@ pub fn report_skip(why: &str) {
     );
 }
 
+fn base36(mut v: u64) -> String {
+    let mut d = Vec::new();
+    loop {
+        d.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    d.reverse();
+    String::from_utf8(d).unwrap_or_default()
+}
+
 /// Removes namespaces of ours whose creating process is gone.
 fn sweep_stale() {
     let Ok(list) = run("ip", &["netns", "list"]) else {
@@ -167,8 +180,16 @@ impl TwoHosts {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let name = |side: Side| format!("{PREFIX}{pid}x{n}{}", side.letter());
-        // Interface names are at most 15 bytes.
-        let veth = |side: Side| format!("lm{pid}v{n}{}", side.letter());
+        // Interface names are at most 15 bytes: "lm", the pid in base 36 (at most 5 digits),
+        // "v", the counter in base 36 modulo 36^6 (at most 6), and the side.
+        let veth = |side: Side| {
+            format!(
+                "lm{}v{}{}",
+                base36(pid as u64),
+                base36(n as u64 % 36u64.pow(6)),
+                side.letter()
+            )
+        };
         let h = TwoHosts {
             names: [name(Side::Source), name(Side::Dest)],
             veths: [veth(Side::Source), veth(Side::Dest)],
@@ -189,10 +210,26 @@ impl TwoHosts {
     /// The veth pair, its addresses and its shaping (again after a [`cut`](Self::cut)).
     pub fn add_link(&self) -> Result<(), NetlabError> {
         let [s, d] = &self.veths;
-        run("ip", &["link", "add", s, "type", "veth", "peer", "name", d])?;
+        // Made inside the namespaces, so no end is ever left in the host's own namespace.
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.names[0],
+                "link",
+                "add",
+                s,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                d,
+                "netns",
+                &self.names[1],
+            ],
+        )?;
         for i in 0..2 {
             let (ns, dev) = (&self.names[i], &self.veths[i]);
-            run("ip", &["link", "set", dev, "netns", ns])?;
             run(
                 "ip",
                 &["-n", ns, "addr", "add", &format!("{}/24", self.addrs[i]), "dev", dev],
@@ -279,6 +316,16 @@ pub fn list() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interface_names_fit_in_fifteen_bytes() {
+        assert_eq!(base36(0), "0");
+        assert_eq!(base36(35), "z");
+        assert_eq!(base36(36), "10");
+        // The largest pid Linux allows, and the largest counter.
+        let longest = format!("lm{}v{}s", base36(4_194_304), base36(u32::MAX as u64 % 36u64.pow(6)));
+        assert!(longest.len() <= 15, "{longest}");
+    }
 
     #[test]
     fn a_bucket_holds_a_tick_of_traffic() {

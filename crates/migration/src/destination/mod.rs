@@ -45,9 +45,12 @@ pub struct DestOptions {
     pub on_running: Option<OnRunning>,
 }
 
+/// What [`OnRunning`] calls.
+pub type RunningHook = dyn Fn(&Arc<Vm>) + Send + Sync;
+
 /// See [`DestOptions::on_running`].
 #[derive(Clone)]
-pub struct OnRunning(pub Arc<dyn Fn(&Arc<Vm>) + Send + Sync>);
+pub struct OnRunning(pub Arc<RunningHook>);
 
 impl std::fmt::Debug for OnRunning {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
