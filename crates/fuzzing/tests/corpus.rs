@@ -101,3 +101,21 @@ fn a_seed_with_one_byte_wrong_is_refused() {
     f[1] ^= 0x80;
     assert_eq!(run("vfio-stream", &f), Verdict::Refused);
 }
+
+/// `fuzz/` is a workspace of its own, built with `--locked`: a dependency added to the main
+/// workspace must reach its lock file too, or the fuzz smoke cannot build. Caught here, in
+/// the test run, rather than at the end of CI.
+#[test]
+fn the_fuzz_lock_file_matches_the_workspace() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["tree", "--locked", "--offline", "-q", "--manifest-path"])
+        .arg(root().join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fuzz/Cargo.lock is out of date: run `cargo tree --manifest-path fuzz/Cargo.toml` and commit it\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
