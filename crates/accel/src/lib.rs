@@ -7,6 +7,8 @@
 //! logging, and a VFIO migration v2 driver (`spec/vfio-migration.md` §3) with the hisi-style
 //! match prefix. It knows nothing of KVM or of how the VMM maps its registers.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 pub mod device;
 mod jobs;

@@ -10,7 +10,7 @@ fn dma(c: &mut Criterion) {
     for fmt in FormatKind::ALL {
         // 256 pages fit the 1024-entry IOTLB; 16384 pages do not.
         for pages in [256u64, 16384] {
-            let b = DmaBench::new(fmt, pages);
+            let mut b = DmaBench::new(fmt, pages);
             let mut g = c.benchmark_group(format!("dma-write-4KiB/{fmt}/{pages}-pages"));
             g.throughput(Throughput::Bytes(b.bytes()));
             g.measurement_time(Duration::from_secs(2));

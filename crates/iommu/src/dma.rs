@@ -69,14 +69,17 @@ impl Dma {
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let len = buf.len();
         self.access(iova, len, false, |off, hva, n| {
-            copy_from_host(hva, &mut buf[off..off + n])
+            // SAFETY: `access` hands out a host range the walk just translated, inside the
+            // in-flight access that keeps its mapping's memory alive (`mem.rs`).
+            unsafe { copy_from_host(hva, &mut buf[off..off + n]) }
         })
     }
 
     /// DMA write of `buf` at `iova`.
     pub fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
         self.access(iova, buf.len(), true, |off, hva, n| {
-            copy_to_host(hva, &buf[off..off + n])
+            // SAFETY: as for `read`.
+            unsafe { copy_to_host(hva, &buf[off..off + n]) }
         })
     }
 

@@ -187,7 +187,10 @@ impl<F: Format> DomainImpl<F> {
             let mut tp = self.s.root;
             let mut level = LEVELS - 1;
             loop {
-                let entry = table_at(tp).entry(((iova >> level_shift(level)) & 511) as usize);
+                // SAFETY: `tp` is the root or was read from a present entry of this domain's
+                // tree inside an in-flight DMA access; a page unlinked meanwhile is freed only
+                // after the drain that waits for this access (`mem.rs`).
+                let entry = unsafe { table_at(tp) }.entry(((iova >> level_shift(level)) & 511) as usize);
                 let mut pte = entry.load(Ordering::SeqCst);
                 match F::decode(pte, level) {
                     Pte::Empty => return Err(FaultReason::NotPresent),

@@ -26,6 +26,8 @@
 //! assert_eq!(found, vec![(0x10_3000, 0x1000)]);
 //! ```
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod bench_kit;
 pub mod dma;
 pub mod domain;

@@ -1,5 +1,7 @@
 //! Memory the emulated IOMMU touches: host memory behind mappings, page-table pages, and the
-//! byte copies a DMA performs. Every `unsafe` block of the crate lives in this module.
+//! byte copies a DMA performs. The crate's `unsafe` operations live in this module; callers
+//! elsewhere only call its `unsafe fn`s (a DMA's copies, a table page from an entry), each
+//! under the contract its `# Safety` section states.
 //!
 //! "Physical address" throughout the crate is a host virtual address. That is honest about what
 //! the emulation is: page-table entries hold real pointers to real table pages, and a DMA copies
@@ -35,7 +37,9 @@ pub fn host_read(mem: &dyn HostMemory, offset: u64, buf: &mut [u8]) -> bool {
         .checked_add(buf.len() as u64)
         .is_some_and(|e| e <= mem.size() as u64);
     if ok {
-        copy_from_host(mem.host_ptr() as u64 + offset, buf);
+        // SAFETY: in bounds of `mem`, which `HostMemory` keeps mapped while it lives, and
+        // `mem` is borrowed for the whole call.
+        unsafe { copy_from_host(mem.host_ptr() as u64 + offset, buf) };
     }
     ok
 }
@@ -46,7 +50,8 @@ pub fn host_write(mem: &dyn HostMemory, offset: u64, buf: &[u8]) -> bool {
         .checked_add(buf.len() as u64)
         .is_some_and(|e| e <= mem.size() as u64);
     if ok {
-        copy_to_host(mem.host_ptr() as u64 + offset, buf);
+        // SAFETY: as for `host_read`.
+        unsafe { copy_to_host(mem.host_ptr() as u64 + offset, buf) };
     }
     ok
 }
@@ -113,13 +118,15 @@ impl AnonMemory {
     /// Reads `buf.len()` bytes at `offset` (host-side check of what DMA wrote).
     pub fn read(&self, offset: usize, buf: &mut [u8]) {
         assert!(offset.checked_add(buf.len()).is_some_and(|e| e <= self.size));
-        copy_from_host(self.ptr as u64 + offset as u64, buf)
+        // SAFETY: in bounds (checked above) of the mapping this value owns while it lives.
+        unsafe { copy_from_host(self.ptr as u64 + offset as u64, buf) }
     }
 
     /// Writes `buf` at `offset` (host-side setup of memory contents).
     pub fn write(&self, offset: usize, buf: &[u8]) {
         assert!(offset.checked_add(buf.len()).is_some_and(|e| e <= self.size));
-        copy_to_host(self.ptr as u64 + offset as u64, buf)
+        // SAFETY: as for `read`.
+        unsafe { copy_to_host(self.ptr as u64 + offset as u64, buf) }
     }
 }
 
@@ -142,24 +149,71 @@ unsafe impl HostMemory for AnonMemory {
     }
 }
 
-/// Copies `buf` to host address `hva`.
+/// Copies `buf` to host address `hva`, with volatile stores: the memory may be guest RAM
+/// that running vCPUs read and write at the same time, and a plain copy into memory another
+/// thread accesses concurrently is a data race in Rust's memory model. Volatile accesses are
+/// what vm-memory uses for the same reason; they are done eight bytes at a time where the
+/// address allows.
 ///
-/// Crate-internal contract: `[hva, hva + buf.len())` is live, writable memory, either produced
-/// by a walk inside an in-flight access (the mapping's memory cannot be released before the
-/// access ends, see the module documentation) or owned by the caller.
+/// # Safety
+/// `[hva, hva + buf.len())` must be mapped, writable memory for the whole call: produced by a
+/// walk inside an in-flight access (the mapping's memory cannot be released before the access
+/// ends, see the module documentation), or owned by the caller.
 #[inline(always)]
-pub(crate) fn copy_to_host(hva: u64, buf: &[u8]) {
-    // SAFETY: the crate-internal contract above; `buf` is a distinct Rust slice, so the ranges
-    // do not overlap. Concurrent CPU or DMA writes to the same guest page are the normal
-    // shared-memory behaviour of a VM and involve no Rust references.
-    unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), hva as *mut u8, buf.len()) }
+pub(crate) unsafe fn copy_to_host(hva: u64, buf: &[u8]) {
+    let dst = hva as *mut u8;
+    let n = buf.len();
+    let mut i = 0;
+    // SAFETY: in all three loops, every address written is inside `[hva, hva + n)`, which the
+    // caller guarantees is mapped and writable; `buf` is a distinct Rust slice.
+    unsafe {
+        while i < n && !(hva as usize + i).is_multiple_of(8) {
+            dst.add(i).write_volatile(buf[i]);
+            i += 1;
+        }
+        let src = buf.as_ptr();
+        while i + 8 <= n {
+            dst.add(i)
+                .cast::<u64>()
+                .write_volatile(src.add(i).cast::<u64>().read_unaligned());
+            i += 8;
+        }
+        while i < n {
+            dst.add(i).write_volatile(buf[i]);
+            i += 1;
+        }
+    }
 }
 
-/// Copies from host address `hva` into `buf`. Same contract as [`copy_to_host`].
+/// Copies from host address `hva` into `buf`, with volatile loads (see [`copy_to_host`]).
+///
+/// # Safety
+/// `[hva, hva + buf.len())` must be mapped, readable memory for the whole call, as for
+/// [`copy_to_host`].
 #[inline(always)]
-pub(crate) fn copy_from_host(hva: u64, buf: &mut [u8]) {
-    // SAFETY: as for `copy_to_host`.
-    unsafe { std::ptr::copy_nonoverlapping(hva as *const u8, buf.as_mut_ptr(), buf.len()) }
+pub(crate) unsafe fn copy_from_host(hva: u64, buf: &mut [u8]) {
+    let src = hva as *const u8;
+    let n = buf.len();
+    let mut i = 0;
+    // SAFETY: in all three loops, every address read is inside `[hva, hva + n)`, which the
+    // caller guarantees is mapped; `buf` is a distinct Rust slice.
+    unsafe {
+        while i < n && !(hva as usize + i).is_multiple_of(8) {
+            buf[i] = src.add(i).read_volatile();
+            i += 1;
+        }
+        let dst = buf.as_mut_ptr();
+        while i + 8 <= n {
+            dst.add(i)
+                .cast::<u64>()
+                .write_unaligned(src.add(i).cast::<u64>().read_volatile());
+            i += 8;
+        }
+        while i < n {
+            buf[i] = src.add(i).read_volatile();
+            i += 1;
+        }
+    }
 }
 
 /// Number of entries in a table page (4 KiB of 64-bit entries, all three formats).
@@ -254,14 +308,18 @@ impl TableArena {
 
     /// Resolves a table address taken from an entry.
     ///
-    /// The returned reference is only used while the caller either holds the page table's
-    /// structural lock (so nothing is retired under it) or is inside an in-flight DMA access
-    /// (so nothing retired is freed before the access ends).
+    /// # Safety
+    /// `pa` must be a page this arena handed out (the root, or an address read from a present
+    /// entry of its tree), and the reference must only be used while the caller either holds
+    /// the page table's structural lock (so nothing is retired under it) or is inside an
+    /// in-flight DMA access (so nothing retired is freed before the access ends). The
+    /// lifetime is not tied to `&self` because walks allocate while they hold table pages.
     #[inline(always)]
-    pub fn table<'a>(&self, pa: u64) -> &'a TablePage {
+    pub unsafe fn table<'a>(&self, pa: u64) -> &'a TablePage {
         #[cfg(debug_assertions)]
         assert!(self.live.contains(&pa), "entry points at unknown table {pa:#x}");
-        table_at(pa)
+        // SAFETY: this function's own contract.
+        unsafe { table_at(pa) }
     }
 
     /// Marks a page unlinked from the tree; it is freed by the next [`Self::reclaim`].
@@ -277,7 +335,9 @@ impl TableArena {
     /// Recycles retired pages. Call only after an IOTLB invalidation has drained in-flight DMA.
     pub fn reclaim(&mut self) {
         for pa in std::mem::take(&mut self.retired) {
-            let t = table_at(pa);
+            // SAFETY: a retired page is one this arena handed out, and it is still allocated
+            // (it goes to the free list below, never back to the OS while the arena lives).
+            let t = unsafe { table_at(pa) };
             for i in 0..ENTRIES {
                 t.entry(i).store(0, Ordering::Relaxed);
             }
@@ -291,13 +351,14 @@ impl TableArena {
 
 /// Table page at an address taken from a table entry.
 ///
-/// Crate-internal contract: `pa` is a page allocated by a [`TableArena`] and the caller is
-/// either under that page table's structural lock or inside an in-flight DMA access, so the
-/// page cannot be freed while the reference is used.
+/// # Safety
+/// `pa` must be a page allocated by a [`TableArena`], and the caller must be either under that
+/// page table's structural lock or inside an in-flight DMA access, so that the page cannot be
+/// freed while the reference is used.
 #[inline(always)]
-pub(crate) fn table_at<'a>(pa: u64) -> &'a TablePage {
-    // SAFETY: the crate-internal contract above: pages are freed only by `reclaim`, after the
-    // page was unlinked and a drain ended every access that could have read its address.
+pub(crate) unsafe fn table_at<'a>(pa: u64) -> &'a TablePage {
+    // SAFETY: the contract above: pages are freed only by `reclaim`, after the page was
+    // unlinked and a drain ended every access that could have read its address.
     unsafe { &*(pa as *const TablePage) }
 }
 
@@ -348,5 +409,38 @@ unsafe impl HostMemory for GuestRamRegion {
     }
     fn size(&self) -> usize {
         self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The word-at-a-time volatile copies against a plain model: every start alignment and
+    /// length around a word, bytes outside the range untouched.
+    #[test]
+    fn volatile_copies_match_a_byte_copy_at_every_alignment() {
+        let mem = AnonMemory::new(4096, false).unwrap();
+        let base = mem.host_ptr() as u64;
+        for off in 0..16u64 {
+            for len in 0..40usize {
+                let fill = vec![0xeeu8; 64];
+                host_write(&mem, 0, &fill);
+                let src: Vec<u8> = (0..len)
+                    .map(|i| (i as u8).wrapping_mul(37).wrapping_add(off as u8))
+                    .collect();
+                // SAFETY: `[base + off, base + off + len)` lies inside `mem`'s 4 KiB.
+                unsafe { copy_to_host(base + off, &src) };
+                let mut all = vec![0u8; 64];
+                host_read(&mem, 0, &mut all);
+                let mut want = fill.clone();
+                want[off as usize..off as usize + len].copy_from_slice(&src);
+                assert_eq!(all, want, "write at {off}, {len} bytes");
+                let mut back = vec![0u8; len];
+                // SAFETY: as above.
+                unsafe { copy_from_host(base + off, &mut back) };
+                assert_eq!(back, src, "read at {off}, {len} bytes");
+            }
+        }
     }
 }

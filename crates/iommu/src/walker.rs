@@ -157,7 +157,10 @@ fn leaf_with<F: Format>(dirty: bool, accessed: u64, pa: u64, level: usize, lg2: 
 /// Whether any leaf is present in `[start, end)`.
 pub(crate) fn any_present<F: Format>(t: &Tables, start: u64, end: u64) -> bool {
     fn rec<F: Format>(a: &TableArena, tp: u64, level: usize, base: u64, start: u64, end: u64) -> bool {
-        let table = a.table(tp);
+        // SAFETY: the address is the root or was read from a present entry of this arena's
+        // tree, and the caller holds the structural lock, so the page is not retired while
+        // the reference is used (`mem.rs`).
+        let table = unsafe { a.table(tp) };
         let mut idx = index(start.max(base), level);
         let last = index((end - 1).min(base + table_span(level) - 1), level);
         while idx <= last {
@@ -195,7 +198,10 @@ pub(crate) fn map<F: Format>(t: &mut Tables, iova: u64, pa: u64, len: u64, perm:
         perm: Perm,
         o: LeafOpts,
     ) {
-        let table = a.table(tp);
+        // SAFETY: the address is the root or was read from a present entry of this arena's
+        // tree, and the caller holds the structural lock, so the page is not retired while
+        // the reference is used (`mem.rs`).
+        let table = unsafe { a.table(tp) };
         let shift = level_shift(level);
         while iova < end {
             let idx = index(iova, level);
@@ -256,7 +262,10 @@ fn fit<F: Format>(
 /// reclaims.
 pub(crate) fn unmap<F: Format>(t: &mut Tables, start: u64, end: u64, o: LeafOpts) -> u64 {
     fn rec<F: Format>(a: &mut TableArena, tp: u64, level: usize, base: u64, start: u64, end: u64, o: LeafOpts) -> u64 {
-        let table = a.table(tp);
+        // SAFETY: the address is the root or was read from a present entry of this arena's
+        // tree, and the caller holds the structural lock, so the page is not retired while
+        // the reference is used (`mem.rs`).
+        let table = unsafe { a.table(tp) };
         let shift = level_shift(level);
         let mut done = 0;
         let mut idx = index(start.max(base), level);
@@ -276,7 +285,10 @@ pub(crate) fn unmap<F: Format>(t: &mut Tables, start: u64, end: u64, o: LeafOpts
                         end.min(ebase + span(level)),
                         o,
                     );
-                    if table_is_empty(a.table(pa)) {
+                    // SAFETY: the address is the root or was read from a present entry of this arena's
+                    // tree, and the caller holds the structural lock, so the page is not retired while
+                    // the reference is used (`mem.rs`).
+                    if table_is_empty(unsafe { a.table(pa) }) {
                         table.entry(idx).store(0, Ordering::Release);
                         a.retire(pa);
                     }
@@ -349,7 +361,10 @@ pub(crate) fn split_leaf<F: Format>(a: &mut TableArena, table: &TablePage, level
     }
     debug_assert!(level > 0, "4 KiB leaves cannot be split");
     let child = a.alloc();
-    let ct = a.table(child);
+    // SAFETY: the address is the root or was read from a present entry of this arena's
+    // tree, and the caller holds the structural lock, so the page is not retired while
+    // the reference is used (`mem.rs`).
+    let ct = unsafe { a.table(child) };
     let cshift = level_shift(level - 1);
     let e = table.entry(first);
     let mut old = e.load(Ordering::Acquire);
@@ -382,7 +397,10 @@ pub(crate) fn split_leaf<F: Format>(a: &mut TableArena, table: &TablePage, level
 /// leaves split.
 pub(crate) fn split_all<F: Format>(t: &mut Tables, start: u64, end: u64, o: LeafOpts) -> u64 {
     fn rec<F: Format>(a: &mut TableArena, tp: u64, level: usize, base: u64, start: u64, end: u64, o: LeafOpts) -> u64 {
-        let table = a.table(tp);
+        // SAFETY: the address is the root or was read from a present entry of this arena's
+        // tree, and the caller holds the structural lock, so the page is not retired while
+        // the reference is used (`mem.rs`).
+        let table = unsafe { a.table(tp) };
         let shift = level_shift(level);
         let mut n_split = 0;
         let mut idx = index(start.max(base), level);
@@ -433,7 +451,10 @@ pub(crate) struct Collapsed {
 /// the table entry). The new leaf is dirty if any piece was.
 pub(crate) fn collapse_level<F: Format>(t: &mut Tables, level: usize, o: LeafOpts) -> Vec<Collapsed> {
     fn rec<F: Format>(a: &TableArena, tp: u64, tl: usize, target: usize, o: LeafOpts, out: &mut Vec<Collapsed>) {
-        let table = a.table(tp);
+        // SAFETY: the address is the root or was read from a present entry of this arena's
+        // tree, and the caller holds the structural lock, so the page is not retired while
+        // the reference is used (`mem.rs`).
+        let table = unsafe { a.table(tp) };
         for idx in 0..ENTRIES {
             let pte = table.load(idx);
             let Pte::Table { pa: child } = F::decode(pte, tl) else {
@@ -443,7 +464,10 @@ pub(crate) fn collapse_level<F: Format>(t: &mut Tables, level: usize, o: LeafOpt
                 rec::<F>(a, child, tl - 1, target, o, out);
                 continue;
             }
-            let ct = a.table(child);
+            // SAFETY: the address is the root or was read from a present entry of this arena's
+            // tree, and the caller holds the structural lock, so the page is not retired while
+            // the reference is used (`mem.rs`).
+            let ct = unsafe { a.table(child) };
             let cl = tl - 1;
             let cshift = level_shift(cl);
             let Pte::Leaf {
@@ -500,9 +524,15 @@ pub(crate) fn collapse_level<F: Format>(t: &mut Tables, level: usize, o: LeafOpt
 /// during the swap into the new leaf, then retires the old tables.
 pub(crate) fn collapse_finish<F: Format>(t: &mut Tables, done: Vec<Collapsed>, level: usize) {
     for c in done {
-        let old = t.arena.table(c.old_table);
+        // SAFETY: the address is the root or was read from a present entry of this arena's
+        // tree, and the caller holds the structural lock, so the page is not retired while
+        // the reference is used (`mem.rs`).
+        let old = unsafe { t.arena.table(c.old_table) };
         if (0..ENTRIES).any(|k| F::is_dirty(old.load(k))) {
-            let e = t.arena.table(c.entry_table).entry(c.idx);
+            // SAFETY: the address is the root or was read from a present entry of this arena's
+            // tree, and the caller holds the structural lock, so the page is not retired while
+            // the reference is used (`mem.rs`).
+            let e = unsafe { t.arena.table(c.entry_table) }.entry(c.idx);
             let mut v = e.load(Ordering::Acquire);
             while matches!(F::decode(v, level), Pte::Leaf { .. }) && !F::is_dirty(v) {
                 match e.compare_exchange(v, F::dirty(v), Ordering::AcqRel, Ordering::Acquire) {
@@ -523,7 +553,10 @@ pub(crate) fn path_entries<F: Format>(t: &Tables, iova: u64) -> Vec<(usize, u64)
     }
     let mut tp = t.root;
     for level in (0..LEVELS).rev() {
-        let pte = t.arena.table(tp).load(index(iova, level));
+        // SAFETY: the address is the root or was read from a present entry of this arena's
+        // tree, and the caller holds the structural lock, so the page is not retired while
+        // the reference is used (`mem.rs`).
+        let pte = unsafe { t.arena.table(tp) }.load(index(iova, level));
         out.push((level, pte));
         match F::decode(pte, level) {
             Pte::Table { pa } => tp = pa,
@@ -540,7 +573,10 @@ pub(crate) fn leaf_entry<F: Format>(t: &Tables, iova: u64) -> Option<(usize, u64
     }
     let mut tp = t.root;
     for level in (0..LEVELS).rev() {
-        let pte = t.arena.table(tp).load(index(iova, level));
+        // SAFETY: the address is the root or was read from a present entry of this arena's
+        // tree, and the caller holds the structural lock, so the page is not retired while
+        // the reference is used (`mem.rs`).
+        let pte = unsafe { t.arena.table(tp) }.load(index(iova, level));
         match F::decode(pte, level) {
             Pte::Empty => return None,
             Pte::Leaf { .. } => return Some((level, pte)),
@@ -635,7 +671,10 @@ fn collect_accessed<F: Format>(w: &Walk<'_, '_>, tp: u64, level: usize, base: u6
         });
         return;
     }
-    let table = w.arena.table(tp);
+    // SAFETY: the address is the root or was read from a present entry of this arena's
+    // tree, and the caller holds the structural lock, so the page is not retired while
+    // the reference is used (`mem.rs`).
+    let table = unsafe { w.arena.table(tp) };
     let shift = level_shift(level);
     let mut seg_lo = s;
     let mut idx = index(s, level);
@@ -687,7 +726,10 @@ struct Segment {
 /// Scans the leaves of one table in range; with `descend`, also the tables below it (skipping
 /// those whose A is clear when the walk skips).
 fn scan<F: Format>(w: &mut Walk<'_, '_>, tp: u64, level: usize, base: u64, descend: bool, lo: u64, hi: u64) {
-    let table = w.arena.table(tp);
+    // SAFETY: the address is the root or was read from a present entry of this arena's
+    // tree, and the caller holds the structural lock, so the page is not retired while
+    // the reference is used (`mem.rs`).
+    let table = unsafe { w.arena.table(tp) };
     let shift = level_shift(level);
     let s = lo.max(base);
     let e = hi.min(base + table_span(level));
@@ -758,7 +800,10 @@ pub(crate) fn read_and_clear_dirty_naive<F: Format>(
         let mut tp = t.root;
         let mut step = PAGE_SIZE;
         for level in (0..LEVELS).rev() {
-            let table = t.arena.table(tp);
+            // SAFETY: the address is the root or was read from a present entry of this arena's
+            // tree, and the caller holds the structural lock, so the page is not retired while
+            // the reference is used (`mem.rs`).
+            let table = unsafe { t.arena.table(tp) };
             let idx = index(iova, level);
             match F::decode(table.load(idx), level) {
                 Pte::Empty => {
@@ -797,7 +842,10 @@ pub(crate) fn read_and_clear_dirty_naive<F: Format>(
 /// Counts leaves by size (log2) in the whole table: for tests and the demo.
 pub(crate) fn leaf_histogram<F: Format>(t: &Tables) -> std::collections::BTreeMap<u32, u64> {
     fn rec<F: Format>(a: &TableArena, tp: u64, level: usize, h: &mut std::collections::BTreeMap<u32, u64>) {
-        let table = a.table(tp);
+        // SAFETY: the address is the root or was read from a present entry of this arena's
+        // tree, and the caller holds the structural lock, so the page is not retired while
+        // the reference is used (`mem.rs`).
+        let table = unsafe { a.table(tp) };
         let mut idx = 0;
         while idx < ENTRIES {
             match F::decode(table.load(idx), level) {

@@ -7,6 +7,8 @@
 //! container for comparison. It does not own page-table formats or DMA (the `iommu` crate)
 //! and knows nothing of VFIO migration.
 
+#![forbid(unsafe_code)]
+
 pub mod bench_kit;
 pub mod bitmap;
 pub mod errno;

@@ -143,7 +143,7 @@ pub fn dma(runs: usize) -> Result<()> {
     println!("|---|---|---|---|---|");
     for fmt in FormatKind::ALL {
         for pages in [256u64, 16384] {
-            let b = DmaBench::new(fmt, pages);
+            let mut b = DmaBench::new(fmt, pages);
             let d = min_time(runs, || {}, || b.dma_pass());
             let m = min_time(runs, || {}, || b.memcpy_pass());
             println!(

@@ -6,6 +6,8 @@
 //! (the `accel` crate) implement [`MigrationDriver`]; it knows nothing of IOMMUs beyond sharing
 //! the `Errno` type.
 
+#![forbid(unsafe_code)]
+
 pub mod device;
 pub mod dma_log;
 pub mod fsm;

@@ -10,6 +10,8 @@
 //! Tests that need `/dev/kvm` skip with a one-line reason when it is missing, unless
 //! `LIVEMIG_REQUIRE_KVM=1`, where a missing or failing KVM is a failure.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod bench_kit;
 pub mod dirty;
 mod kvm_sys;
