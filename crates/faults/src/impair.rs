@@ -244,15 +244,16 @@ fn deliver(rx: Receiver<(Instant, Vec<u8>)>, mut to: TcpStream, sh: &Shared) {
     }
 }
 
-/// xorshift64*: enough for jitter, and reproducible from the seed.
+/// Jitter draws, reproducible from the seed (the proxy's generator).
 struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        // xorshift never leaves zero.
+        if self.0 == 0 {
+            self.0 = 0x9e37_79b9_7f4a_7c15;
+        }
+        crate::proxy::rnd(&mut self.0)
     }
     fn delay(&mut self, imp: &Impairment) -> Duration {
         let j = imp.jitter.as_nanos() as i128;

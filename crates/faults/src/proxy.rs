@@ -386,8 +386,8 @@ fn record(sh: &Shared, f: &[u8], altered: bool) {
     };
 }
 
-/// A pseudo-random number from the seed (xorshift).
-fn rnd(seed: &mut u64) -> u64 {
+/// A pseudo-random number from the seed (xorshift); the crate's one generator.
+pub(crate) fn rnd(seed: &mut u64) -> u64 {
     *seed ^= *seed << 13;
     *seed ^= *seed >> 7;
     *seed ^= *seed << 17;
