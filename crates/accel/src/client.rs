@@ -183,12 +183,17 @@ impl<'a, B: GuestBus> Client<'a, B> {
         let mut phase = self.r32(CB_PHASE) != 0;
         let mut n = 0;
         loop {
-            let mut raw = [0u8; CQE_SIZE as usize];
-            self.bus.read(self.base + CQ + head as u64 * CQE_SIZE, &mut raw);
-            let cqe = Cqe::from_bytes(&raw);
-            if cqe.phase != phase {
+            // The phase word first, then the entry, as a driver must: the device writes the
+            // phase last, so an entry whose phase matches is complete when read after it.
+            let at = self.base + CQ + head as u64 * CQE_SIZE;
+            let mut w7 = [0u8; 2];
+            self.bus.read(at + 14, &mut w7);
+            if (u16::from_le_bytes(w7) & 1 != 0) != phase {
                 break;
             }
+            let mut raw = [0u8; CQE_SIZE as usize];
+            self.bus.read(at, &mut raw);
+            let cqe = Cqe::from_bytes(&raw);
             self.check(&cqe);
             head = (head + 1) % DEPTH;
             if head == 0 {

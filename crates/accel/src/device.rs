@@ -355,7 +355,13 @@ fn worker(s: Arc<Shared>, dma: Dma) {
             phase: q.cq_phase,
         };
         // A CQE that cannot be written is lost like on hardware; the job still counts as run.
-        let _ = d.write(q.cq_base + q.cq_tail as u64 * CQE_SIZE, &cqe.to_bytes());
+        // The body goes first and the word with the phase bit last, as a device must: a driver
+        // that sees the new phase then reads the rest, and must find it complete.
+        let at = q.cq_base + q.cq_tail as u64 * CQE_SIZE;
+        let bytes = cqe.to_bytes();
+        if d.write(at, &bytes[..14]).is_ok() {
+            let _ = d.write(at + 14, &bytes[14..]);
+        }
         let mut c = s.lock();
         let qq = &mut c.queues[qn];
         // Contexts reloaded meanwhile (a reset, a new SQC) invalidate this completion.
