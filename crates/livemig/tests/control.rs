@@ -17,15 +17,6 @@ fn raise_fd_limit() {
     let _ = setrlimit(Resource::Nofile, l);
 }
 
-fn guest_moves(ctl: &mut Ctl) {
-    let a = ctl.ret("query-status", json!({}));
-    std::thread::sleep(Duration::from_millis(300));
-    let b = ctl.ret("query-status", json!({}));
-    assert_eq!(b["status"], "running", "{b}");
-    assert_eq!(b["running"], true, "{b}");
-    assert!(b["pages-written"].as_u64() > a["pages-written"].as_u64(), "{a} -> {b}");
-}
-
 #[test]
 fn a_thousand_idle_connections_do_not_take_the_vm_down() {
     vmm::need_kvm!();

@@ -33,15 +33,9 @@ impl Kid {
     }
 }
 
-/// `livemig receive` on a free port, with `extra` arguments.
-pub fn receive_with(extra: &[&str]) -> (Kid, String) {
-    let mut c = Command::new(BIN)
-        .args(["receive", "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+/// Starts `cmd`, a livemig that prints `listening on ADDR` first: the child and ADDR.
+pub fn listening(mut cmd: Command) -> (Kid, String) {
+    let mut c = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr = line
@@ -52,24 +46,30 @@ pub fn receive_with(extra: &[&str]) -> (Kid, String) {
     (Kid(c), addr)
 }
 
+/// `livemig receive` on a free port, with `extra` arguments.
+pub fn receive_with(extra: &[&str]) -> (Kid, String) {
+    let mut c = Command::new(BIN);
+    c.args(["receive", "--listen", "127.0.0.1:0"]).args(extra);
+    listening(c)
+}
+
 /// `livemig run --incoming` on a free port with control socket `sock`: empty until a guest
 /// migrates in.
 pub fn run_incoming(sock: &str, extra: &[&str]) -> (Kid, String) {
-    let mut c = Command::new(BIN)
-        .args(["run", "--incoming", "127.0.0.1:0", "--control", sock])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{line}"))
-        .to_string();
-    (Kid(c), addr)
+    let mut c = Command::new(BIN);
+    c.args(["run", "--incoming", "127.0.0.1:0", "--control", sock])
+        .args(extra);
+    listening(c)
+}
+
+/// The guest runs here, making progress.
+pub fn guest_moves(ctl: &mut Ctl) {
+    let a = ctl.ret("query-status", json!({}));
+    std::thread::sleep(Duration::from_millis(300));
+    let b = ctl.ret("query-status", json!({}));
+    assert_eq!(b["status"], "running", "{b}");
+    assert_eq!(b["running"], true, "{b}");
+    assert!(b["pages-written"].as_u64() > a["pages-written"].as_u64(), "{a} -> {b}");
 }
 
 pub fn receive() -> (Kid, String) {
