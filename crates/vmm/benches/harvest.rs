@@ -1,5 +1,6 @@
 //! Criterion: one CPU dirty harvest of a 1 GiB guest whose dirtier runs at 64 MiB/s, ring
-//! against bitmap. `livemig bench cpu-dirty` sweeps rates and prints the README table.
+//! against bitmap. `livemig bench cpu-dirty` sweeps rates and prints the table in
+//! docs/benchmarks.md.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::time::{Duration, Instant};
