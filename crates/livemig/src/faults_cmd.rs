@@ -1,5 +1,5 @@
 //! `livemig faults`: the fault matrix (`faults` crate) with a progress line per case and
-//! the tables of the README.
+//! the tables of docs/faults.md.
 
 use anyhow::{anyhow, Result};
 use faults::{Action, Case, Config, Dir, Step};
