@@ -17,8 +17,8 @@
 //! Invalidation then **drains**: it waits until every access that was in flight when it
 //! started has finished. That models the completion semantics of a hardware invalidation
 //! (VT-d invalidation-wait descriptors, and the drain-reads/drain-writes hints of IOTLB
-//! invalidate descriptors, VT-d specification §6.5.2; AMD COMPLETION_WAIT after
-//! INVALIDATE_IOMMU_PAGES, AMD IOMMU specification §2.4): once it returns, no write that used
+//! invalidate descriptors; AMD COMPLETION_WAIT after INVALIDATE_IOMMU_PAGES; see
+//! `docs/iommu.md#iotlb`): once it returns, no write that used
 //! a stale translation or a stale "already dirty" bit can still land. A VMM that harvests,
 //! invalidates and then copies pages therefore sees every write either in the bits or in the
 //! copy. The drain also makes it safe to free unlinked table pages afterwards.

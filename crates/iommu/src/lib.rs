@@ -4,8 +4,8 @@
 //! (AMD IOMMU v1, Intel VT-d second stage, Arm SMMUv3 stage 1 with HTTU), their capability and
 //! per-domain enable registers, one generic walker (map, unmap, translate, read-and-clear-dirty,
 //! split, collapse), the DMA path with a bounded IOTLB, Accessed/Dirty updates by atomic
-//! compare-exchange and a fault log. It implements sections 3 and 4 of
-//! `spec/iommu-dirty-tracking.md`.
+//! compare-exchange and a fault log. The hardware facts it follows (entry bits, registers,
+//! IOTLB rules, read-and-clear-dirty semantics) are in `docs/iommu.md`.
 //!
 //! It does not own the uAPI (IOAS, HWPT objects, errno ordering, bitmaps in user buffers): that
 //! is the `iommufd` crate. Nothing here knows about VFIO or migration.

@@ -1,6 +1,5 @@
-//! AMD IOMMU v1 host page table (AMD IOMMU specification §2.2.3 "I/O Page Tables for Host
-//! Translations"; Linux: drivers/iommu/amd/amd_iommu_types.h, io_pgtable.c,
-//! generic_pt/fmt/amdv1.h).
+//! AMD IOMMU v1 host page table (`docs/iommu.md#amd-v1`; Linux:
+//! drivers/iommu/amd/amd_iommu_types.h, io_pgtable.c, generic_pt/fmt/amdv1.h).
 //!
 //! | bits  | PDE (table)              | PTE (leaf)                                    |
 //! |-------|--------------------------|-----------------------------------------------|
@@ -15,11 +14,11 @@
 //! NextLevel = 7 encodes any power-of-two size between two default sizes: the output address
 //! field is `(addr | (size - 1)) & !(size >> 1)`, i.e. ones below the size bit, and the leaf is
 //! replicated over `size / entry_span` consecutive entries. Hardware may set D in only one
-//! replica (spec §2.2.3.2), which is why harvesting ORs them.
+//! replica (`docs/iommu.md#amd-sizes-and-replicated-leaves`), which is why harvesting ORs them.
 //!
 //! The Accessed bit in a PDE is what lets the harvest skip untouched subtrees: with DTE.HAD
 //! enabling access updates, the IOMMU sets A (bit 5) in every PDE and PTE it uses for a
-//! translation (AMD IOMMU specification §2.2.3, PDE/PTE field tables, and §2.2.2.1 DTE[HAD]).
+//! translation (`docs/iommu.md#amd-registers`, `docs/iommu.md#hardware-updates-on-a-dma`).
 
 use super::{level_shift, AdEnable, FaultReason, Format, FormatKind, Perm, Pte, OA_MASK};
 

@@ -1,6 +1,5 @@
 //! Arm SMMUv3 stage 1, VMSAv8-64 LPAE descriptors with a 4 KiB granule, with HTTU
-//! (Arm ARM D8.3 "Translation table descriptor formats"; SMMUv3 specification §3.13 "Translation
-//! table entries and Access/Dirty flags"; Linux: drivers/iommu/io-pgtable-arm.c).
+//! (`docs/iommu.md#arm-lpae-stage-1`; Linux: drivers/iommu/io-pgtable-arm.c).
 //!
 //! | bits  | table descriptor   | block / page descriptor                            |
 //! |-------|--------------------|----------------------------------------------------|

@@ -1,5 +1,5 @@
-//! Intel VT-d second-stage page table (VT-d specification §3.7 and §9.8, "Second-Stage Paging
-//! Entries"; Linux: drivers/iommu/intel/iommu.h, pasid.c, generic_pt/fmt/vtdss.h).
+//! Intel VT-d second-stage page table (`docs/iommu.md#vt-d-second-stage`; Linux:
+//! drivers/iommu/intel/iommu.h, pasid.c, generic_pt/fmt/vtdss.h).
 //!
 //! | bits  | non-leaf            | leaf                                  |
 //! |-------|---------------------|---------------------------------------|
@@ -14,9 +14,9 @@
 //! entries as `addr | R | W`.
 //!
 //! With SSADE=1 in the PASID entry the remapping hardware sets A (bit 8) in every second-stage
-//! paging-structure entry it uses for a translation, leaf or not (VT-d specification §3.7.2,
-//! "Accessed, Extended Accessed, and Dirty Flags"). The harvest relies on that to skip
-//! subtrees whose A is clear.
+//! paging-structure entry it uses for a translation, leaf or not
+//! (`docs/iommu.md#hardware-updates-on-a-dma`). The harvest relies on that to skip subtrees
+//! whose A is clear.
 
 use super::{level_shift, AdEnable, FaultReason, Format, FormatKind, Perm, Pte, OA_MASK};
 
