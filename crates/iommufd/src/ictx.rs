@@ -1,6 +1,6 @@
 //! The iommufd context: its object table and one method per ioctl (Linux:
 //! drivers/iommu/iommufd/{main,ioas,hw_pagetable,device}.c). Every check happens in the order
-//! `spec/iommu-dirty-tracking.md` gives, with the errno it gives.
+//! `docs/iommufd.md` gives for its ioctl, with the errno it gives.
 
 use crate::bitmap::IovaBitmap;
 use crate::errno::{err, Errno};
@@ -734,10 +734,10 @@ impl IommuFd {
     /// `IOMMU_HWPT_GET_DIRTY_BITMAP`. Sets (never clears) the bits of dirty pages in the
     /// caller's buffer, window by window; a huge leaf that crosses a window's end is still
     /// reported whole within the range (see `bitmap.rs`), while the part of a leaf outside the
-    /// range is cleared with it but not reported, as in Linux. Deviations from Linux, as the
-    /// spec marks them: a zero length, a non-power-of-two `page_size`, disabled tracking and holes fail with
-    /// `EINVAL`, and a buffer too short for the range fails with `EFAULT`, instead of a silent
-    /// partial result.
+    /// range is cleared with it but not reported, as in Linux. Deviations from Linux
+    /// (`docs/iommufd.md#deviations-from-linux`): a zero length, a non-power-of-two `page_size`,
+    /// disabled tracking and holes fail with `EINVAL`, and a buffer too short for the range
+    /// fails with `EFAULT`, instead of a silent partial result.
     pub fn hwpt_get_dirty_bitmap(&self, cmd: &mut HwptGetDirtyBitmap<'_>) -> Result<(), Errno> {
         if cmd.flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || cmd.__reserved != 0 {
             return err(EOPNOTSUPP, "unknown flags or reserved field set");

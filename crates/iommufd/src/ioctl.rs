@@ -1,7 +1,7 @@
-//! The raw ioctl ABI (spec §1.1): `ioctl(cmd, arg)` with `arg` the bytes of the uAPI struct,
-//! `size` first. Unknown commands fail with `ENOTTY`; a `size` below the struct's minimum with
-//! `EINVAL`; a larger `size` whose extra bytes are not all zero with `E2BIG` (zero extra bytes
-//! are accepted as if absent). Outputs are written back into `arg`.
+//! The raw ioctl ABI (`docs/iommufd.md#raw-ioctl-abi`): `ioctl(cmd, arg)` with `arg` the bytes
+//! of the uAPI struct, `size` first. Unknown commands fail with `ENOTTY`; a `size` below the
+//! struct's minimum with `EINVAL`; a larger `size` whose extra bytes are not all zero with
+//! `E2BIG` (zero extra bytes are accepted as if absent). Outputs are written back into `arg`.
 //!
 //! Pointer fields (`allowed_iovas`, `data_uptr`, `data`) are user addresses resolved through
 //! the registered user memory (`EFAULT` if unbacked). This path copies the pointed-to data in

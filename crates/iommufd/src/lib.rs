@@ -2,10 +2,10 @@
 //!
 //! This crate owns what Linux's `drivers/iommu/iommufd` owns: IOAS, HWPT and device objects
 //! with ids, one method per ioctl taking and returning structs that mirror the uAPI, the
-//! checks in Linux's order with Linux's errnos (`spec/iommu-dirty-tracking.md` §1–2, §5), dirty
-//! bitmaps written straight into caller-owned buffers in bounded windows, and a VFIO type1
-//! container for comparison. It does not own page-table formats or DMA (the `iommu` crate)
-//! and knows nothing of VFIO migration.
+//! checks in Linux's order with Linux's errnos (`docs/iommufd.md`), dirty bitmaps written
+//! straight into caller-owned buffers in bounded windows, and a VFIO type1 container for
+//! comparison. It does not own page-table formats or DMA (the `iommu` crate) and knows
+//! nothing of VFIO migration.
 
 #![forbid(unsafe_code)]
 

@@ -1,5 +1,5 @@
 //! The legacy VFIO type1 interface, for comparison (Linux: drivers/vfio/vfio_iommu_type1.c,
-//! `spec/iommu-dirty-tracking.md` §5), built on the same emulated IOMMU domain.
+//! `docs/iommufd.md#vfio-type1`), built on the same emulated IOMMU domain.
 //!
 //! Dirty pages are harvested from the domain into a bitmap kept per mapping (`vfio_dma`)
 //! inside the container and then copied into the caller's buffer on GET_BITMAP, shifted to the

@@ -1,5 +1,5 @@
-//! Every errno path of `spec/iommu-dirty-tracking.md` §1.5–1.9 and §5, one test each, with the
-//! check order where the spec gives it.
+//! Every errno path of `docs/iommufd.md` (the IOAS and HWPT ioctls, attach, destroy and VFIO
+//! type1), one test each, with the check order where that file gives it.
 
 mod common;
 use common::*;
