@@ -1,8 +1,9 @@
-//! When to switch over, the way QEMU decides (spec §4, migration/migration.c and ram.c):
-//! bandwidth is bytes sent per millisecond over periods of at least 100 ms; the threshold is
-//! `bandwidth × downtime_limit`; the expected downtime is the dirty bytes of the last sync over
-//! the bandwidth; auto-converge throttles the vCPUs after two successive syncs that dirtied
-//! more than half of what was sent in their period (initial 20 %, step 10, max 99).
+//! When to switch over, the way QEMU decides (`docs/vfio.md#convergence`; QEMU:
+//! migration/migration.c and ram.c): bandwidth is bytes sent per millisecond over periods of
+//! at least 100 ms; the threshold is `bandwidth × downtime_limit`; the expected downtime is the
+//! dirty bytes of the last sync over the bandwidth; auto-converge throttles the vCPUs after two
+//! successive syncs that dirtied more than half of what was sent in their period (initial
+//! 20 %, step 10, max 99).
 //!
 //! One deliberate difference: "bytes" here are guest bytes of the data pages moved (raw or
 //! compressed pages × 4096, plus device data), not bytes on the wire. QEMU counts wire bytes,

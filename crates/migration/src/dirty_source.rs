@@ -1,6 +1,7 @@
 //! Where device writes come from during migration, in the three modes a VMM can have:
 //! the IOMMU's dirty bits (iommufd HWPT), the device's own DMA log, or nothing, in which case
-//! every DMA-mapped page counts as dirty at every sync (QEMU's fallback, spec §4).
+//! every DMA-mapped page counts as dirty at every sync (QEMU's fallback,
+//! `docs/vfio.md#tracking-device-writes`).
 
 use crate::error::MigError;
 use iommufd::{HwptGetDirtyBitmap, HwptSetDirtyTracking, IommuFd, IOMMU_HWPT_DIRTY_TRACKING_ENABLE};

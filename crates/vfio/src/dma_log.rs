@@ -1,6 +1,6 @@
-//! Device-side DMA logging (`VFIO_DEVICE_FEATURE_DMA_LOGGING_*`, spec §1.6): the core's
-//! validation of START, and [`DmaLog`], a ready-made log a device model updates on each DMA
-//! write and the VMM reads and clears through REPORT.
+//! Device-side DMA logging (`VFIO_DEVICE_FEATURE_DMA_LOGGING_*`, `docs/vfio.md#dma-logging`):
+//! the core's validation of START, and [`DmaLog`], a ready-made log a device model updates on
+//! each DMA write and the VMM reads and clears through REPORT.
 
 use crate::device::DmaLogging;
 use iommu::errno::*;

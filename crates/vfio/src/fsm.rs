@@ -8,7 +8,7 @@ use MigState::{
     StopCopy as SC,
 };
 
-/// Row and column order of [`FSM_TABLE`], as the spec prints it.
+/// Row and column order of [`FSM_TABLE`], as `docs/vfio.md#arc-table` prints it.
 pub const ORDER: [MigState; 8] = [STP, RUN, SC, RES, P2P, PC, PCP, ERR];
 
 /// `vfio_from_fsm_table[cur][new]`: the next single step from `cur` towards `new`.
@@ -81,7 +81,7 @@ pub fn next_state_raw(cur: MigState, new: u32, flags: MigFlags) -> Result<MigSta
     }
 }
 
-/// The single-step arcs a driver with `flags` implements (spec §2).
+/// The single-step arcs a driver with `flags` implements (`docs/vfio.md#driver-arcs`).
 pub fn driver_arcs(flags: MigFlags) -> Vec<(MigState, MigState)> {
     let mut v = vec![(RUN, STP), (STP, RUN), (STP, SC), (SC, STP), (STP, RES), (RES, STP)];
     if flags.contains(MigFlags::P2P) {

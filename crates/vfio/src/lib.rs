@@ -2,9 +2,9 @@
 //! table, data streams with PRECOPY_INFO and MIG_DATA_SIZE, `VFIO_DEVICE_FEATURE`, DMA logging)
 //! and the VMM side (QEMU's driving sequence and a tagged stream framing).
 //!
-//! It implements `spec/vfio-migration.md` §1, §2 and §4. It owns no device: device models
-//! (the `accel` crate) implement [`MigrationDriver`]; it knows nothing of IOMMUs beyond sharing
-//! the `Errno` type.
+//! The facts it follows are in `docs/vfio.md` (the uAPI, the arc table and QEMU's sequence).
+//! It owns no device: device models (the `accel` crate) implement [`MigrationDriver`]; it
+//! knows nothing of IOMMUs beyond sharing the `Errno` type.
 
 #![forbid(unsafe_code)]
 

@@ -1,6 +1,6 @@
-//! The VMM side: drives a set of devices through QEMU's sequence (spec §4; QEMU:
-//! hw/vfio/migration.c). The migration engine moves the framed bytes; this module decides
-//! the states, reads and writes the data streams and frames them (see `stream.rs`).
+//! The VMM side: drives a set of devices through QEMU's sequence (`docs/vfio.md#vmm-side`;
+//! QEMU: hw/vfio/migration.c). The migration engine moves the framed bytes; this module
+//! decides the states, reads and writes the data streams and frames them (see `stream.rs`).
 
 use crate::device::{DataStream, MigrationDevice};
 use crate::state::{MigFlags, MigState};

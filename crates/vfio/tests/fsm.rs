@@ -1,9 +1,9 @@
 //! The arc function and `set_state` for every flag set and every (cur, new) pair.
 //!
 //! Oracles independent of the table: a breadth-first search over the single-step arcs a
-//! driver with those flags implements (spec §2), where PRE_COPY, PRE_COPY_P2P, STOP_COPY and
-//! RESUMING never appear in the middle of a path; and, for all three flags, the paths written
-//! out by hand from the spec's table.
+//! driver with those flags implements (`docs/vfio.md#driver-arcs`), where PRE_COPY,
+//! PRE_COPY_P2P, STOP_COPY and RESUMING never appear in the middle of a path; and, for all
+//! three flags, the paths written out by hand from the arc table (`docs/vfio.md#arc-table`).
 
 use iommu::errno::EINVAL;
 use iommu::Errno;
@@ -23,7 +23,8 @@ fn bfs(cur: MigState, new: MigState, f: MigFlags) -> Option<usize> {
     if !usable(cur, f) || !usable(new, f) {
         return None;
     }
-    // Spec §1.7: STOP_COPY -> PRE_COPY(_P2P) is forbidden, by any path.
+    // STOP_COPY -> PRE_COPY(_P2P) is forbidden, by any path
+    // (`docs/vfio.md#routing-multi-step-transitions`).
     if cur == StopCopy && matches!(new, PreCopy | PreCopyP2p) {
         return None;
     }
@@ -34,8 +35,9 @@ fn bfs(cur: MigState, new: MigState, f: MigFlags) -> Option<usize> {
         if s == new {
             return Some(dist[&s]);
         }
-        // Stream states only end a path, except inside one save session (spec §1.7: "PRE_COPY
-        // <-> PRE_COPY_P2P, PRE_COPY_P2P -> STOP_COPY: stream continues").
+        // Stream states only end a path, except inside one save session, where PRE_COPY and
+        // PRE_COPY_P2P lead to each other and to STOP_COPY with the stream continuing
+        // (`docs/vfio.md#transition-semantics`).
         let same_session = cur.is_precopy() && s.is_precopy() && matches!(new, PreCopy | PreCopyP2p | StopCopy);
         if s != cur && s.has_stream() && !same_session {
             continue;
@@ -189,7 +191,8 @@ fn every_pair_for_every_flag_set() {
 #[test]
 fn paths_with_all_three_flags_match_the_spec_table() {
     let f = MigFlags(7);
-    // Written out from the spec's arc table by hand: (cur, new, path after cur).
+    // Written out by hand from the arc table in `docs/vfio.md#arc-table`:
+    // (cur, new, path after cur).
     let want: &[(MigState, MigState, &[MigState])] = &[
         (Running, Stop, &[RunningP2p, Stop]),
         (Running, StopCopy, &[RunningP2p, Stop, StopCopy]),
