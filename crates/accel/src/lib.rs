@@ -4,7 +4,7 @@
 //! It owns the register block (see [`regs`] for the map), queue pairs of submission and
 //! completion rings in guest memory, a worker thread that runs COPY, CRC32C, LZ4 COMPRESS and
 //! DECOMPRESS, and FILL jobs with every byte through an `iommu::Dma` handle, device-side DMA
-//! logging, and a VFIO migration v2 driver (`spec/vfio-migration.md` §3) with the hisi-style
+//! logging, and a VFIO migration v2 driver (`docs/accel.md`) with the hisi-style
 //! match prefix. It knows nothing of KVM or of how the VMM maps its registers.
 
 #![forbid(unsafe_code)]

@@ -1,4 +1,4 @@
-//! The accelerator's VFIO migration driver, modelled on hisi_acc_vfio_pci (spec §3).
+//! The accelerator's VFIO migration driver, modelled on hisi_acc_vfio_pci (`docs/accel.md`).
 //!
 //! Save stream layout (little-endian):
 //!
