@@ -1,5 +1,6 @@
 //! Starting a vCPU directly in 64-bit long mode: identity page tables, GDT, control
-//! registers, EFER and CPUID (Intel SDM vol. 3, §9.8.5 "Initializing IA-32e Mode").
+//! registers, EFER and CPUID (`docs/vmm.md#long-mode`, `docs/vmm.md#guest-page-tables`,
+//! `docs/vmm.md#other-vm-setup`).
 
 use crate::layout::*;
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
