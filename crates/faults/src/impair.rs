@@ -145,15 +145,15 @@ fn accept(l: TcpListener, to: String, sh: Arc<Shared>) {
                             Ok(b) => {
                                 let _ = (a.set_nodelay(true), b.set_nodelay(true));
                                 if let Err(e) = relay(id, a, b, &sh, seed) {
-                                    eprintln!("impair: a connection could not be relayed: {e}");
+                                    tracing::warn!(error = %e, "impair: a connection could not be relayed");
                                     sh.forget(id);
                                 }
                             }
-                            Err(e) => eprintln!("impair: cannot reach {to}: {e}"),
+                            Err(e) => tracing::warn!(%to, error = %e, "impair: cannot reach the target"),
                         }
                     });
                 if let Err(e) = spawned {
-                    eprintln!("impair: a connection was dropped: {e}");
+                    tracing::warn!(error = %e, "impair: a connection was dropped");
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),

@@ -73,6 +73,9 @@ fn spawn_dest(cfg: &Config) -> Result<Dest, String> {
         )
         // `livemig` children die with the process that started them, even if it is killed.
         .env("LIVEMIG_PARENT_PID", std::process::id().to_string())
+        // Its info events are what this reads (`Dest::said`): whatever RUST_LOG the matrix
+        // runs under, the destination logs them.
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -51,7 +51,9 @@ fn migrate_through(forgery: Forgery, src: Security, dst: Security, verify: Verif
         peer_timeout: Duration::from_secs(3),
         ..Default::default()
     };
-    let dest = std::thread::spawn(move || receive(&l, &dopts, &|m| println!("[dest] {m}")));
+    // The destination's events, in the test's output.
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let dest = std::thread::spawn(move || receive(&l, &dopts));
     let forger = Forger::start(addr.clone(), forgery).unwrap();
     let ctl = MigrationControl::default();
     let o = SourceOptions {

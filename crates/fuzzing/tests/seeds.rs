@@ -68,7 +68,7 @@ fn record_migration() -> (Vec<u8>, Vec<u8>) {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let dest_addr = l.local_addr().unwrap().to_string();
-    let dest = std::thread::spawn(move || receive(&l, &DestOptions::default(), &|_| {}));
+    let dest = std::thread::spawn(move || receive(&l, &DestOptions::default()));
     let (relay, rec) = recording_relay(dest_addr);
     let o = SourceOptions {
         mode: DeviceTracking::Iommu,

@@ -218,7 +218,7 @@ pub fn cpu_dirty(memory_mib: u64, rates: &[f64], vcpus: u32, interval_ms: u64, m
     println!("| configured MiB/s | achieved MiB/s | pages/harvest | ring per GiB | bitmap per GiB | ring ÷ bitmap |");
     println!("|---|---|---|---|---|---|");
     for &rate in rates {
-        eprintln!("measuring {rate} MiB/s ...");
+        tracing::info!("measuring {rate} MiB/s ...");
         let ring = measure(
             DirtyLogMode::Ring { entries: 65536 },
             memory_mib,

@@ -173,7 +173,7 @@ pub fn run(a: &Args) -> Result<()> {
             }
             let dt = info["downtime-us"].as_u64().unwrap_or(0) as f64 / 1e3;
             let tt = info["total-time"].as_u64().unwrap_or(0) as f64;
-            eprintln!(
+            tracing::info!(
                 "[bench control] run {}/{} with {clients} clients: downtime {dt:.1} ms ({}), total {tt:.0} ms",
                 run + 1,
                 a.runs,

@@ -146,7 +146,7 @@ fn one(a: &Args, transport: &str, mode: DeviceTracking, verify: VerifyMode, dir:
         security: dst_sec,
         ..Default::default()
     };
-    let dest = std::thread::spawn(move || migration::receive(&l, &dopts, &|_| {}));
+    let dest = std::thread::spawn(move || migration::receive(&l, &dopts));
     let ctl = MigrationControl::default();
     let opts = SourceOptions {
         mode,
@@ -225,7 +225,7 @@ pub fn run(a: &Args) -> Result<()> {
         for &v in &verifies {
             for &m in &modes {
                 for t in &a.transports {
-                    eprintln!(
+                    tracing::info!(
                         "[{}/{total}] migrating: transport {t}, mode {m}, verify {v}, run {} ...",
                         rows.len() + 1,
                         run + 1

@@ -176,7 +176,7 @@ pub fn run(a: &Args) -> Result<()> {
     for (name, shape) in &links {
         let hosts = shape.map(|s| TwoHosts::create(Some(s))).transpose()?;
         let raw = raw_tcp(hosts.as_ref(), a.probe_mib)?;
-        eprintln!("[bench net] {name}: raw TCP {:.0} MiB/s", raw / 1048576.0);
+        tracing::info!("[bench net] {name}: raw TCP {:.0} MiB/s", raw / 1048576.0);
         for mode in &a.modes {
             n += 1;
             let once = Once {
@@ -190,7 +190,7 @@ pub fn run(a: &Args) -> Result<()> {
                 pollers: None,
             };
             let (info, _) = migrate_once(&once).with_context(|| format!("{name}, mode {mode}"))?;
-            eprintln!(
+            tracing::info!(
                 "[bench net] {name} {mode}: {}, {} iterations, downtime {:.1} ms, total {} ms",
                 s(&info, "status"),
                 u(&info, "ram.iteration-count"),

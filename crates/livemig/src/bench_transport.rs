@@ -140,7 +140,7 @@ pub fn run(transports: &[String], channels: &[u16], gib: f64, runs: usize) -> Re
     for run in 0..runs {
         for &ch in channels {
             for t in transports {
-                eprintln!("transport {t}, {ch} connection(s), run {} ...", run + 1);
+                tracing::info!("transport {t}, {ch} connection(s), run {} ...", run + 1);
                 let (wall, cpu) = transfer(t, &dir, ch, bytes)?;
                 let g = bytes as f64 / (1u64 << 30) as f64;
                 let r = (g / wall.as_secs_f64(), cpu.as_secs_f64() / g);

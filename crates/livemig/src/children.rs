@@ -26,7 +26,8 @@ impl Drop for Children {
     }
 }
 
-/// `livemig` itself, for a child that dies with this process (`crate::PARENT_ENV`).
+/// `livemig` itself, for a child that dies with this process (`crate::PARENT_ENV`) and logs
+/// in its format.
 pub fn livemig() -> Result<Command> {
     livemig_in(None)
 }
@@ -39,7 +40,8 @@ pub fn livemig_in(at: Option<(&netlab::TwoHosts, netlab::Side)>) -> Result<Comma
         Some((h, side)) => h.command(side, exe),
         None => Command::new(exe),
     };
-    c.env(crate::PARENT_ENV, std::process::id().to_string());
+    c.env(crate::PARENT_ENV, std::process::id().to_string())
+        .args(crate::logging::child_args());
     Ok(c)
 }
 

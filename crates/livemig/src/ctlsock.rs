@@ -175,15 +175,16 @@ impl ControlSocket {
                     });
                     if spawned.is_err() {
                         lock(&clients).remove(id);
-                        eout!("control socket: cannot start a client thread; connection dropped");
+                        tracing::warn!("control socket: cannot start a client thread; connection dropped");
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => {
                     // EMFILE, ENFILE, ENOBUFS, ...: the VM must not go down for it.
-                    eout!(
-                        "control socket: accept failed ({e}); retrying in {} ms",
-                        backoff.as_millis()
+                    tracing::warn!(
+                        error = %e,
+                        retry_ms = backoff.as_millis() as u64,
+                        "control socket: accept failed; retrying"
                     );
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(1));

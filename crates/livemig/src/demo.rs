@@ -77,11 +77,6 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool, how: Tran
     vm.config()?;
     let (src_sec, dest_sec, _creds) = transport(&how)?;
     let mut kids = Children::default();
-    let say = |m: &str| {
-        if !json {
-            println!("{m}");
-        }
-    };
 
     // The destination picks a free port and says which on its first line.
     let mut dest = livemig()?;
@@ -89,7 +84,7 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool, how: Tran
         .args(["--peer-timeout", &format!("{}", mig.peer_timeout as f64 / 1000.0)])
         .args(dest_sec.cli_args());
     let (addr, dest_out) = spawn_listening(dest, &mut kids, "destination")?;
-    say(&format!("destination process {} listening on {addr}", kids.0[0].id()));
+    tracing::info!(pid = kids.0[0].id(), %addr, "destination process listening");
 
     let sock = PathBuf::from(format!("/tmp/livemig-demo-{}.sock", std::process::id()));
     let src = livemig()?
@@ -100,22 +95,23 @@ pub fn demo(vm: &VmOpts, mig: MigrateArgs, warmup_ms: u64, json: bool, how: Tran
         .stdout(if json { Stdio::null() } else { Stdio::inherit() })
         .spawn()
         .context("starting the source VM process")?;
-    say(&format!("source VM process {}", src.id()));
+    tracing::info!(pid = src.id(), "source VM process started");
     kids.0.push(src);
     let mut c = connect_control(&sock, &mut kids.0[1], "source VM")?;
     std::thread::sleep(Duration::from_millis(warmup_ms));
     let st = c.execute("query-status", serde_json::json!({}))?;
-    say(&format!(
-        "guest warmed up for {warmup_ms} ms: {} pages written, {} accel jobs completed; migrating (mode {}, {})",
-        st["pages-written"],
-        st["jobs-completed"],
-        mig.mode,
-        match (how.tls, &how.psk_file) {
+    tracing::info!(
+        warmup_ms,
+        pages_written = %st["pages-written"],
+        jobs_completed = %st["jobs-completed"],
+        mode = %mig.mode,
+        transport = match (how.tls, &how.psk_file) {
             (true, _) => "mutual TLS with throwaway certificates",
             (_, Some(_)) => "frames authenticated by the pre-shared key",
             _ => "plain TCP",
-        }
-    ));
+        },
+        "guest warmed up; migrating"
+    );
     let mig = MigrateArgs { uri: addr, ..mig }.with_security(src_sec);
     c.execute("migrate", serde_json::to_value(&mig)?)?;
     let info = crate::summary::follow(&mut c, !json)?;

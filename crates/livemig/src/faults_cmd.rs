@@ -81,7 +81,7 @@ pub fn run(a: &Args) -> Result<i32> {
     let mut n = 0;
     let cases = faults::run_matrix(&cfg, &steps, &actions, &dirs, a.trials, &mut |c| {
         n += 1;
-        eout!(
+        let line = format!(
             "[{n}/{total}] {} {} {}: {:?}, destination {} ({}) in {:.1} s{}",
             c.fault.step.name(),
             c.fault.action.name(),
@@ -102,6 +102,11 @@ pub fn run(a: &Args) -> Result<i32> {
                 format!(" — FAILED: {}", c.violations.join("; "))
             }
         );
+        if c.violations.is_empty() {
+            tracing::info!("{line}");
+        } else {
+            tracing::error!("{line}");
+        }
     });
     let failed: Vec<&Case> = cases.iter().filter(|c| !c.violations.is_empty()).collect();
     if a.json {
@@ -112,7 +117,7 @@ pub fn run(a: &Args) -> Result<i32> {
     if failed.is_empty() {
         Ok(0)
     } else {
-        eout!("{} of {} cases broke a promise", failed.len(), cases.len());
+        tracing::error!(failed = failed.len(), cases = cases.len(), "cases broke a promise");
         Ok(1)
     }
 }

@@ -27,6 +27,7 @@ mod ctlsock;
 mod demo;
 mod faults_cmd;
 mod iommu_demo;
+mod logging;
 mod receive;
 mod run;
 mod soak;
@@ -44,9 +45,19 @@ use vmopts::VmOpts;
 #[command(
     name = "livemig",
     version,
-    about = "Live migration of a KVM VM with a DMA device behind an emulated IOMMU"
+    about = "Live migration of a KVM VM with a DMA device behind an emulated IOMMU",
+    after_help = "Logging:
+  Progress, events and warnings are logged to stderr; stdout carries only a command's output
+  (the `listening on` line, summaries, tables, --json). --log-format json writes one JSON object
+  per line (timestamp, level, target, message and the event's fields). RUST_LOG sets the levels
+  (e.g. RUST_LOG=warn, RUST_LOG=migration=debug); without it livemig's own crates log at info and
+  the libraries it uses at warn. Child processes (demo, soak, bench) log in the same format."
 )]
 struct Cli {
+    /// How log events are written to stderr: text (human-readable lines) or json (one JSON
+    /// object per line). Levels come from RUST_LOG (default: info for livemig's crates).
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -575,6 +586,7 @@ fn run() -> Result<i32> {
             return Ok(if e.use_stderr() { 1 } else { 0 });
         }
     };
+    logging::init(cli.log_format);
     match cli.cmd {
         Cmd::Demo {
             vm,

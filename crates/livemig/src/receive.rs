@@ -12,7 +12,8 @@ pub fn receive(listen: &str, opts: DestOptions, exit_after_ms: Option<u64>) -> R
     // The first line tells a parent process which port was chosen.
     out!("listening on {}", l.local_addr()?);
     let _ = std::io::stdout().flush();
-    let inc = migration::receive(&l, &opts, &|m| eout!("[receive] {m}"))
+    let inc = tracing::info_span!("receive")
+        .in_scope(|| migration::receive(&l, &opts))
         .map_err(|e| anyhow::anyhow!("{}; no guest runs here", e.chain()))?;
     let r = &inc.report;
     out!(
@@ -42,11 +43,11 @@ pub fn receive(listen: &str, opts: DestOptions, exit_after_ms: Option<u64>) -> R
         if last.elapsed() >= Duration::from_secs(1) {
             last = Instant::now();
             let c = inc.vm.counters(0);
-            eout!(
-                "[receive] guest: {} pages written, {} accel jobs, {} errors",
-                c.pages_written,
-                c.jobs_completed,
-                c.errors
+            tracing::info!(
+                pages_written = c.pages_written,
+                jobs_completed = c.jobs_completed,
+                errors = c.errors,
+                "guest progress"
             );
             if let Some(s) = inc.vm.vcpu_stopped() {
                 bail!("the guest stopped: {s:?}");

@@ -127,13 +127,13 @@ pub fn run(opts: &VmOpts, control: &Path, release_after: Option<Duration>, incom
         None => {
             let vm = Arc::new(opts.build()?);
             vm.resume()?;
-            out!(
-                "VM running: {} MiB, {} vCPU(s), dirtier at {} MiB/s{}; control socket {}",
-                opts.memory_mib,
-                opts.vcpus,
-                opts.rate,
-                if opts.no_accel { "" } else { ", accelerator busy" },
-                control.display()
+            tracing::info!(
+                memory_mib = opts.memory_mib,
+                vcpus = opts.vcpus,
+                rate_mib_s = opts.rate,
+                accel = !opts.no_accel,
+                control = %control.display(),
+                "VM running"
             );
             (Some(vm), Where::Here, None)
         }
@@ -141,7 +141,7 @@ pub fn run(opts: &VmOpts, control: &Path, release_after: Option<Duration>, incom
             let l = TcpListener::bind(&inc.listen).map_err(|e| anyhow::anyhow!("listening on {}: {e}", inc.listen))?;
             // The first line tells a parent process which port was chosen.
             out!("listening on {}", l.local_addr()?);
-            out!("waiting for an incoming guest; control socket {}", control.display());
+            tracing::info!(control = %control.display(), "waiting for an incoming guest");
             let _ = std::io::Write::flush(&mut std::io::stdout());
             (None, Where::Waiting, Some((Arc::new(l), inc.opts, inc.sabotage_leak)))
         }
@@ -181,14 +181,11 @@ pub fn run(opts: &VmOpts, control: &Path, release_after: Option<Duration>, incom
     let held = matches!(&*srv.at(), Where::Held { .. });
     // The guest's VM goes before the process does (its vCPU threads are joined).
     srv.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
-    out!(
-        "{}",
-        if held {
-            "quit: the paused guest held after the migration is released"
-        } else {
-            "quit"
-        }
-    );
+    if held {
+        tracing::info!("quit: the paused guest held after the migration is released");
+    } else {
+        tracing::info!("quit");
+    }
     Ok(())
 }
 
@@ -216,7 +213,7 @@ fn release_when_confirmed(srv: &Arc<Server>, after: Duration) {
             _ => false,
         };
         if due {
-            out!("--release-after: the destination confirmed the handover; releasing the guest held here");
+            tracing::info!("--release-after: the destination confirmed the handover; releasing the guest held here");
             if srv.incoming.is_some() {
                 let _ = release(srv, false);
             } else {
@@ -469,7 +466,7 @@ fn release(srv: &Arc<Server>, force: bool) -> Result<Value, String> {
     srv.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
     *at = Where::Waiting;
     drop(at);
-    out!("released the guest held here; waiting for the next one");
+    tracing::info!("released the guest held here; waiting for the next one");
     wait_for_guest(srv);
     Ok(json!({}))
 }
@@ -493,7 +490,7 @@ fn wait_for_guest(srv: &Arc<Server>) {
     });
     if let Err(e) = spawned {
         srv.receiving.store(false, Ordering::Release);
-        eout!("[incoming] cannot start the receiving thread ({e}); `release` retries");
+        tracing::error!(error = %e, "cannot start the receiving thread; `release` retries");
     }
 }
 
@@ -507,7 +504,7 @@ fn receive_loop(s: &Arc<Server>, l: &TcpListener, opts: &DestOptions) {
             *s2.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.clone());
             *at = Where::Arriving;
         })));
-        let got = migration::receive(l, &opts, &|m| eout!("[incoming] {m}"));
+        let got = tracing::info_span!("incoming").in_scope(|| migration::receive(l, &opts));
         drop(opts);
         match got {
             Ok(inc) => {
@@ -516,17 +513,25 @@ fn receive_loop(s: &Arc<Server>, l: &TcpListener, opts: &DestOptions) {
                     leak.leak();
                 }
                 let r = &inc.report;
-                out!(
-                    "guest {n} received: {} pages, {} device bytes, {} iterations; running ({:.1} ms from switchover to running){}",
-                    r.pages_received,
-                    r.device_bytes,
-                    r.iterations,
-                    r.resume_time.as_secs_f64() * 1e3,
-                    match &r.unverified {
-                        Some(why) => format!("; UNVERIFIED: {why}"),
-                        None => String::new(),
-                    }
-                );
+                let resume_ms = r.resume_time.as_secs_f64() * 1e3;
+                match &r.unverified {
+                    None => tracing::info!(
+                        guest = n,
+                        pages = r.pages_received,
+                        device_bytes = r.device_bytes,
+                        iterations = r.iterations,
+                        resume_ms,
+                        "guest received; running"
+                    ),
+                    Some(why) => tracing::warn!(
+                        guest = n,
+                        pages = r.pages_received,
+                        device_bytes = r.device_bytes,
+                        iterations = r.iterations,
+                        resume_ms,
+                        "guest received; running UNVERIFIED: {why}"
+                    ),
+                }
                 let mut at = s.at();
                 *s.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(inc.vm);
                 *at = Where::Here;
@@ -542,9 +547,9 @@ fn receive_loop(s: &Arc<Server>, l: &TcpListener, opts: &DestOptions) {
                     *at = Where::Waiting;
                 }
                 drop(at);
-                eout!(
-                    "[incoming] no guest runs here: {}; waiting for the next attempt",
-                    e.chain()
+                tracing::warn!(
+                    error = %e.chain(),
+                    "no guest runs here; waiting for the next attempt"
                 );
             }
         }

@@ -209,18 +209,13 @@ pub fn run(a: &Args) -> Result<i32> {
     if a.migrations < 4 {
         bail!("--migrations must be at least 4: each process is then compared in both of its states");
     }
-    let say = |m: &str| {
-        if !a.json {
-            out!("{m}");
-        }
-    };
     let me = std::process::id();
     let mut logs = Logs(std::env::temp_dir().join(format!("livemig-soak-{me}")), false);
     std::fs::create_dir_all(&logs.0).with_context(|| logs.0.display().to_string())?;
-    let res = soak(a, &logs.0, &say);
+    let res = soak(a, &logs.0);
     if res.as_ref().map_or(true, |v| v["passed"] != true) {
         logs.1 = true;
-        eout!("the processes' logs are kept in {}", logs.0.display());
+        tracing::warn!(dir = %logs.0.display(), "the processes' logs are kept");
     }
     let mut v = res?;
     if logs.1 {
@@ -234,7 +229,7 @@ pub fn run(a: &Args) -> Result<i32> {
     Ok(if v["passed"] == true { 0 } else { 1 })
 }
 
-fn soak(a: &Args, logs: &Path, say: &dyn Fn(&str)) -> Result<Value> {
+fn soak(a: &Args, logs: &Path) -> Result<Value> {
     let me = std::process::id();
     let sock = |name: &str| PathBuf::from(format!("/tmp/livemig-soak-{me}-{name}.sock"));
     // Declared before the children, so dropped after them.
@@ -255,7 +250,7 @@ fn soak(a: &Args, logs: &Path, say: &dyn Fn(&str)) -> Result<Value> {
         let i = kids.0.len() - 1;
         let pid = kids.0[i].id();
         let client = connect_control(&sock, &mut kids.0[i], &format!("host {name}"))?;
-        say(&format!("host {name}: process {pid}, waiting for the guest on {addr}"));
+        tracing::info!(host = name, pid, %addr, "host waiting for the guest");
         hosts.push(Host {
             name,
             pid,
@@ -290,10 +285,10 @@ fn soak(a: &Args, logs: &Path, say: &dyn Fn(&str)) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(20));
     }
     wait_status(&mut hosts[0].client, "running", Duration::from_secs(30), "host A")?;
-    say(&format!(
-        "migration 0: origin → A, verified; {} ping-pong migrations follow",
-        a.migrations
-    ));
+    tracing::info!(
+        migrations = a.migrations,
+        "migration 0: origin → A, verified; the ping-pong migrations follow"
+    );
 
     let mut breaches = Vec::new();
     let mut runs = Vec::new();
@@ -352,7 +347,7 @@ fn soak(a: &Args, logs: &Path, say: &dyn Fn(&str)) -> Result<Value> {
                 s.threads
             );
         }
-        say(&line);
+        tracing::info!("{line}");
         runs.push(json!({
             "migration": m,
             "from": hosts[f].name,

@@ -88,18 +88,14 @@ fn first_frame(tcp: TcpStream, opts: &DestOptions) -> Result<Opened, String> {
 }
 
 /// Waits, as long as it takes, for a connection that opens a migration.
-pub(super) fn wait_for_source(
-    listener: &TcpListener,
-    opts: &DestOptions,
-    log: &dyn Fn(&str),
-) -> Result<Opened, MigError> {
+pub(super) fn wait_for_source(listener: &TcpListener, opts: &DestOptions) -> Result<Opened, MigError> {
     listener.set_nonblocking(true).map_err(io)?;
     let (tx, rx) = channel::<(SocketAddr, Result<Opened, String>)>();
     let pending = Arc::new(AtomicUsize::new(0));
     let res = loop {
         match rx.try_recv() {
             Ok((_, Ok(o))) => break Ok(o),
-            Ok((peer, Err(why))) => log(&format!("ignored a connection from {peer}: {why}")),
+            Ok((peer, Err(why))) => tracing::warn!(%peer, %why, "ignored a connection"),
             Err(TryRecvError::Empty) => {}
             // This loop holds a sender: the channel cannot disconnect.
             Err(TryRecvError::Disconnected) => {}
@@ -107,9 +103,7 @@ pub(super) fn wait_for_source(
         match listener.accept() {
             Ok((s, peer)) => {
                 if pending.load(Ordering::Acquire) >= MAX_PENDING {
-                    log(&format!(
-                        "ignored a connection from {peer}: too many connections opening at once"
-                    ));
+                    tracing::warn!(%peer, "ignored a connection: too many connections opening at once");
                     continue;
                 }
                 let _ = s.set_nonblocking(false);
@@ -126,7 +120,7 @@ pub(super) fn wait_for_source(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => {
                 // Out of descriptors and the like: wait, do not give up the VM to come.
-                log(&format!("accept failed ({e}); retrying"));
+                tracing::warn!(error = %e, "accept failed; retrying");
                 std::thread::sleep(Duration::from_millis(100));
             }
         }

@@ -25,7 +25,6 @@ pub(super) struct Talk<'a> {
     pub r: &'a mut FrameReader<BufReader<Conn>>,
     pub cfg: &'a VmConfigMsg,
     pub opts: &'a DestOptions,
-    pub log: &'a dyn Fn(&str),
 }
 
 /// Pages written, jobs completed, errors, and which programs run, over every vCPU.
@@ -67,7 +66,7 @@ fn read_digest(r: &mut FrameReader<BufReader<Conn>>) -> Result<Digest, MigError>
 }
 
 pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received) -> Result<Incoming, MigError> {
-    let Talk { ctl, r, cfg, opts, log } = t;
+    let Talk { ctl, r, cfg, opts } = t;
     // ---- the whole guest, checked ----
     if let Some((n, first)) = rx.log.missing(&rx.map) {
         return Err(MigError::Other(format!(
@@ -89,9 +88,7 @@ pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received)
         let theirs = read_digest(r)?;
         let t1 = mono_ns();
         if let Some(why) = mine.as_ref().and_then(|m| m.mismatch(&theirs)) {
-            log(&format!(
-                "verification FAILED before resuming: {why}; discarding the VM"
-            ));
+            tracing::error!(reason = %why, "verification FAILED before resuming; discarding the VM");
             return Err(MigError::Verification(why));
         }
         verify_ns += mono_ns() - t1;
@@ -151,10 +148,10 @@ pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received)
     rx.report.resume_time = Duration::from_nanos(t_resumed.saturating_sub(rx.t_switch));
     // From here the guest runs here, whatever happens to the connection. Said first, then
     // told: whoever reads this log knows of every guest the source may hear of.
-    log(&format!(
-        "guest running on the destination ({} pages received)",
-        rx.report.pages_received
-    ));
+    tracing::info!(
+        pages_received = rx.report.pages_received,
+        "guest running on the destination"
+    );
     if let Some(h) = &opts.on_running {
         (h.0)(&vm);
     }
@@ -167,10 +164,10 @@ pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received)
         .encode(),
     );
     if let Err(e) = told {
-        log(&format!(
-            "WARNING: could not tell the source that the guest runs here ({}); it holds its copy paused",
-            e.chain()
-        ));
+        tracing::warn!(
+            error = %e.chain(),
+            "could not tell the source that the guest runs here; it holds its copy paused"
+        );
         rx.report.unverified = (cfg.verify != VerifyMode::Off).then(|| "the source is unreachable".into());
         return Ok(Incoming { vm, report: rx.report });
     }
@@ -180,7 +177,7 @@ pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received)
         base,
         t_resumed,
     };
-    after_resume(Talk { ctl, r, cfg, opts, log }, vm, rx, at)
+    after_resume(Talk { ctl, r, cfg, opts }, vm, rx, at)
 }
 
 /// What this side knew when its guest resumed.
@@ -198,7 +195,7 @@ struct Resumed {
 /// (audit) whether what it resumed from is the source's guest. A failure stops and discards
 /// it: the source still holds the original, paused.
 fn after_resume(t: Talk<'_>, vm: Arc<Vm>, mut rx: Received, at: Resumed) -> Result<Incoming, MigError> {
-    let Talk { ctl, r, cfg, opts, log } = t;
+    let Talk { ctl, r, cfg, opts } = t;
     let Resumed {
         mine,
         before,
@@ -242,10 +239,7 @@ fn after_resume(t: Talk<'_>, vm: Arc<Vm>, mut rx: Received, at: Resumed) -> Resu
                 Err(e) => {
                     // The guest runs here and the source holds its copy: keep running,
                     // unverified, rather than lose both, and tell the source if it can hear.
-                    log(&format!(
-                        "WARNING: the audit could not run ({}); the guest runs on, unverified",
-                        e.chain()
-                    ));
+                    tracing::warn!(error = %e.chain(), "the audit could not run; the guest runs on, unverified");
                     rep.checked = true;
                     rep.reason = format!(
                         "the audit could not run: {}; the destination runs the guest unverified",
@@ -269,19 +263,19 @@ fn after_resume(t: Talk<'_>, vm: Arc<Vm>, mut rx: Received, at: Resumed) -> Resu
     if !rep.reason.is_empty() {
         let _ = vm.pause();
         rep.discarded = true;
-        log(&format!(
-            "verification FAILED after resuming: {}; the guest is stopped and discarded",
-            rep.reason
-        ));
+        tracing::error!(
+            reason = %rep.reason,
+            "verification FAILED after resuming; the guest is stopped and discarded"
+        );
         let _ = ctl.send(Kind::Report, &rep.encode());
         rx.report.report = Some(rep.clone());
         return Err(MigError::Verification(rep.reason));
     }
     if let Err(e) = ctl.send(Kind::Report, &rep.encode()) {
-        log(&format!("WARNING: could not send the report ({})", e.chain()));
+        tracing::warn!(error = %e.chain(), "could not send the report");
     }
     if cfg.verify != VerifyMode::Off {
-        log("verified: memory, device and vCPU state, and the guest makes progress");
+        tracing::info!("verified: memory, device and vCPU state, and the guest makes progress");
     }
     rx.report.report = Some(rep);
     Ok(Incoming { vm, report: rx.report })

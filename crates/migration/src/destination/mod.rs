@@ -111,17 +111,17 @@ pub(crate) fn io(e: std::io::Error) -> MigError {
     MigError::Wire(e.into())
 }
 
-/// Waits for one incoming migration on `listener` and runs it to the end. `log` receives
-/// one-line progress messages. `Ok`: the guest runs here. `Err`: it never ran here, or it
+/// Waits for one incoming migration on `listener` and runs it to the end, reporting its
+/// progress as `tracing` events. `Ok`: the guest runs here. `Err`: it never ran here, or it
 /// failed verification and was stopped; either way this side's VM is gone.
-pub fn receive(listener: &TcpListener, opts: &DestOptions, log: &dyn Fn(&str)) -> Result<Incoming, MigError> {
-    let opened = accept::wait_for_source(listener, opts, log)?;
+pub fn receive(listener: &TcpListener, opts: &DestOptions) -> Result<Incoming, MigError> {
+    let opened = accept::wait_for_source(listener, opts)?;
     let control = opened.control.try_clone().map_err(io)?;
-    log(&format!("incoming migration from {}", opened.peer));
+    tracing::info!(peer = %opened.peer, "incoming migration");
     let mut ctl = Ctl {
         w: FrameWriter::new(control.try_clone().map_err(io)?),
     };
-    let res = run(listener, &control, &mut ctl, opened, opts, log).map_err(|e| match (control.transport_error(), e) {
+    let res = run(listener, &control, &mut ctl, opened, opts).map_err(|e| match (control.transport_error(), e) {
         // A record that failed its authentication ends the session; say so rather than
         // "connection closed".
         (Some(why), MigError::Wire(w)) => {
@@ -144,7 +144,6 @@ fn run(
     ctl: &mut Ctl,
     opened: accept::Opened,
     opts: &DestOptions,
-    log: &dyn Fn(&str),
 ) -> Result<Incoming, MigError> {
     let (mut r, hello) = (opened.reader, opened.hello);
     let nonce = session::nonce();
@@ -174,19 +173,15 @@ fn run(
     let cfg = msg::VmConfigMsg::decode(&f.payload)?;
     build::check_config(&cfg)?;
     let vm = Arc::new(build::build_vm(&cfg, opts)?);
-    log(&format!(
-        "built a VM of {} MiB, {} vCPU(s), {}; {} page connection(s); verification {}; transport {}",
-        cfg.mem_mib,
-        cfg.vcpus,
-        if cfg.accel.is_some() {
-            "with the accelerator"
-        } else {
-            "no device"
-        },
-        cfg.channels,
-        cfg.verify,
-        opts.security.name()
-    ));
+    tracing::info!(
+        mem_mib = cfg.mem_mib,
+        vcpus = cfg.vcpus,
+        accel = cfg.accel.is_some(),
+        channels = cfg.channels,
+        verify = %cfg.verify,
+        transport = opts.security.name(),
+        "built the VM; receiving"
+    );
     let received = stream::receive_stream(
         listener,
         control,
@@ -206,7 +201,6 @@ fn run(
         r: &mut r,
         cfg: &cfg,
         opts,
-        log,
     };
     finish::finish(control, talk, vm, received)
 }

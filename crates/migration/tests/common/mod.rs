@@ -31,7 +31,9 @@ pub fn source_vm(mem_mib: u64, rate: f64, dirty: DirtyLogMode) -> Arc<Vm> {
 pub fn spawn_dest(opts: DestOptions) -> (String, JoinHandle<Result<Incoming, MigError>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let h = std::thread::spawn(move || receive(&l, &opts, &|m| println!("[dest] {m}")));
+    // The destination's events, in the test's output.
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let h = std::thread::spawn(move || receive(&l, &opts));
     (addr, h)
 }
 
