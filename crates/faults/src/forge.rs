@@ -11,6 +11,8 @@
 use migration::frame::{encode_keyed, encode_unchecked, Kind, HEADER_LEN, MAGIC, MAX_PAYLOAD};
 use migration::msg::{Encoding, Hello, PagesHead, CAP_PSK, PAGES_HEAD};
 use migration::transport::psk::TAG;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -373,16 +375,11 @@ fn frames(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
 /// frame.
 fn records(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
     let (mut n, mut held) = (0usize, None::<Vec<u8>>);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = SmallRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
     let mut forged_record = |len: usize| {
         let mut r = vec![23, 3, 3];
         r.extend_from_slice(&(len as u16).to_be_bytes());
-        r.extend((0..len).map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        }));
+        r.extend((0..len).map(|_| rng.random::<u8>()));
         r
     };
     loop {

@@ -4,6 +4,8 @@
 //! (closes every connection). `livemig proxy` runs one; `livemig bench net` puts one in front
 //! of a destination (`docs/network.md`).
 
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,7 +112,8 @@ impl Drop for ImpairedLink {
 }
 
 fn accept(l: TcpListener, to: String, sh: Arc<Shared>) {
-    let mut seed = sh.imp.seed;
+    // Each connection's jitter comes from its own seed, drawn from the link's.
+    let mut seeds = SmallRng::seed_from_u64(sh.imp.seed);
     let mut cut_done = false;
     let mut id = 0u64;
     while !sh.stop.load(Ordering::Acquire) {
@@ -128,7 +131,7 @@ fn accept(l: TcpListener, to: String, sh: Arc<Shared>) {
         }
         match l.accept() {
             Ok((a, _)) => {
-                seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let seed = seeds.next_u64();
                 id += 1;
                 let _ = a.set_nonblocking(false);
                 // Connected off this thread: a target that does not answer must not hold up
@@ -174,11 +177,12 @@ fn relay(id: u64, a: TcpStream, b: TcpStream, sh: &Arc<Shared>, seed: u64) -> st
     }
     // The last of the two writers to end forgets the connection.
     let ended = Arc::new(std::sync::atomic::AtomicU8::new(0));
-    for (i, (from, to)) in [(a.try_clone()?, b.try_clone()?), (b, a)].into_iter().enumerate() {
+    let mut seeds = SmallRng::seed_from_u64(seed);
+    for (from, to) in [(a.try_clone()?, b.try_clone()?), (b, a)] {
         let ended = ended.clone();
         let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(IN_FLIGHT);
         let (s1, s2) = (sh.clone(), sh.clone());
-        let mut rng = Rng(seed ^ (i as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03));
+        let mut rng = Jitter(SmallRng::from_rng(&mut seeds));
         let mut from = from;
         let _ = from.set_read_timeout(Some(POLL));
         std::thread::Builder::new().name("impair-read".into()).spawn(move || {
@@ -244,25 +248,13 @@ fn deliver(rx: Receiver<(Instant, Vec<u8>)>, mut to: TcpStream, sh: &Shared) {
     }
 }
 
-/// Jitter draws, reproducible from the seed (the proxy's generator).
-struct Rng(u64);
+/// Jitter draws, reproducible from the seed.
+struct Jitter(SmallRng);
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift never leaves zero.
-        if self.0 == 0 {
-            self.0 = 0x9e37_79b9_7f4a_7c15;
-        }
-        crate::proxy::rnd(&mut self.0)
-    }
+impl Jitter {
     fn delay(&mut self, imp: &Impairment) -> Duration {
         let j = imp.jitter.as_nanos() as i128;
-        let d = imp.latency.as_nanos() as i128
-            + if j > 0 {
-                (self.next() % (2 * j as u64 + 1)) as i128 - j
-            } else {
-                0
-            };
+        let d = imp.latency.as_nanos() as i128 + if j > 0 { self.0.random_range(-j..=j) } else { 0 };
         Duration::from_nanos(d.max(0) as u64)
     }
 }
@@ -333,7 +325,7 @@ mod tests {
             assert_eq!(u32::from_le_bytes(b), i, "in order");
         }
         sender.join().unwrap();
-        let mut r = Rng(9);
+        let mut r = Jitter(SmallRng::seed_from_u64(9));
         let ds: Vec<Duration> = (0..1000).map(|_| r.delay(&imp)).collect();
         assert!(ds.iter().all(|d| *d <= Duration::from_millis(10)));
         assert!(ds.iter().any(|d| *d < Duration::from_millis(2)) && ds.iter().any(|d| *d > Duration::from_millis(8)));

@@ -12,6 +12,8 @@
 
 use crate::proxy::{Action, Dir, Fault, Fired, Proxy, Step};
 use migration::{DestState, DeviceTracking, MigrationControl, Outcome, SourceOptions, VerifyMode};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -370,19 +372,19 @@ pub fn run_matrix(
     progress: &mut dyn FnMut(&Case),
 ) -> Vec<Case> {
     let mut out = Vec::new();
-    let mut seed = 0x5eed_u64;
+    // Each case's seed, the same from run to run.
+    let mut seeds = SmallRng::seed_from_u64(0x5eed);
     for &step in steps {
         for &action in actions {
             for &dir in dirs {
                 for _ in 0..trials {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     let c = run_case(
                         cfg,
                         Fault {
                             step,
                             dir,
                             action,
-                            seed,
+                            seed: seeds.random(),
                         },
                     );
                     progress(&c);

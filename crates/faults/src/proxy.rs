@@ -6,6 +6,8 @@
 //! reorder the frame, or inject garbage before it.
 
 use migration::frame::{Kind, HEADER_LEN, MAGIC, MAX_PAYLOAD};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use rustix::process::{kill_process, Pid, Signal};
 use serde::Serialize;
 use std::io::{ErrorKind, Read, Write};
@@ -386,14 +388,6 @@ fn record(sh: &Shared, f: &[u8], altered: bool) {
     };
 }
 
-/// A pseudo-random number from the seed (xorshift); the crate's one generator.
-pub(crate) fn rnd(seed: &mut u64) -> u64 {
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    *seed
-}
-
 fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, control: bool, sh: &Shared) {
     let mut held: Option<Vec<u8>> = None;
     loop {
@@ -444,7 +438,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, control: bool, sh: &Sh
             }
             continue;
         }
-        let mut seed = sh.fault.seed | 1;
+        let mut rng = SmallRng::seed_from_u64(sh.fault.seed);
         match sh.fault.action {
             Action::Cut => {
                 record(sh, &f, true);
@@ -473,7 +467,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, control: bool, sh: &Sh
             }
             Action::Flip => {
                 let mut g = f.clone();
-                let bit = rnd(&mut seed) % (g.len() as u64 * 8);
+                let bit = rng.random_range(0..g.len() as u64 * 8);
                 g[(bit / 8) as usize] ^= 1 << (bit % 8);
                 record(sh, &f, true);
                 if to.write_all(&g).is_err() {
@@ -481,7 +475,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, control: bool, sh: &Sh
                 }
             }
             Action::Truncate => {
-                let n = 1 + (rnd(&mut seed) % (f.len() as u64 - 1)) as usize;
+                let n = rng.random_range(1..f.len());
                 record(sh, &f, true);
                 let _ = to.write_all(&f[..n]);
                 let _ = to.shutdown(Shutdown::Both);
@@ -500,8 +494,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, control: bool, sh: &Sh
                 held = Some(f);
             }
             Action::Garbage => {
-                let n = 16 + (rnd(&mut seed) % 48) as usize;
-                let g: Vec<u8> = (0..n).map(|_| rnd(&mut seed) as u8).collect();
+                let n = rng.random_range(16..64);
+                let g: Vec<u8> = (0..n).map(|_| rng.random()).collect();
                 record(sh, &f, true);
                 if to.write_all(&g).is_err() || to.write_all(&f).is_err() {
                     return;

@@ -2,6 +2,8 @@
 //! valid while DMA runs.
 
 use iommu::{AnonMemory, DirtyBitmap, Domain, DomainConfig, FormatKind, HostMemory, Perm, SplitPolicy};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -117,14 +119,11 @@ fn split_and_collapse_keep_translations_valid_under_dma() {
             let dma = dom.attach(t as u32);
             let (stop, errors, mem) = (stop.clone(), errors.clone(), mem.clone());
             threads.push(std::thread::spawn(move || {
-                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ t;
+                let mut rng = SmallRng::seed_from_u64(t);
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
                     // Each thread owns every other 8-byte slot, so it can check its own data.
-                    let off = ((x % (64 * MIB / 16)) * 16) + t * 8;
+                    let off = rng.random_range(0..64 * MIB / 16) * 16 + t * 8;
                     n += 1;
                     if dma.write(off, &n.to_le_bytes()).is_err() {
                         errors.fetch_add(1, Ordering::Relaxed);

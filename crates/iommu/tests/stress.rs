@@ -5,6 +5,8 @@
 //! zero), and the destination must equal the source byte for byte.
 
 use iommu::{AnonMemory, DirtyBitmap, Domain, DomainConfig, FormatKind, IotlbGather, Perm};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -36,14 +38,11 @@ fn run(fmt: FormatKind, huge: bool) {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut written = vec![false; PAGES as usize];
-                let mut x = 0x2545_f491_4f6c_dd1du64.wrapping_mul(t + 1);
+                let mut rng = SmallRng::seed_from_u64(t);
                 let mut n = 0u64;
                 while n < MIN_WRITES_PER_THREAD || !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let page = x % PAGES;
+                    let page = rng.random_range(0..PAGES);
                     let stamp = (t << 56) | n;
                     dma.write(IOVA + page * 4096 + t * 16, &stamp.to_le_bytes()).unwrap();
                     written[page as usize] = true;

@@ -12,6 +12,8 @@ use migration::frame::{FrameReader, FrameWriter, Kind};
 use migration::transport::psk::Dir;
 use migration::transport::{self, Conn};
 use migration::Security;
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,13 +71,7 @@ fn transfer(name: &str, dir: &std::path::Path, channels: u16, bytes: u64) -> Res
     let addr = l.local_addr()?.to_string();
     let frames = (bytes / FRAME as u64 / channels as u64).max(1);
     let mut data = vec![0u8; FRAME];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for w in data.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
-    }
+    SmallRng::seed_from_u64(0x9e37_79b9_7f4a_7c15).fill_bytes(&mut data);
     let data = Arc::new(data);
     let rx = std::thread::spawn(move || -> Result<u64> {
         let mut hs = Vec::new();

@@ -3,6 +3,8 @@
 
 use anyhow::{bail, Context, Result};
 use iommu::{AnonMemory, DirtyBitmap, Domain, DomainConfig, FormatKind, IotlbGather, Perm, SplitPolicy};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
@@ -47,13 +49,11 @@ pub fn run(memory_mib: u64, threads: u32, writes: u64) -> Result<()> {
                     let dma = dom.attach(t);
                     std::thread::spawn(move || -> Result<BTreeSet<u64>> {
                         let mut written = BTreeSet::new();
-                        let mut x = 0x853c_49e6_748f_ea9bu64 ^ ((t as u64 + 1) * 0x9e37_79b9);
+                        let mut rng = SmallRng::seed_from_u64(t as u64);
                         for n in 0..writes {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
                             // Skewed: most writes go to a hot 1/16 of memory.
-                            let page = if x & 3 != 0 { x % (pages / 16).max(1) } else { x % pages };
+                            let hot = rng.random_ratio(3, 4);
+                            let page = rng.random_range(0..if hot { (pages / 16).max(1) } else { pages });
                             dma.write(IOVA + page * 4096 + (n % 64) * 64, &n.to_le_bytes())?;
                             written.insert(page);
                         }

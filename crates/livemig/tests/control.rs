@@ -106,13 +106,9 @@ fn cancel_is_race_free_against_completion() {
     let s = sock("race");
     let _vm = run_vm(&s, &[]);
     let mut ctl = Ctl::connect(&s);
-    let mut seed = Instant::now().elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15 | 1;
     let (mut cancelled, mut completed) = (0, 0);
     for round in 0..8 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let delay = Duration::from_millis(seed % 900);
+        let delay = Duration::from_millis(rand::random_range(0..900));
         let (dest, addr) = receive();
         ctl.ret("migrate", json!({ "uri": addr }));
         std::thread::sleep(delay);

@@ -6,6 +6,8 @@ use migration::frame::{encode, encode_keyed, FrameReader, Kind};
 use migration::msg::*;
 use migration::pages::{MemoryMap, PageStats, RunDecoder, RunEncoder};
 use proptest::prelude::*;
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 fn accel() -> impl Strategy<Value = Option<AccelDesc>> {
@@ -148,13 +150,13 @@ proptest! {
         let src = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
         let dst = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
         dst.write_slice(&vec![0xa5; size as usize], GuestAddress(0)).unwrap(); // stale content
-        let mut x = seed | 1;
+        let mut rng = SmallRng::seed_from_u64(seed);
         for (i, k) in kinds.iter().enumerate() {
             let mut page = vec![0u8; 4096];
             match k {
                 0 => {}
                 1 => page[..64].copy_from_slice(&[7u8; 64]),
-                _ => page.iter_mut().for_each(|b| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; *b = x as u8 }),
+                _ => rng.fill_bytes(&mut page),
             }
             src.write_slice(&page, GuestAddress((first + i as u64) * 4096)).unwrap();
         }

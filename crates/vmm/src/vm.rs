@@ -394,17 +394,13 @@ impl Vm {
     /// programs never touch RAM past their working set, so that is where it belongs.
     pub fn fill_incompressible(&self, from: u64) -> Result<u64, VmError> {
         let end = self.mem_size();
-        let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ from;
+        use rand::{RngCore, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(from);
         let mut buf = vec![0u8; 1 << 20];
         let mut at = from;
         while at < end {
             let n = (end - at).min(buf.len() as u64) as usize;
-            for w in buf[..n].chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes());
-            }
+            rng.fill_bytes(&mut buf[..n]);
             self.memory()
                 .write_slice(&buf[..n], GuestAddress(at))
                 .map_err(|e| VmError::Config(format!("filling guest RAM at {at:#x}: {e}")))?;
