@@ -18,6 +18,7 @@
 #[cfg(debug_assertions)]
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// Memory that can sit behind IOMMU mappings.
 ///
@@ -246,7 +247,16 @@ const SLAB_PAGES: usize = SLAB / 4096;
 /// Pages are handed out zeroed, referenced from entries by address, and freed in two steps:
 /// [`TableArena::retire`] when unlinked, [`TableArena::reclaim`] after the next drain, which
 /// zeroes them and puts them on a free list. Slabs go back to the OS with the arena.
+///
+/// Allocation and retirement take `&self` (the bookkeeping sits behind its own lock) so that a
+/// walk can hold table pages borrowed from the arena while it allocates or retires others;
+/// only [`TableArena::reclaim`], which frees, needs `&mut self`, and therefore no borrowed
+/// table page can outlive it.
 pub struct TableArena {
+    books: Mutex<Books>,
+}
+
+struct Books {
     slabs: Vec<AnonMemory>,
     next: usize,
     free: Vec<u64>,
@@ -265,76 +275,84 @@ impl Default for TableArena {
 impl TableArena {
     pub fn new() -> Self {
         Self {
-            slabs: Vec::new(),
-            next: SLAB_PAGES,
-            free: Vec::new(),
-            retired: Vec::new(),
-            in_use: 0,
-            #[cfg(debug_assertions)]
-            live: HashSet::new(),
+            books: Mutex::new(Books {
+                slabs: Vec::new(),
+                next: SLAB_PAGES,
+                free: Vec::new(),
+                retired: Vec::new(),
+                in_use: 0,
+                #[cfg(debug_assertions)]
+                live: HashSet::new(),
+            }),
         }
     }
 
+    fn books(&self) -> std::sync::MutexGuard<'_, Books> {
+        // The books hold no invariant a panicking holder could break half-way.
+        self.books.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Allocates a zeroed table page and returns its address.
-    pub fn alloc(&mut self) -> u64 {
-        let pa = match self.free.pop() {
+    pub fn alloc(&self) -> u64 {
+        let mut b = self.books();
+        let pa = match b.free.pop() {
             Some(pa) => pa,
             None => {
-                if self.next == SLAB_PAGES {
+                if b.next == SLAB_PAGES {
                     let slab = AnonMemory::new(SLAB, false).expect("out of memory for IOMMU page tables");
                     // SAFETY: advice on a range this arena owns; it changes no contents.
                     unsafe {
                         libc::madvise(slab.host_ptr().cast(), SLAB, libc::MADV_HUGEPAGE);
                     }
-                    self.slabs.push(slab);
-                    self.next = 0;
+                    b.slabs.push(slab);
+                    b.next = 0;
                 }
-                let slab = self.slabs.last().expect("slab just ensured");
-                let pa = slab.host_ptr() as u64 + (self.next * 4096) as u64;
-                self.next += 1;
+                let slab = b.slabs.last().expect("slab just ensured");
+                let pa = slab.host_ptr() as u64 + (b.next * 4096) as u64;
+                b.next += 1;
                 pa
             }
         };
-        self.in_use += 1;
+        b.in_use += 1;
         #[cfg(debug_assertions)]
-        self.live.insert(pa);
+        b.live.insert(pa);
         pa
     }
 
     /// Number of table pages in use (live and retired).
     pub fn pages(&self) -> usize {
-        self.in_use
+        self.books().in_use
     }
 
     /// Resolves a table address taken from an entry.
     ///
     /// # Safety
-    /// `pa` must be a page this arena handed out (the root, or an address read from a present
-    /// entry of its tree), and the reference must only be used while the caller either holds
-    /// the page table's structural lock (so nothing is retired under it) or is inside an
-    /// in-flight DMA access (so nothing retired is freed before the access ends). The
-    /// lifetime is not tied to `&self` because walks allocate while they hold table pages.
+    /// `pa` must be a page this arena handed out and has not reclaimed (the root, or an
+    /// address read from a present entry of its tree while the caller holds the page table's
+    /// structural lock). Retired pages stay valid until [`Self::reclaim`], which needs
+    /// `&mut self` and so cannot run while the returned reference lives.
     #[inline(always)]
-    pub unsafe fn table<'a>(&self, pa: u64) -> &'a TablePage {
+    pub unsafe fn table(&self, pa: u64) -> &TablePage {
         #[cfg(debug_assertions)]
-        assert!(self.live.contains(&pa), "entry points at unknown table {pa:#x}");
-        // SAFETY: this function's own contract.
+        assert!(self.books().live.contains(&pa), "entry points at unknown table {pa:#x}");
+        // SAFETY: this function's own contract, and the borrow of `self` keeps `reclaim` away.
         unsafe { table_at(pa) }
     }
 
     /// Marks a page unlinked from the tree; it is freed by the next [`Self::reclaim`].
-    pub fn retire(&mut self, pa: u64) {
-        self.retired.push(pa);
+    pub fn retire(&self, pa: u64) {
+        self.books().retired.push(pa);
     }
 
     /// Whether pages wait for a drain before they can be freed.
     pub fn has_retired(&self) -> bool {
-        !self.retired.is_empty()
+        !self.books().retired.is_empty()
     }
 
     /// Recycles retired pages. Call only after an IOTLB invalidation has drained in-flight DMA.
     pub fn reclaim(&mut self) {
-        for pa in std::mem::take(&mut self.retired) {
+        let b = self.books.get_mut().unwrap_or_else(|e| e.into_inner());
+        for pa in std::mem::take(&mut b.retired) {
             // SAFETY: a retired page is one this arena handed out, and it is still allocated
             // (it goes to the free list below, never back to the OS while the arena lives).
             let t = unsafe { table_at(pa) };
@@ -342,9 +360,9 @@ impl TableArena {
                 t.entry(i).store(0, Ordering::Relaxed);
             }
             #[cfg(debug_assertions)]
-            self.live.remove(&pa);
-            self.in_use -= 1;
-            self.free.push(pa);
+            b.live.remove(&pa);
+            b.in_use -= 1;
+            b.free.push(pa);
         }
     }
 }

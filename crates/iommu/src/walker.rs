@@ -1,11 +1,17 @@
 //! The one page-table walker, written once over [`Format`].
 //!
+//! Everything rests on one cursor, [`Level`]: the entries of one table that a range covers,
+//! yielded as [`Slot`]s (index, IOVA base, span, value), replicated ("contiguous") leaves
+//! skipped as one, and a `descend` into the table an entry points to. It is Linux
+//! `generic_pt`'s `pt_state` with `for_each_pt_level_entry`, `pt_next_entry` and `pt_descend`.
+//! Each operation below is its algorithm written on that cursor, recursing once per level, so
+//! every table is visited once per call.
+//!
 //! Structural operations (map, unmap, harvest, split, collapse) run under the domain's
-//! structural lock and descend the tree recursively, so each table is visited once per call:
-//! the recursion *is* the per-level cursor of Linux's `generic_pt`. DMA translations walk
-//! lock-free from the root (see `domain.rs`); every entry they may race with is updated with a
-//! single atomic store or compare-exchange, so a concurrent walk always sees either the old or
-//! the new translation, both valid for the IOVA.
+//! structural lock: they borrow [`Tables`], which only the lock hands out. DMA translations
+//! walk lock-free from the root (see `domain.rs`); every entry they may race with is updated
+//! with a single atomic store or compare-exchange, so a concurrent walk always sees either the
+//! old or the new translation, both valid for the IOVA.
 //!
 //! Choices documented here because they are visible to users:
 //! * `map` picks, at every position, the largest leaf the format encodes that the IOVA and the
@@ -22,7 +28,8 @@
 
 use crate::format::{level_shift, Format, Perm, Pte, LEVELS, PAGE_SHIFT, PAGE_SIZE};
 use crate::mem::{TableArena, TablePage, ENTRIES};
-use std::sync::atomic::Ordering;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Flag for [`read_and_clear_dirty`]: report without resetting (Linux `IOMMU_DIRTY_NO_CLEAR`).
 pub const DIRTY_NO_CLEAR: u32 = 1 << 0;
@@ -111,7 +118,7 @@ pub(crate) struct Tables {
 
 impl Tables {
     pub fn new() -> Self {
-        let mut arena = TableArena::new();
+        let arena = TableArena::new();
         let root = arena.alloc();
         Self { arena, root }
     }
@@ -141,10 +148,205 @@ fn index(iova: u64, level: usize) -> usize {
     ((iova >> level_shift(level)) & (ENTRIES as u64 - 1)) as usize
 }
 
-/// Number of entries a leaf of `size_lg2` occupies in a table at `level`.
+/// Number of entries a leaf of `size_lg2` occupies in a table at `level` (Linux's
+/// `pt_entry_num_contig_lg2`, as a count).
 #[inline(always)]
-fn replicas(size_lg2: u32, level: usize) -> usize {
+fn num_contig(size_lg2: u32, level: usize) -> usize {
     1usize << (size_lg2 - level_shift(level))
+}
+
+/// One item of a [`Level`]: an entry, or all the replicas of a contiguous leaf.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    /// Index of the (first) entry.
+    idx: usize,
+    /// Entries it occupies: the replicas of a contiguous leaf, else 1.
+    n: usize,
+    /// IOVA of what it translates (a leaf's own base, which may lie before the range).
+    iova: u64,
+    /// Bytes it translates.
+    len: u64,
+    /// The (first) entry's value, as read.
+    pte: u64,
+    kind: Pte,
+}
+
+impl Slot {
+    fn end(&self) -> u64 {
+        self.iova + self.len
+    }
+}
+
+/// The entries of one table that a range covers.
+///
+/// It borrows the [`Tables`] it walks, which only the structural lock hands out; table pages
+/// stay valid for that borrow because freeing them ([`TableArena::reclaim`]) needs `&mut`.
+/// A `Level` can only be made from the root or by descending through an entry it read, so
+/// every table address it dereferences is one the arena handed out.
+struct Level<'t, F> {
+    arena: &'t TableArena,
+    table: &'t TablePage,
+    /// The table's own address.
+    pa: u64,
+    level: usize,
+    /// IOVA translated by entry 0.
+    base: u64,
+    /// The range, clipped to what the table spans.
+    lo: u64,
+    hi: u64,
+    /// The first index the range covers, the next index to yield, and one past the last.
+    first: usize,
+    idx: usize,
+    end: usize,
+    _format: PhantomData<fn() -> F>,
+}
+
+impl<F> Clone for Level<'_, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F> Copy for Level<'_, F> {}
+
+impl<'t, F: Format> Level<'t, F> {
+    /// The root table's entries covering `[lo, hi)`.
+    fn root(t: &'t Tables, lo: u64, hi: u64) -> Self {
+        // SAFETY: the root is the arena's own page, freed only with the arena.
+        let table = unsafe { t.arena.table(t.root) };
+        Self::over(&t.arena, table, t.root, LEVELS - 1, 0, lo, hi)
+    }
+
+    fn over(arena: &'t TableArena, table: &'t TablePage, pa: u64, level: usize, base: u64, lo: u64, hi: u64) -> Self {
+        let lo = lo.max(base);
+        let hi = hi.min(base + table_span(level));
+        let (idx, end) = if lo < hi {
+            (index(lo, level), index(hi - 1, level) + 1)
+        } else {
+            (0, 0)
+        };
+        Self {
+            arena,
+            table,
+            pa,
+            level,
+            base,
+            lo,
+            hi,
+            first: idx,
+            idx,
+            end,
+            _format: PhantomData,
+        }
+    }
+
+    /// The same table over a narrower range, from its first entry.
+    fn narrow(&self, lo: u64, hi: u64) -> Self {
+        Self::over(self.arena, self.table, self.pa, self.level, self.base, lo, hi)
+    }
+
+    /// The table below a table entry this cursor yielded, over the part of the range it spans
+    /// (Linux's `pt_descend`).
+    fn descend(&self, s: &Slot) -> Self {
+        let Pte::Table { pa } = s.kind else {
+            unreachable!("descend through a {:?} entry", s.kind)
+        };
+        // SAFETY: `pa` was read from a present table entry of this tree while the caller
+        // borrows `Tables` (see the type's documentation), so the page is the arena's and is
+        // not reclaimed while `'t` lasts.
+        let table = unsafe { self.arena.table(pa) };
+        Self::over(self.arena, table, pa, self.level - 1, s.iova, self.lo, self.hi)
+    }
+
+    /// The slot whose entries include `idx`, read now.
+    #[inline(always)]
+    fn slot(&self, idx: usize) -> Slot {
+        let pte = self.table.load(idx);
+        let kind = F::decode(pte, self.level);
+        let (first, n, len) = match kind {
+            Pte::Leaf { size_lg2, .. } => {
+                let n = num_contig(size_lg2, self.level);
+                (idx & !(n - 1), n, 1u64 << size_lg2)
+            }
+            _ => (idx, 1, span(self.level)),
+        };
+        Slot {
+            idx: first,
+            n,
+            iova: self.base + ((first as u64) << level_shift(self.level)),
+            len,
+            pte,
+            kind,
+        }
+    }
+
+    #[inline(always)]
+    fn entry(&self, idx: usize) -> &'t AtomicU64 {
+        self.table.entry(idx)
+    }
+
+    /// The entries of a slot (its replicas).
+    fn entries(&self, s: &Slot) -> impl Iterator<Item = &'t AtomicU64> + 't {
+        let table = self.table;
+        (s.idx..s.idx + s.n).map(move |i| table.entry(i))
+    }
+
+    /// Whether the range covers all of what the slot translates.
+    fn covers(&self, s: &Slot) -> bool {
+        self.lo <= s.iova && s.end() <= self.hi
+    }
+
+    /// Makes the next item the slot again, after the caller rewrote it. A contiguous leaf may
+    /// begin before the range; its pieces there are not the walk's to see.
+    fn revisit(&mut self, s: &Slot) {
+        self.idx = s.idx.max(self.first);
+    }
+
+    fn skip_to(&mut self, idx: usize) {
+        self.idx = idx;
+    }
+
+    /// A fresh, zeroed table page.
+    fn new_table(&self) -> (u64, &'t TablePage) {
+        let pa = self.arena.alloc();
+        // SAFETY: the arena just handed this page out, and the borrow of `Tables` keeps it.
+        (pa, unsafe { self.arena.table(pa) })
+    }
+
+    /// Whether every entry of the whole table is empty.
+    fn table_is_empty(&self) -> bool {
+        (0..ENTRIES).all(|i| self.table.load(i) == 0)
+    }
+
+    /// At the leaf level, skips runs of eight entries none of which is dirty: most leaves of a
+    /// harvest are clean, and a block test reads them without decoding each.
+    #[inline(always)]
+    fn skip_clean_leaves(&mut self) {
+        while self.idx & 7 == 0 && self.idx + 8 <= self.end {
+            let mut any = false;
+            for j in self.idx..self.idx + 8 {
+                any |= F::is_dirty(self.table.load(j));
+            }
+            if any {
+                return;
+            }
+            self.idx += 8;
+        }
+    }
+}
+
+impl<F: Format> Iterator for Level<'_, F> {
+    type Item = Slot;
+
+    /// The next entry in range (Linux's `pt_next_entry`: a contiguous leaf comes once).
+    #[inline(always)]
+    fn next(&mut self) -> Option<Slot> {
+        if self.idx >= self.end {
+            return None;
+        }
+        let s = self.slot(self.idx);
+        self.idx = s.idx + s.n;
+        Some(s)
+    }
 }
 
 /// Builds a leaf with the given dirty state and accessed bits.
@@ -156,219 +358,125 @@ fn leaf_with<F: Format>(dirty: bool, accessed: u64, pa: u64, level: usize, lg2: 
 
 /// Whether any leaf is present in `[start, end)`.
 pub(crate) fn any_present<F: Format>(t: &Tables, start: u64, end: u64) -> bool {
-    fn rec<F: Format>(a: &TableArena, tp: u64, level: usize, base: u64, start: u64, end: u64) -> bool {
-        // SAFETY: the address is the root or was read from a present entry of this arena's
-        // tree, and the caller holds the structural lock, so the page is not retired while
-        // the reference is used (`mem.rs`).
-        let table = unsafe { a.table(tp) };
-        let mut idx = index(start.max(base), level);
-        let last = index((end - 1).min(base + table_span(level) - 1), level);
-        while idx <= last {
-            let ebase = base + ((idx as u64) << level_shift(level));
-            match F::decode(table.load(idx), level) {
-                Pte::Empty => {}
-                Pte::Leaf { .. } => return true,
-                Pte::Table { pa } => {
-                    let s = start.max(ebase);
-                    let e = end.min(ebase + span(level));
-                    if rec::<F>(a, pa, level - 1, ebase, s, e) {
-                        return true;
-                    }
-                }
-            }
-            idx += 1;
-        }
-        false
+    fn any<F: Format>(it: Level<'_, F>) -> bool {
+        it.into_iter().any(|s| match s.kind {
+            Pte::Empty => false,
+            Pte::Leaf { .. } => true,
+            Pte::Table { .. } => any(it.descend(&s)),
+        })
     }
-    start < end && rec::<F>(&t.arena, t.root, LEVELS - 1, 0, start, end)
+    any(Level::<F>::root(t, start, end))
 }
 
 /// Maps `[iova, iova + len)` to `[pa, pa + len)`. The caller checked alignment and that the
 /// range is free ([`any_present`]).
 pub(crate) fn map<F: Format>(t: &mut Tables, iova: u64, pa: u64, len: u64, perm: Perm, o: LeafOpts) {
-    #[allow(clippy::too_many_arguments)]
-    fn rec<F: Format>(
-        a: &mut TableArena,
-        tp: u64,
-        level: usize,
-        base: u64,
-        mut iova: u64,
-        mut pa: u64,
-        end: u64,
-        perm: Perm,
-        o: LeafOpts,
-    ) {
-        // SAFETY: the address is the root or was read from a present entry of this arena's
-        // tree, and the caller holds the structural lock, so the page is not retired while
-        // the reference is used (`mem.rs`).
-        let table = unsafe { a.table(tp) };
-        let shift = level_shift(level);
-        while iova < end {
-            let idx = index(iova, level);
-            if let Some(lg2) = fit::<F>(table, level, idx, iova, pa, end, o) {
-                let pte = F::leaf(pa, level, lg2, perm, o.tracking_domain);
-                for j in 0..replicas(lg2, level) {
-                    table.entry(idx + j).store(pte, Ordering::Release);
+    /// `delta` turns an IOVA into its output address.
+    fn map_in<F: Format>(mut it: Level<'_, F>, delta: u64, perm: Perm, o: LeafOpts) {
+        while let Some(s) = it.next() {
+            let iova = s.iova.max(it.lo);
+            let pa = iova.wrapping_add(delta);
+            if let Some(lg2) = fit(&it, s.idx, iova, pa, o) {
+                let pte = F::leaf(pa, it.level, lg2, perm, o.tracking_domain);
+                let n = num_contig(lg2, it.level);
+                for j in s.idx..s.idx + n {
+                    it.entry(j).store(pte, Ordering::Release);
                 }
-                iova += 1 << lg2;
-                pa += 1 << lg2;
+                it.skip_to(s.idx + n);
                 continue;
             }
-            let ebase = base + ((idx as u64) << shift);
-            let child = match F::decode(table.load(idx), level) {
-                Pte::Table { pa } => pa,
+            let s = match s.kind {
+                Pte::Table { .. } => s,
                 Pte::Empty => {
-                    let c = a.alloc();
-                    table.entry(idx).store(F::table(c, level), Ordering::Release);
-                    c
+                    let (child, _) = it.new_table();
+                    it.entry(s.idx).store(F::table(child, it.level), Ordering::Release);
+                    it.slot(s.idx)
                 }
                 Pte::Leaf { .. } => unreachable!("map over a present leaf at {iova:#x}"),
             };
-            let cend = end.min(ebase + span(level));
-            rec::<F>(a, child, level - 1, ebase, iova, pa, cend, perm, o);
-            pa += cend - iova;
-            iova = cend;
+            map_in(it.descend(&s), delta, perm, o);
         }
     }
-    rec::<F>(&mut t.arena, t.root, LEVELS - 1, 0, iova, pa, iova + len, perm, o);
+    map_in(Level::<F>::root(t, iova, iova + len), pa.wrapping_sub(iova), perm, o);
 }
 
-/// The largest leaf size that fits at this position, with every replica slot empty.
+/// The largest leaf size (Linux: `possible_sizes`) that fits at entry `idx` for `iova`, with
+/// every replica slot empty.
 #[inline]
-fn fit<F: Format>(
-    table: &TablePage,
-    level: usize,
-    idx: usize,
-    iova: u64,
-    pa: u64,
-    end: u64,
-    o: LeafOpts,
-) -> Option<u32> {
-    for &lg2 in F::leaf_sizes(level) {
+fn fit<F: Format>(it: &Level<'_, F>, idx: usize, iova: u64, pa: u64, o: LeafOpts) -> Option<u32> {
+    F::leaf_sizes(it.level).iter().copied().find(|&lg2| {
         let sz = 1u64 << lg2;
-        if (lg2 > PAGE_SHIFT && !o.huge) || iova & (sz - 1) != 0 || pa & (sz - 1) != 0 || end - iova < sz {
-            continue;
-        }
-        let n = replicas(lg2, level);
-        if (0..n).all(|j| table.load(idx + j) == 0) {
-            return Some(lg2);
-        }
-    }
-    None
+        (lg2 == PAGE_SHIFT || o.huge)
+            && iova & (sz - 1) == 0
+            && pa & (sz - 1) == 0
+            && it.hi - iova >= sz
+            && (idx..idx + num_contig(lg2, it.level)).all(|j| it.table.load(j) == 0)
+    })
 }
 
 /// Unmaps what is mapped in `[start, end)`; returns the bytes unmapped. Partially covered huge
 /// leaves are split first. Emptied tables are retired; the caller invalidates, drains and
 /// reclaims.
 pub(crate) fn unmap<F: Format>(t: &mut Tables, start: u64, end: u64, o: LeafOpts) -> u64 {
-    fn rec<F: Format>(a: &mut TableArena, tp: u64, level: usize, base: u64, start: u64, end: u64, o: LeafOpts) -> u64 {
-        // SAFETY: the address is the root or was read from a present entry of this arena's
-        // tree, and the caller holds the structural lock, so the page is not retired while
-        // the reference is used (`mem.rs`).
-        let table = unsafe { a.table(tp) };
-        let shift = level_shift(level);
+    fn unmap_in<F: Format>(mut it: Level<'_, F>, o: LeafOpts) -> u64 {
         let mut done = 0;
-        let mut idx = index(start.max(base), level);
-        let last = index((end - 1).min(base + table_span(level) - 1), level);
-        while idx <= last {
-            let pte = table.load(idx);
-            let ebase = base + ((idx as u64) << shift);
-            match F::decode(pte, level) {
-                Pte::Empty => idx += 1,
+        while let Some(s) = it.next() {
+            match s.kind {
+                Pte::Empty => {}
                 Pte::Table { pa } => {
-                    done += rec::<F>(
-                        a,
-                        pa,
-                        level - 1,
-                        ebase,
-                        start.max(ebase),
-                        end.min(ebase + span(level)),
-                        o,
-                    );
-                    // SAFETY: the address is the root or was read from a present entry of this arena's
-                    // tree, and the caller holds the structural lock, so the page is not retired while
-                    // the reference is used (`mem.rs`).
-                    if table_is_empty(unsafe { a.table(pa) }) {
-                        table.entry(idx).store(0, Ordering::Release);
-                        a.retire(pa);
+                    let child = it.descend(&s);
+                    done += unmap_in(child, o);
+                    if child.table_is_empty() {
+                        it.entry(s.idx).store(0, Ordering::Release);
+                        it.arena.retire(pa);
                     }
-                    idx += 1;
                 }
-                Pte::Leaf { size_lg2, .. } => {
-                    let n = replicas(size_lg2, level);
-                    let first = idx & !(n - 1);
-                    let lbase = base + ((first as u64) << shift);
-                    let lend = lbase + (1u64 << size_lg2);
-                    if start <= lbase && lend <= end {
-                        for j in first..first + n {
-                            table.entry(j).store(0, Ordering::Release);
-                        }
-                        done += 1u64 << size_lg2;
-                        idx = first + n;
-                    } else {
-                        split_leaf::<F>(a, table, level, first, o);
-                    }
+                Pte::Leaf { .. } if it.covers(&s) => {
+                    it.entries(&s).for_each(|e| e.store(0, Ordering::Release));
+                    done += s.len;
+                }
+                Pte::Leaf { .. } => {
+                    split_leaf(&it, &s, o);
+                    it.revisit(&s);
                 }
             }
         }
         done
     }
-    if start >= end {
-        return 0;
-    }
-    rec::<F>(&mut t.arena, t.root, LEVELS - 1, 0, start, end, o)
+    unmap_in(Level::<F>::root(t, start, end), o)
 }
 
-fn table_is_empty(table: &TablePage) -> bool {
-    (0..ENTRIES).all(|i| table.load(i) == 0)
-}
-
-/// Splits the leaf whose first entry is `first` one step, keeping every translation valid: a
-/// replicated leaf becomes default leaves of its level, a default leaf becomes a table of 512
-/// default leaves one level down. Each entry changes with one compare-exchange (an atomic
-/// replace, not break-before-make), retried if hardware set A or D meanwhile; the new pieces
-/// inherit the leaf's dirty and accessed state, so no dirt is lost. The caller invalidates the
-/// IOTLB afterwards.
-pub(crate) fn split_leaf<F: Format>(a: &mut TableArena, table: &TablePage, level: usize, first: usize, o: LeafOpts) {
-    let shift = level_shift(level);
-    let Pte::Leaf { pa, size_lg2, perm } = F::decode(table.load(first), level) else {
+/// Splits a leaf one step, keeping every translation valid: a replicated leaf becomes default
+/// leaves of its level, a default leaf becomes a table of 512 default leaves one level down.
+/// Each entry changes with one compare-exchange (an atomic replace, not break-before-make),
+/// retried if hardware set A or D meanwhile; the new pieces inherit the leaf's dirty and
+/// accessed state, so no dirt is lost. The caller invalidates the IOTLB afterwards.
+fn split_leaf<F: Format>(it: &Level<'_, F>, s: &Slot, o: LeafOpts) {
+    let Pte::Leaf { pa, perm, .. } = s.kind else {
         return;
     };
-    let n = replicas(size_lg2, level);
-    if n > 1 {
+    let level = it.level;
+    let shift = level_shift(level);
+    if s.n > 1 {
         // Any replica may carry the leaf's dirt: OR them into every piece.
-        let mut dirty = false;
-        let mut accessed = 0;
-        for j in first..first + n {
-            let v = table.load(j);
-            dirty |= F::is_dirty(v);
-            accessed |= F::leaf_accessed_bits(v);
-        }
-        for j in 0..n {
-            let e = table.entry(first + j);
-            let mut old = e.load(Ordering::Acquire);
-            loop {
+        let (dirty, accessed) = it.entries(s).fold((false, 0), |(d, a), e| {
+            let v = e.load(Ordering::Relaxed);
+            (d | F::is_dirty(v), a | F::leaf_accessed_bits(v))
+        });
+        for (j, e) in it.entries(s).enumerate() {
+            let piece = |old| {
                 let d = dirty || F::is_dirty(old);
                 let a = accessed | F::leaf_accessed_bits(old);
-                let new = leaf_with::<F>(d, a, pa + ((j as u64) << shift), level, shift, perm, o);
-                match e.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => break,
-                    Err(cur) => old = cur,
-                }
-            }
+                leaf_with::<F>(d, a, pa + ((j as u64) << shift), level, shift, perm, o)
+            };
+            replace(e, piece);
         }
         return;
     }
     debug_assert!(level > 0, "4 KiB leaves cannot be split");
-    let child = a.alloc();
-    // SAFETY: the address is the root or was read from a present entry of this arena's
-    // tree, and the caller holds the structural lock, so the page is not retired while
-    // the reference is used (`mem.rs`).
-    let ct = unsafe { a.table(child) };
+    let (child, ct) = it.new_table();
     let cshift = level_shift(level - 1);
-    let e = table.entry(first);
-    let mut old = e.load(Ordering::Acquire);
-    loop {
+    replace(it.entry(s.idx), |old| {
         for k in 0..ENTRIES {
             let v = leaf_with::<F>(
                 F::is_dirty(old),
@@ -381,61 +489,44 @@ pub(crate) fn split_leaf<F: Format>(a: &mut TableArena, table: &TablePage, level
             );
             ct.entry(k).store(v, Ordering::Relaxed);
         }
-        let mut pde = F::table(child, level);
+        let pde = F::table(child, level);
+        // Keep "A clear means nothing dirty below" true for the harvest's skip.
         if F::is_dirty(old) {
-            // Keep "A clear means nothing dirty below" true for the harvest's skip.
-            pde = F::table_set_accessed(pde);
+            F::table_set_accessed(pde)
+        } else {
+            pde
         }
-        match e.compare_exchange(old, pde, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => break,
-            Err(cur) => old = cur,
-        }
+    });
+}
+
+/// Replaces an entry with `new(old)` by compare-exchange, recomputing when hardware changed
+/// the entry (set A or D) in between.
+fn replace(e: &AtomicU64, mut new: impl FnMut(u64) -> u64) {
+    let mut old = e.load(Ordering::Acquire);
+    while let Err(cur) = e.compare_exchange(old, new(old), Ordering::AcqRel, Ordering::Acquire) {
+        old = cur;
     }
 }
 
 /// Splits every leaf larger than 4 KiB in `[start, end)` down to 4 KiB. Returns the number of
 /// leaves split.
 pub(crate) fn split_all<F: Format>(t: &mut Tables, start: u64, end: u64, o: LeafOpts) -> u64 {
-    fn rec<F: Format>(a: &mut TableArena, tp: u64, level: usize, base: u64, start: u64, end: u64, o: LeafOpts) -> u64 {
-        // SAFETY: the address is the root or was read from a present entry of this arena's
-        // tree, and the caller holds the structural lock, so the page is not retired while
-        // the reference is used (`mem.rs`).
-        let table = unsafe { a.table(tp) };
-        let shift = level_shift(level);
+    fn split_in<F: Format>(mut it: Level<'_, F>, o: LeafOpts) -> u64 {
         let mut n_split = 0;
-        let mut idx = index(start.max(base), level);
-        let last = index((end - 1).min(base + table_span(level) - 1), level);
-        while idx <= last {
-            let ebase = base + ((idx as u64) << shift);
-            match F::decode(table.load(idx), level) {
-                Pte::Empty => idx += 1,
-                Pte::Table { pa } => {
-                    n_split += rec::<F>(
-                        a,
-                        pa,
-                        level - 1,
-                        ebase,
-                        start.max(ebase),
-                        end.min(ebase + span(level)),
-                        o,
-                    );
-                    idx += 1;
-                }
+        while let Some(s) = it.next() {
+            match s.kind {
+                Pte::Table { .. } => n_split += split_in(it.descend(&s), o),
                 Pte::Leaf { size_lg2, .. } if size_lg2 > PAGE_SHIFT => {
-                    let first = idx & !(replicas(size_lg2, level) - 1);
-                    split_leaf::<F>(a, table, level, first, o);
+                    split_leaf(&it, &s, o);
                     n_split += 1;
-                    idx = first; // look again at what the split produced
+                    it.revisit(&s); // look again at what the split produced
                 }
-                Pte::Leaf { .. } => idx += 1,
+                _ => {}
             }
         }
         n_split
     }
-    if start >= end {
-        return 0;
-    }
-    rec::<F>(&mut t.arena, t.root, LEVELS - 1, 0, start, end, o)
+    split_in(Level::<F>::root(t, start, end), o)
 }
 
 /// A collapse done by [`collapse_level`]: the old table stays allocated until the caller has
@@ -450,89 +541,88 @@ pub(crate) struct Collapsed {
 /// aligned output addresses and equal permissions by one leaf at `level` (an atomic replace of
 /// the table entry). The new leaf is dirty if any piece was.
 pub(crate) fn collapse_level<F: Format>(t: &mut Tables, level: usize, o: LeafOpts) -> Vec<Collapsed> {
-    fn rec<F: Format>(a: &TableArena, tp: u64, tl: usize, target: usize, o: LeafOpts, out: &mut Vec<Collapsed>) {
-        // SAFETY: the address is the root or was read from a present entry of this arena's
-        // tree, and the caller holds the structural lock, so the page is not retired while
-        // the reference is used (`mem.rs`).
-        let table = unsafe { a.table(tp) };
-        for idx in 0..ENTRIES {
-            let pte = table.load(idx);
-            let Pte::Table { pa: child } = F::decode(pte, tl) else {
+    fn collapse_in<F: Format>(mut it: Level<'_, F>, target: usize, o: LeafOpts, out: &mut Vec<Collapsed>) {
+        while let Some(s) = it.next() {
+            if !matches!(s.kind, Pte::Table { .. }) {
+                continue;
+            }
+            let child = it.descend(&s);
+            if it.level > target {
+                collapse_in(child, target, o, out);
+                continue;
+            }
+            let Some(leaf) = collapsed_leaf(&child, o) else {
                 continue;
             };
-            if tl > target {
-                rec::<F>(a, child, tl - 1, target, o, out);
-                continue;
-            }
-            // SAFETY: the address is the root or was read from a present entry of this arena's
-            // tree, and the caller holds the structural lock, so the page is not retired while
-            // the reference is used (`mem.rs`).
-            let ct = unsafe { a.table(child) };
-            let cl = tl - 1;
-            let cshift = level_shift(cl);
-            let Pte::Leaf {
-                pa: pa0,
-                size_lg2,
-                perm,
-            } = F::decode(ct.load(0), cl)
-            else {
-                continue;
-            };
-            if size_lg2 != cshift || pa0 & (span(tl) - 1) != 0 {
-                continue;
-            }
-            let mut dirty = false;
-            let mut accessed = 0;
-            let ok = (0..ENTRIES).all(|k| {
-                let v = ct.load(k);
-                dirty |= F::is_dirty(v);
-                accessed |= F::leaf_accessed_bits(v);
-                F::decode(v, cl)
-                    == Pte::Leaf {
-                        pa: pa0 + ((k as u64) << cshift),
-                        size_lg2: cshift,
-                        perm,
-                    }
-            });
-            if !ok {
-                continue;
-            }
-            let mut leaf = F::leaf(pa0, tl, level_shift(tl), perm, o.tracking_domain) | accessed;
-            leaf = if dirty { F::dirty(leaf) } else { F::clean(leaf) };
-            if table
-                .entry(idx)
-                .compare_exchange(pte, leaf, Ordering::AcqRel, Ordering::Acquire)
+            if it
+                .entry(s.idx)
+                .compare_exchange(s.pte, leaf, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
                 out.push(Collapsed {
-                    entry_table: tp,
-                    idx,
-                    old_table: child,
+                    entry_table: it.pa,
+                    idx: s.idx,
+                    old_table: child.pa,
                 });
             }
         }
     }
     let mut out = Vec::new();
-    if !F::leaf_sizes(level).contains(&level_shift(level)) || level == 0 || level >= LEVELS {
+    if level == 0 || level >= LEVELS || !F::leaf_sizes(level).contains(&level_shift(level)) {
         return out;
     }
-    rec::<F>(&t.arena, t.root, LEVELS - 1, level, o, &mut out);
+    collapse_in(
+        Level::<F>::root(t, 0, 1 << crate::format::IOVA_BITS),
+        level,
+        o,
+        &mut out,
+    );
     out
+}
+
+/// The leaf one level up that translates what a whole table of default leaves does, if they
+/// are contiguous, aligned and of one permission.
+fn collapsed_leaf<F: Format>(child: &Level<'_, F>, o: LeafOpts) -> Option<u64> {
+    let cl = child.level;
+    let cshift = level_shift(cl);
+    let Pte::Leaf { pa: pa0, perm, .. } = child.slot(0).kind else {
+        return None;
+    };
+    if pa0 & (span(cl + 1) - 1) != 0 {
+        return None;
+    }
+    let mut dirty = false;
+    let mut accessed = 0;
+    let mut count = 0;
+    for (k, s) in child.enumerate() {
+        let piece = Pte::Leaf {
+            pa: pa0 + ((k as u64) << cshift),
+            size_lg2: cshift,
+            perm,
+        };
+        if s.kind != piece {
+            return None;
+        }
+        dirty |= F::is_dirty(s.pte);
+        accessed |= F::leaf_accessed_bits(s.pte);
+        count += 1;
+    }
+    if count != ENTRIES {
+        return None;
+    }
+    let leaf = F::leaf(pa0, cl + 1, level_shift(cl + 1), perm, o.tracking_domain) | accessed;
+    Some(if dirty { F::dirty(leaf) } else { F::clean(leaf) })
 }
 
 /// After the drain that follows [`collapse_level`]: carries dirt that DMA set in the old pieces
 /// during the swap into the new leaf, then retires the old tables.
 pub(crate) fn collapse_finish<F: Format>(t: &mut Tables, done: Vec<Collapsed>, level: usize) {
     for c in done {
-        // SAFETY: the address is the root or was read from a present entry of this arena's
-        // tree, and the caller holds the structural lock, so the page is not retired while
-        // the reference is used (`mem.rs`).
-        let old = unsafe { t.arena.table(c.old_table) };
+        // SAFETY: `collapse_level` read both addresses from this tree under the structural
+        // lock, which the caller still holds, and the old table is retired only below.
+        let (old, parent) = unsafe { (t.arena.table(c.old_table), t.arena.table(c.entry_table)) };
         if (0..ENTRIES).any(|k| F::is_dirty(old.load(k))) {
-            // SAFETY: the address is the root or was read from a present entry of this arena's
-            // tree, and the caller holds the structural lock, so the page is not retired while
-            // the reference is used (`mem.rs`).
-            let e = unsafe { t.arena.table(c.entry_table) }.entry(c.idx);
+            let e = parent.entry(c.idx);
             let mut v = e.load(Ordering::Acquire);
             while matches!(F::decode(v, level), Pte::Leaf { .. }) && !F::is_dirty(v) {
                 match e.compare_exchange(v, F::dirty(v), Ordering::AcqRel, Ordering::Acquire) {
@@ -545,51 +635,42 @@ pub(crate) fn collapse_finish<F: Format>(t: &mut Tables, done: Vec<Collapsed>, l
     }
 }
 
+/// Descends from the root towards `iova`, handing each entry a walk for it reads to `visit`
+/// (level, value), and returns where the path ends: the level and the last slot.
+fn walk_path<F: Format>(t: &Tables, iova: u64, mut visit: impl FnMut(usize, u64)) -> Option<(usize, Slot)> {
+    if iova >> crate::format::IOVA_BITS != 0 {
+        return None;
+    }
+    let mut it = Level::<F>::root(t, iova, iova + 1);
+    loop {
+        let s = it.next()?;
+        // The entry at the IOVA's own index: of a contiguous leaf's replicas, the one a
+        // hardware walk reads and updates.
+        visit(it.level, it.table.load(index(iova, it.level)));
+        match s.kind {
+            Pte::Table { .. } => it = it.descend(&s),
+            _ => return Some((it.level, s)),
+        }
+    }
+}
+
 /// Every entry a walk for `iova` reads, root first: (level, entry value).
 pub(crate) fn path_entries<F: Format>(t: &Tables, iova: u64) -> Vec<(usize, u64)> {
     let mut out = Vec::new();
-    if iova >> crate::format::IOVA_BITS != 0 {
-        return out;
-    }
-    let mut tp = t.root;
-    for level in (0..LEVELS).rev() {
-        // SAFETY: the address is the root or was read from a present entry of this arena's
-        // tree, and the caller holds the structural lock, so the page is not retired while
-        // the reference is used (`mem.rs`).
-        let pte = unsafe { t.arena.table(tp) }.load(index(iova, level));
-        out.push((level, pte));
-        match F::decode(pte, level) {
-            Pte::Table { pa } => tp = pa,
-            _ => break,
-        }
-    }
+    walk_path::<F>(t, iova, |level, pte| out.push((level, pte)));
     out
 }
 
 /// The leaf translating `iova`: (level, entry value), without hardware updates.
 pub(crate) fn leaf_entry<F: Format>(t: &Tables, iova: u64) -> Option<(usize, u64)> {
-    if iova >> crate::format::IOVA_BITS != 0 {
-        return None;
-    }
-    let mut tp = t.root;
-    for level in (0..LEVELS).rev() {
-        // SAFETY: the address is the root or was read from a present entry of this arena's
-        // tree, and the caller holds the structural lock, so the page is not retired while
-        // the reference is used (`mem.rs`).
-        let pte = unsafe { t.arena.table(tp) }.load(index(iova, level));
-        match F::decode(pte, level) {
-            Pte::Empty => return None,
-            Pte::Leaf { .. } => return Some((level, pte)),
-            Pte::Table { pa } => tp = pa,
-        }
-    }
-    None
+    let mut last = None;
+    let (_, s) = walk_path::<F>(t, iova, |level, pte| last = Some((level, pte)))?;
+    matches!(s.kind, Pte::Leaf { .. }).then_some(last?)
 }
 
 /// Translates `iova` to its output address.
 pub(crate) fn iova_to_phys<F: Format>(t: &Tables, iova: u64) -> Option<(u64, Perm)> {
-    let (level, pte) = leaf_entry::<F>(t, iova)?;
-    match F::decode(pte, level) {
+    match walk_path::<F>(t, iova, |_, _| {})?.1.kind {
         Pte::Leaf { pa, size_lg2, perm } => Some((pa + (iova & ((1u64 << size_lg2) - 1)), perm)),
         _ => None,
     }
@@ -619,35 +700,31 @@ pub(crate) fn read_and_clear_dirty<F: Format>(
     drain: &dyn Fn(),
     out: &mut DirtyBitmap<'_>,
 ) {
-    if start >= end {
-        return;
-    }
-    let mut w = Walk {
-        arena: &t.arena,
+    let mut h = Harvest {
         start,
         end,
         clear: flags & DIRTY_NO_CLEAR == 0,
         skip: skip_unaccessed && F::TABLE_ACCESSED,
         out,
     };
-    if w.skip && w.clear {
+    let root = Level::<F>::root(t, start, end);
+    if h.skip && h.clear {
         let mut work = Vec::new();
-        collect_accessed::<F>(&w, t.root, LEVELS - 1, 0, &mut work);
+        collect_accessed(&h, root, &mut work);
         drain();
         // No software prefetch: table pages are contiguous on huge pages and the hardware
         // stream prefetcher does better alone. Measured with `livemig bench harvest`:
         // prefetching the next table made the dense 1 % case ~1.7x slower, and priming sparse
         // jumps (1 TiB at 0.1 %) gave no consistent gain.
         for seg in work {
-            scan::<F>(&mut w, seg.tp, seg.level, seg.base, false, seg.lo, seg.hi);
+            h.scan(seg, false);
         }
     } else {
-        scan::<F>(&mut w, t.root, LEVELS - 1, 0, true, start, end);
+        h.scan(root, true);
     }
 }
 
-struct Walk<'a, 'b> {
-    arena: &'a TableArena,
+struct Harvest<'a, 'b> {
     start: u64,
     end: u64,
     clear: bool,
@@ -656,130 +733,73 @@ struct Walk<'a, 'b> {
 }
 
 /// Phase 1 of a clearing harvest: clears A in fully covered table entries and lists, in IOVA
-/// order, the segments of tables (at any level) to scan for leaves: runs of entries between
-/// the table entries it descends into, reached through entries whose A was set.
-fn collect_accessed<F: Format>(w: &Walk<'_, '_>, tp: u64, level: usize, base: u64, work: &mut Vec<Segment>) {
-    let s = w.start.max(base);
-    let e = w.end.min(base + table_span(level));
-    if level == 0 {
-        work.push(Segment {
-            tp,
-            level,
-            base,
-            lo: s,
-            hi: e,
-        });
+/// order, the parts of tables (at any level) to scan for leaves: runs of entries between the
+/// table entries it descends into, reached through entries whose A was set.
+fn collect_accessed<'t, F: Format>(h: &Harvest<'_, '_>, mut it: Level<'t, F>, work: &mut Vec<Level<'t, F>>) {
+    if it.level == 0 {
+        work.push(it);
         return;
     }
-    // SAFETY: the address is the root or was read from a present entry of this arena's
-    // tree, and the caller holds the structural lock, so the page is not retired while
-    // the reference is used (`mem.rs`).
-    let table = unsafe { w.arena.table(tp) };
-    let shift = level_shift(level);
-    let mut seg_lo = s;
-    let mut idx = index(s, level);
-    let last = index(e - 1, level);
-    while idx <= last {
-        let entry = table.entry(idx);
+    let (lo, hi) = (it.lo, it.hi);
+    let mut seg_lo = lo;
+    while let Some(s) = it.next() {
+        if !matches!(s.kind, Pte::Table { .. }) {
+            continue;
+        }
+        if s.iova > seg_lo {
+            work.push(it.narrow(seg_lo, s.iova));
+        }
+        seg_lo = s.end().min(hi);
+        let entry = it.entry(s.idx);
         let pte = entry.load(Ordering::SeqCst);
-        if let Pte::Table { pa } = F::decode(pte, level) {
-            let ebase = base + ((idx as u64) << shift);
-            if ebase > seg_lo {
-                work.push(Segment {
-                    tp,
-                    level,
-                    base,
-                    lo: seg_lo,
-                    hi: ebase,
-                });
+        if F::table_accessed(pte) {
+            if h.start <= s.iova && s.end() <= h.end {
+                entry.fetch_and(!(pte ^ F::table_clear_accessed(pte)), Ordering::SeqCst);
             }
-            seg_lo = (ebase + span(level)).min(e);
-            if F::table_accessed(pte) {
-                if w.start <= ebase && ebase + span(level) <= w.end {
-                    entry.fetch_and(!(pte ^ F::table_clear_accessed(pte)), Ordering::SeqCst);
-                }
-                collect_accessed::<F>(w, pa, level - 1, ebase, work);
-            }
+            collect_accessed(h, it.descend(&s), work);
         }
-        idx += 1;
     }
-    if e > seg_lo {
-        work.push(Segment {
-            tp,
-            level,
-            base,
-            lo: seg_lo,
-            hi: e,
-        });
+    if hi > seg_lo {
+        work.push(it.narrow(seg_lo, hi));
     }
 }
 
-/// Part of one table to scan in phase 3.
-struct Segment {
-    tp: u64,
-    level: usize,
-    base: u64,
-    lo: u64,
-    hi: u64,
-}
-
-/// Scans the leaves of one table in range; with `descend`, also the tables below it (skipping
-/// those whose A is clear when the walk skips).
-fn scan<F: Format>(w: &mut Walk<'_, '_>, tp: u64, level: usize, base: u64, descend: bool, lo: u64, hi: u64) {
-    // SAFETY: the address is the root or was read from a present entry of this arena's
-    // tree, and the caller holds the structural lock, so the page is not retired while
-    // the reference is used (`mem.rs`).
-    let table = unsafe { w.arena.table(tp) };
-    let shift = level_shift(level);
-    let s = lo.max(base);
-    let e = hi.min(base + table_span(level));
-    let mut idx = index(s, level);
-    let last = index(e - 1, level);
-    while idx <= last {
-        if level == 0 && idx & 7 == 0 && idx + 8 <= last + 1 {
-            // Fast path: most leaf entries are clean; test eight at a time.
-            let mut any = false;
-            for j in idx..idx + 8 {
-                any |= F::is_dirty(table.load(j));
+impl Harvest<'_, '_> {
+    /// Scans the leaves a cursor covers; with `descend`, also the tables below it (skipping
+    /// those whose A is clear when the walk skips).
+    fn scan<F: Format>(&mut self, mut it: Level<'_, F>, descend: bool) {
+        loop {
+            if it.level == 0 {
+                it.skip_clean_leaves();
             }
-            if !any {
-                idx += 8;
-                continue;
-            }
-        }
-        let pte = table.load(idx);
-        match F::decode(pte, level) {
-            Pte::Empty => idx += 1,
-            Pte::Table { pa } => {
-                if descend && (!w.skip || F::table_accessed(pte)) {
-                    scan::<F>(w, pa, level - 1, base + ((idx as u64) << shift), true, lo, hi);
-                }
-                idx += 1;
-            }
-            Pte::Leaf { size_lg2, .. } => {
-                let n = replicas(size_lg2, level);
-                let first = idx & !(n - 1);
-                let mut dirty = false;
-                for j in first..first + n {
-                    let entry = table.entry(j);
-                    let v = entry.load(Ordering::Relaxed);
-                    if !F::is_dirty(v) {
-                        continue;
-                    }
-                    dirty = true;
-                    if w.clear {
-                        // A plain store, as generic_pt's make_write_clean: hardware never
-                        // changes an entry that is already dirty (A/AF are set with D), so no
-                        // update can be lost; writes that still use a cached "dirty" state are
-                        // ordered by the caller's IOTLB flush, which drains them.
-                        entry.store(F::clean(v), Ordering::Relaxed);
+            let Some(s) = it.next() else { return };
+            match s.kind {
+                Pte::Empty => {}
+                Pte::Table { .. } => {
+                    if descend && (!self.skip || F::table_accessed(s.pte)) {
+                        self.scan(it.descend(&s), true);
                     }
                 }
-                if dirty {
-                    let lb = base + ((first as u64) << shift);
-                    w.out.record_leaf(lb, 1u64 << size_lg2, w.start, w.end);
+                Pte::Leaf { .. } => {
+                    let mut dirty = false;
+                    for e in it.entries(&s) {
+                        let v = e.load(Ordering::Relaxed);
+                        if !F::is_dirty(v) {
+                            continue;
+                        }
+                        dirty = true;
+                        if self.clear {
+                            // A plain store, as generic_pt's make_write_clean: hardware never
+                            // changes an entry that is already dirty (A/AF are set with D), so
+                            // no update can be lost; writes that still use a cached "dirty"
+                            // state are ordered by the caller's IOTLB flush, which drains them.
+                            e.store(F::clean(v), Ordering::Relaxed);
+                        }
+                    }
+                    if dirty {
+                        self.out.record_leaf(s.iova, s.len, self.start, self.end);
+                    }
                 }
-                idx = first + n;
             }
         }
     }
@@ -797,71 +817,46 @@ pub(crate) fn read_and_clear_dirty_naive<F: Format>(
     let clear = flags & DIRTY_NO_CLEAR == 0;
     let mut iova = start;
     while iova < end {
-        let mut tp = t.root;
-        let mut step = PAGE_SIZE;
-        for level in (0..LEVELS).rev() {
-            // SAFETY: the address is the root or was read from a present entry of this arena's
-            // tree, and the caller holds the structural lock, so the page is not retired while
-            // the reference is used (`mem.rs`).
-            let table = unsafe { t.arena.table(tp) };
-            let idx = index(iova, level);
-            match F::decode(table.load(idx), level) {
-                Pte::Empty => {
-                    step = span(level) - (iova & (span(level) - 1));
-                    break;
-                }
-                Pte::Table { pa } => tp = pa,
-                Pte::Leaf { size_lg2, .. } => {
-                    let n = replicas(size_lg2, level);
-                    let first = idx & !(n - 1);
+        let mut it = Level::<F>::root(t, iova, iova + 1);
+        let step = loop {
+            let Some(s) = it.next() else { break PAGE_SIZE };
+            match s.kind {
+                Pte::Table { .. } => it = it.descend(&s),
+                Pte::Empty => break s.end() - iova,
+                Pte::Leaf { .. } => {
                     let mut dirty = false;
-                    for j in first..first + n {
-                        let entry = table.entry(j);
-                        let v = entry.load(Ordering::Acquire);
+                    for e in it.entries(&s) {
+                        let v = e.load(Ordering::Acquire);
                         if F::is_dirty(v) {
                             dirty = true;
                             if clear {
-                                let _ = entry.compare_exchange(v, F::clean(v), Ordering::AcqRel, Ordering::Acquire);
+                                let _ = e.compare_exchange(v, F::clean(v), Ordering::AcqRel, Ordering::Acquire);
                             }
                         }
                     }
-                    let sz = 1u64 << size_lg2;
-                    let lb = iova & !(sz - 1);
                     if dirty {
-                        out.record_leaf(lb, sz, start, end);
+                        out.record_leaf(s.iova, s.len, start, end);
                     }
-                    step = lb + sz - iova;
-                    break;
+                    break s.end() - iova;
                 }
             }
-        }
+        };
         iova = iova.saturating_add(step);
     }
 }
 
 /// Counts leaves by size (log2) in the whole table: for tests and the demo.
 pub(crate) fn leaf_histogram<F: Format>(t: &Tables) -> std::collections::BTreeMap<u32, u64> {
-    fn rec<F: Format>(a: &TableArena, tp: u64, level: usize, h: &mut std::collections::BTreeMap<u32, u64>) {
-        // SAFETY: the address is the root or was read from a present entry of this arena's
-        // tree, and the caller holds the structural lock, so the page is not retired while
-        // the reference is used (`mem.rs`).
-        let table = unsafe { a.table(tp) };
-        let mut idx = 0;
-        while idx < ENTRIES {
-            match F::decode(table.load(idx), level) {
-                Pte::Empty => idx += 1,
-                Pte::Table { pa } => {
-                    rec::<F>(a, pa, level - 1, h);
-                    idx += 1;
-                }
-                Pte::Leaf { size_lg2, .. } => {
-                    *h.entry(size_lg2).or_default() += 1;
-                    idx = (idx & !(replicas(size_lg2, level) - 1)) + replicas(size_lg2, level);
-                }
+    fn count<F: Format>(mut it: Level<'_, F>, h: &mut std::collections::BTreeMap<u32, u64>) {
+        while let Some(s) = it.next() {
+            match s.kind {
+                Pte::Empty => {}
+                Pte::Table { .. } => count(it.descend(&s), h),
+                Pte::Leaf { size_lg2, .. } => *h.entry(size_lg2).or_default() += 1,
             }
         }
     }
     let mut h = std::collections::BTreeMap::new();
-    rec::<F>(&t.arena, t.root, LEVELS - 1, &mut h);
+    count(Level::<F>::root(t, 0, 1 << crate::format::IOVA_BITS), &mut h);
     h
 }

@@ -1,5 +1,7 @@
 //! Page-table formats. Each format only says how an entry is encoded; the walker
-//! (`walker.rs`) does everything else once, for all of them.
+//! (`walker.rs`) does everything else once, for all of them. The hooks carry the names of
+//! Linux's generic page table (`drivers/iommu/generic_pt`) as doc aliases, and the facts each
+//! format encodes are in `docs/iommu.md`.
 //!
 //! Geometry shared by the three formats modelled here: a 4 KiB granule, 512 entries per table,
 //! 4 levels, 48-bit IOVA. Levels are numbered from the leaf table up, as in Linux's
@@ -21,7 +23,8 @@ pub const PAGE_SHIFT: u32 = 12;
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 /// Width of the IOVA space.
 pub const IOVA_BITS: u32 = 48;
-/// Bits 51:12, where all three formats keep the output address.
+/// Bits 51:12, where AMD v1 and VT-d keep the output address (Arm uses bits 47:12,
+/// `arm_lpae_s1::OA_MASK`: its bit 51 is DBM).
 pub const OA_MASK: u64 = ((1u64 << 52) - 1) & !(PAGE_SIZE - 1);
 
 /// log2 of the span of one entry in a table at `level`.
@@ -146,6 +149,8 @@ pub trait Format: Send + Sync + 'static {
     /// log2 of the leaf sizes an entry of a table at `level` can encode, largest first.
     /// The first one at each level above 0 is the default ("huge") leaf of that level, except
     /// where replicated encodings give larger sizes.
+    #[doc(alias = "possible_sizes")]
+    #[doc(alias = "pt_possible_sizes")]
     fn leaf_sizes(level: usize) -> &'static [u32];
     /// Decodes an entry of a table at `level`.
     fn decode(pte: u64, level: usize) -> Pte;
@@ -160,10 +165,15 @@ pub trait Format: Send + Sync + 'static {
     }
 
     /// Whether a leaf entry records a write.
+    #[doc(alias = "entry_is_write_dirty")]
+    #[doc(alias = "pt_entry_is_write_dirty")]
     fn is_dirty(pte: u64) -> bool;
     /// The entry with its dirty state reset ("write clean").
+    #[doc(alias = "entry_make_write_clean")]
+    #[doc(alias = "pt_entry_make_write_clean")]
     fn clean(pte: u64) -> u64;
     /// The entry marked dirty, as software does when it splits a dirty leaf.
+    #[doc(alias = "entry_make_write_dirty")]
     fn dirty(pte: u64) -> u64;
     /// The accessed-state bits of a leaf (copied to the pieces of a split).
     fn leaf_accessed_bits(pte: u64) -> u64;
