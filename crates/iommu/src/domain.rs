@@ -13,7 +13,7 @@ use crate::format::{
 };
 use crate::iotlb::{InFlight, Iotlb, IotlbEntry};
 use crate::mem::{table_at, HostMemory};
-use crate::walker::{self, DirtyBitmap, IotlbGather, LeafOpts, Tables};
+use crate::walker::{self, DirtyBitmap, HarvestParallelism, IotlbGather, LeafOpts, Tables};
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,6 +47,8 @@ pub struct DomainConfig {
     pub skip_unaccessed: bool,
     /// Fault records kept.
     pub fault_log_entries: usize,
+    /// How a harvest uses the cores.
+    pub harvest: HarvestParallelism,
 }
 
 impl DomainConfig {
@@ -60,6 +62,7 @@ impl DomainConfig {
             hw_dirty_capable: true,
             skip_unaccessed: true,
             fault_log_entries: 4096,
+            harvest: HarvestParallelism::default(),
         }
     }
 }
@@ -383,7 +386,8 @@ impl<F: Format> DomainOps for DomainImpl<F> {
             walker::read_and_clear_dirty_naive::<F>(&st.tables, iova, end, flags, out);
         } else {
             let drain = || self.s.inflight.drain();
-            walker::read_and_clear_dirty::<F>(&st.tables, iova, end, flags, self.s.cfg.skip_unaccessed, &drain, out);
+            let (skip, par) = (self.s.cfg.skip_unaccessed, self.s.cfg.harvest);
+            walker::read_and_clear_dirty::<F>(&st.tables, iova..end, flags, skip, par, &drain, out);
         }
         Ok(())
     }

@@ -45,4 +45,4 @@ pub use error::{errno, DmaError, Errno, IommuError};
 pub use fault::Fault;
 pub use format::{FaultReason, FormatKind, Perm, PAGE_SIZE};
 pub use mem::{AnonMemory, HostMemory};
-pub use walker::{DirtyBitmap, IotlbGather, RecordDirty, DIRTY_NO_CLEAR};
+pub use walker::{DirtyBitmap, HarvestParallelism, IotlbGather, RecordDirty, DIRTY_NO_CLEAR};

@@ -316,22 +316,6 @@ impl<'t, F: Format> Level<'t, F> {
     fn table_is_empty(&self) -> bool {
         (0..ENTRIES).all(|i| self.table.load(i) == 0)
     }
-
-    /// At the leaf level, skips runs of eight entries none of which is dirty: most leaves of a
-    /// harvest are clean, and a block test reads them without decoding each.
-    #[inline(always)]
-    fn skip_clean_leaves(&mut self) {
-        while self.idx & 7 == 0 && self.idx + 8 <= self.end {
-            let mut any = false;
-            for j in self.idx..self.idx + 8 {
-                any |= F::is_dirty(self.table.load(j));
-            }
-            if any {
-                return;
-            }
-            self.idx += 8;
-        }
-    }
 }
 
 impl<F: Format> Iterator for Level<'_, F> {
@@ -683,59 +667,154 @@ pub(crate) fn iova_to_phys<F: Format>(t: &Tables, iova: u64) -> Option<(u64, Per
 /// sets a leaf's D, so A clear means nothing below was written since A was last cleared.
 ///
 /// Clearing A must not open a window where a walk that already read A=1 sets D after the leaf
-/// was scanned, so a clearing harvest runs in two phases, as software would on hardware:
+/// was scanned, so a clearing harvest runs in phases, as software would on hardware:
 /// 1. walk the non-leaf entries, clear A in those the range covers completely and collect the
-///    tables whose A was set;
+///    parts of tables to scan (for a skipping walk, only below entries whose A was set);
 /// 2. `drain()`: invalidate and wait for in-flight walks (each either finished its D update or
 ///    will re-set the A bits it finds clear);
-/// 3. scan the collected tables' leaves.
+/// 3. scan the collected parts for dirty leaves, on several threads when the range is large
+///    ([`HarvestParallelism`]).
 ///
-/// Without clearing (`DIRTY_NO_CLEAR`) nothing changes A, and one pass suffices.
+/// Without clearing A (no skip, or `DIRTY_NO_CLEAR`) nothing changes A and there is no drain.
 pub(crate) fn read_and_clear_dirty<F: Format>(
     t: &Tables,
-    start: u64,
-    end: u64,
+    range: std::ops::Range<u64>,
     flags: u32,
     skip_unaccessed: bool,
+    par: HarvestParallelism,
     drain: &dyn Fn(),
     out: &mut DirtyBitmap<'_>,
 ) {
-    let mut h = Harvest {
-        start,
-        end,
-        clear: flags & DIRTY_NO_CLEAR == 0,
-        skip: skip_unaccessed && F::TABLE_ACCESSED,
-        out,
-    };
-    let root = Level::<F>::root(t, start, end);
-    if h.skip && h.clear {
-        let mut work = Vec::new();
-        collect_accessed(&h, root, &mut work);
+    let (start, end) = (range.start, range.end);
+    let clear = flags & DIRTY_NO_CLEAR == 0;
+    let skip = skip_unaccessed && F::TABLE_ACCESSED;
+    let mut work = Vec::new();
+    collect::<F>(Level::root(t, start, end), skip, skip && clear, start, end, &mut work);
+    if skip && clear {
         drain();
-        // No software prefetch: table pages are contiguous on huge pages and the hardware
-        // stream prefetcher does better alone. Measured with `livemig bench harvest`:
-        // prefetching the next table made the dense 1 % case ~1.7x slower, and priming sparse
-        // jumps (1 TiB at 0.1 %) gave no consistent gain.
-        for seg in work {
-            h.scan(seg, false);
+    }
+    let entries: usize = work.iter().map(|l| l.end - l.idx).sum();
+    let threads = if entries >= par.min_entries { par.threads() } else { 1 };
+    if threads <= 1 {
+        let mut h = Harvest::new(start, end, clear, out);
+        work.into_iter().for_each(|seg| h.scan(seg));
+        h.flush();
+        return;
+    }
+    // Contiguous shares of about equal entry counts, so reports stay in IOVA order: this
+    // thread scans the first share straight into `out`, helpers buffer theirs (coalesced
+    // runs, few even when everything is dirty), replayed here in order after the join.
+    let mut shares: Vec<Vec<Level<'_, F>>> = vec![Vec::new()];
+    let per = entries.div_ceil(threads);
+    let mut acc = 0;
+    for seg in work {
+        if acc >= per && shares.len() < threads {
+            shares.push(Vec::new());
+            acc = 0;
         }
-    } else {
-        h.scan(root, true);
+        acc += seg.end - seg.idx;
+        shares.last_mut().expect("one share at least").push(seg);
+    }
+    let mut shares = shares.into_iter();
+    let mine = shares.next().unwrap_or_default();
+    std::thread::scope(|sc| {
+        let helpers: Vec<_> = shares
+            .map(|share| {
+                sc.spawn(move || {
+                    let mut buf = Buffered::default();
+                    let mut gather = IotlbGather::new();
+                    let mut o = DirtyBitmap {
+                        bitmap: Some(&mut buf),
+                        gather: Some(&mut gather),
+                    };
+                    let mut h = Harvest::new(start, end, clear, &mut o);
+                    share.into_iter().for_each(|seg| h.scan(seg));
+                    h.flush();
+                    (buf, gather)
+                })
+            })
+            .collect();
+        let mut h = Harvest::new(start, end, clear, out);
+        mine.into_iter().for_each(|seg| h.scan(seg));
+        h.flush();
+        for helper in helpers {
+            let (buf, gather) = helper.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            if let Some(b) = out.bitmap.as_deref_mut() {
+                for r in buf.0 {
+                    b.record_leaf(r[0], r[1], r[2], r[3]);
+                }
+            }
+            if let Some(g) = out.gather.as_deref_mut() {
+                g.add_range(gather.start, gather.end - gather.start);
+            }
+        }
+    });
+}
+
+/// How a harvest spreads over the cores. Work is divided in whole leaf tables, so a range
+/// within one 2 MiB table is always scanned by one thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HarvestParallelism {
+    /// Threads for a large harvest; 0 means one per core, at most eight.
+    pub threads: usize,
+    /// Entries a harvest must cover before it splits over threads.
+    pub min_entries: usize,
+}
+
+impl HarvestParallelism {
+    /// The measured threshold (`livemig bench harvest --threshold`, docs/benchmarks.md): a
+    /// scoped thread costs tens of microseconds to start and join, which a harvest only
+    /// repays once it covers about 16 leaf tables (32 MiB of 4 KiB-mapped IOVA).
+    pub const MIN_ENTRIES: usize = 16 * ENTRIES;
+
+    /// One thread, always.
+    pub const SERIAL: Self = Self {
+        threads: 1,
+        min_entries: usize::MAX,
+    };
+
+    fn threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            n => n,
+        }
     }
 }
 
-struct Harvest<'a, 'b> {
-    start: u64,
-    end: u64,
-    clear: bool,
-    skip: bool,
-    out: &'a mut DirtyBitmap<'b>,
+impl Default for HarvestParallelism {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            min_entries: Self::MIN_ENTRIES,
+        }
+    }
 }
 
-/// Phase 1 of a clearing harvest: clears A in fully covered table entries and lists, in IOVA
-/// order, the parts of tables (at any level) to scan for leaves: runs of entries between the
-/// table entries it descends into, reached through entries whose A was set.
-fn collect_accessed<'t, F: Format>(h: &Harvest<'_, '_>, mut it: Level<'t, F>, work: &mut Vec<Level<'t, F>>) {
+/// What a helper thread found, replayed into the caller's recorder after the join.
+#[derive(Default)]
+struct Buffered(Vec<[u64; 4]>);
+
+impl RecordDirty for Buffered {
+    fn record(&mut self, iova: u64, len: u64) {
+        self.0.push([iova, len, iova, len]);
+    }
+    fn record_leaf(&mut self, iova: u64, len: u64, leaf: u64, leaf_len: u64) {
+        self.0.push([iova, len, leaf, leaf_len]);
+    }
+}
+
+/// Phase 1: clears A in fully covered table entries (when `clear_a`) and lists, in IOVA order,
+/// the parts of tables at any level to scan for leaves: runs of entries between the table
+/// entries it descends into, descending through entries whose A was set (or all, without
+/// `skip`).
+fn collect<'t, F: Format>(
+    mut it: Level<'t, F>,
+    skip: bool,
+    clear_a: bool,
+    start: u64,
+    end: u64,
+    work: &mut Vec<Level<'t, F>>,
+) {
     if it.level == 0 {
         work.push(it);
         return;
@@ -750,13 +829,17 @@ fn collect_accessed<'t, F: Format>(h: &Harvest<'_, '_>, mut it: Level<'t, F>, wo
             work.push(it.narrow(seg_lo, s.iova));
         }
         seg_lo = s.end().min(hi);
+        if !skip {
+            collect(it.descend(&s), skip, clear_a, start, end, work);
+            continue;
+        }
         let entry = it.entry(s.idx);
         let pte = entry.load(Ordering::SeqCst);
         if F::table_accessed(pte) {
-            if h.start <= s.iova && s.end() <= h.end {
+            if clear_a && start <= s.iova && s.end() <= end {
                 entry.fetch_and(!(pte ^ F::table_clear_accessed(pte)), Ordering::SeqCst);
             }
-            collect_accessed(h, it.descend(&s), work);
+            collect(it.descend(&s), skip, clear_a, start, end, work);
         }
     }
     if hi > seg_lo {
@@ -764,43 +847,121 @@ fn collect_accessed<'t, F: Format>(h: &Harvest<'_, '_>, mut it: Level<'t, F>, wo
     }
 }
 
-impl Harvest<'_, '_> {
-    /// Scans the leaves a cursor covers; with `descend`, also the tables below it (skipping
-    /// those whose A is clear when the walk skips).
-    fn scan<F: Format>(&mut self, mut it: Level<'_, F>, descend: bool) {
-        loop {
-            if it.level == 0 {
-                it.skip_clean_leaves();
+/// Phase 3 for one thread: scans leaves and reports them, whole leaves inside the range
+/// coalesced into runs (a recorder sets a run's bits at once).
+struct Harvest<'a, 'b> {
+    start: u64,
+    end: u64,
+    clear: bool,
+    out: &'a mut DirtyBitmap<'b>,
+    /// The run of whole dirty leaves not yet reported: `[run.0, run.1)`.
+    run: (u64, u64),
+}
+
+impl<'a, 'b> Harvest<'a, 'b> {
+    fn new(start: u64, end: u64, clear: bool, out: &'a mut DirtyBitmap<'b>) -> Self {
+        Self {
+            start,
+            end,
+            clear,
+            out,
+            run: (0, 0),
+        }
+    }
+
+    /// Reports the pending run.
+    fn flush(&mut self) {
+        let (lo, hi) = std::mem::take(&mut self.run);
+        if hi > lo {
+            self.out.record_leaf(lo, hi - lo, self.start, self.end);
+        }
+    }
+
+    #[inline(always)]
+    fn dirty_leaf(&mut self, iova: u64, len: u64) {
+        if self.start <= iova && iova + len <= self.end {
+            if self.run.1 == iova && self.run.1 > self.run.0 {
+                self.run.1 += len;
+                return;
             }
-            let Some(s) = it.next() else { return };
-            match s.kind {
-                Pte::Empty => {}
-                Pte::Table { .. } => {
-                    if descend && (!self.skip || F::table_accessed(s.pte)) {
-                        self.scan(it.descend(&s), true);
-                    }
+            self.flush();
+            self.run = (iova, iova + len);
+        } else {
+            // Part of the leaf lies outside: the recorder must hear its extent.
+            self.flush();
+            self.out.record_leaf(iova, len, self.start, self.end);
+        }
+    }
+
+    /// Write-cleans one dirty entry. A plain store, as generic_pt's make_write_clean: hardware
+    /// never changes an entry that is already dirty (A/AF are set with D), so no update can
+    /// be lost; writes that still use a cached "dirty" state are ordered by the caller's IOTLB
+    /// flush, which drains them.
+    #[inline(always)]
+    fn clean<F: Format>(&self, e: &AtomicU64, v: u64) {
+        if self.clear {
+            e.store(F::clean(v), Ordering::Relaxed);
+        }
+    }
+
+    /// Scans the leaves a part of one table holds (tables below it are phase 1's business).
+    fn scan<F: Format>(&mut self, it: Level<'_, F>) {
+        if it.level == 0 {
+            return self.scan_leaf_table(it);
+        }
+        for s in it {
+            if matches!(s.kind, Pte::Leaf { .. }) {
+                self.scan_leaf(&it, &s);
+            }
+        }
+    }
+
+    /// One leaf: any replica may carry the dirt.
+    fn scan_leaf<F: Format>(&mut self, it: &Level<'_, F>, s: &Slot) {
+        let mut dirty = false;
+        for e in it.entries(s) {
+            let v = e.load(Ordering::Relaxed);
+            if F::is_dirty(v) {
+                dirty = true;
+                self.clean::<F>(e, v);
+            }
+        }
+        if dirty {
+            self.dirty_leaf(s.iova, s.len);
+        }
+    }
+
+    /// The hot loop: a leaf table's 4 KiB entries, which need no decode. Blocks of eight are
+    /// tested at once (most are clean at low dirt); a contiguous leaf falls back to the slot.
+    #[inline(always)]
+    fn scan_leaf_table<F: Format>(&mut self, mut it: Level<'_, F>) {
+        let table = it.table;
+        let mut idx = it.idx;
+        while idx < it.end {
+            if idx & 7 == 0 && idx + 8 <= it.end {
+                let mut bits = 0;
+                for j in idx..idx + 8 {
+                    bits |= F::dirty_bits(table.load(j));
                 }
-                Pte::Leaf { .. } => {
-                    let mut dirty = false;
-                    for e in it.entries(&s) {
-                        let v = e.load(Ordering::Relaxed);
-                        if !F::is_dirty(v) {
-                            continue;
-                        }
-                        dirty = true;
-                        if self.clear {
-                            // A plain store, as generic_pt's make_write_clean: hardware never
-                            // changes an entry that is already dirty (A/AF are set with D), so
-                            // no update can be lost; writes that still use a cached "dirty"
-                            // state are ordered by the caller's IOTLB flush, which drains them.
-                            e.store(F::clean(v), Ordering::Relaxed);
-                        }
-                    }
-                    if dirty {
-                        self.out.record_leaf(s.iova, s.len, self.start, self.end);
-                    }
+                if bits == 0 {
+                    idx += 8;
+                    continue;
                 }
             }
+            let e = table.entry(idx);
+            let v = e.load(Ordering::Relaxed);
+            if F::is_dirty(v) {
+                if F::is_contig(v, 0) {
+                    it.skip_to(idx);
+                    let s = it.next().expect("an entry in range");
+                    self.scan_leaf(&it, &s);
+                    idx = it.idx;
+                    continue;
+                }
+                self.clean::<F>(e, v);
+                self.dirty_leaf(it.base + ((idx as u64) << PAGE_SHIFT), PAGE_SIZE);
+            }
+            idx += 1;
         }
     }
 }

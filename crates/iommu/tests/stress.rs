@@ -4,14 +4,15 @@
 //! tracking was enabled must have been reported at least once (misses counted and asserted
 //! zero), and the destination must equal the source byte for byte.
 
-use iommu::{AnonMemory, DirtyBitmap, Domain, DomainConfig, FormatKind, IotlbGather, Perm};
+use iommu::{AnonMemory, DirtyBitmap, Domain, DomainConfig, FormatKind, HarvestParallelism, IotlbGather, Perm};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 const PAGES: u64 = 256;
-const SIZE: u64 = PAGES * 4096;
+/// With the harvest forced onto several threads: three leaf tables, one per thread.
+const PAGES_PARALLEL: u64 = 3 * 512;
 const IOVA: u64 = 0x80_0000_0000;
 const WRITERS: u64 = 3;
 /// Writers keep going until the harvester has run this many rounds alongside them.
@@ -19,13 +20,28 @@ const MIN_ROUNDS: u64 = 3000;
 const MIN_WRITES_PER_THREAD: u64 = 20_000;
 
 fn run(fmt: FormatKind, huge: bool) {
-    let mem = Arc::new(AnonMemory::new(SIZE as usize, false).unwrap());
+    run_with(fmt, huge, PAGES, HarvestParallelism::default(), MIN_ROUNDS);
+    // Every harvest split over three threads, each scanning one leaf table and the first
+    // reporting straight away while the others buffer.
+    let forced = HarvestParallelism {
+        threads: 3,
+        min_entries: 0,
+    };
+    // Starting helper threads next to three busy writers on a small host is slow: fewer
+    // rounds, each still racing every writer.
+    run_with(fmt, huge, PAGES_PARALLEL, forced, MIN_ROUNDS / 10);
+}
+
+fn run_with(fmt: FormatKind, huge: bool, pages: u64, par: HarvestParallelism, min_rounds: u64) {
+    let size = pages * 4096;
+    let mem = Arc::new(AnonMemory::new(size as usize, false).unwrap());
     let mut cfg = DomainConfig::new(fmt);
     cfg.huge_pages = huge;
     cfg.iotlb_entries = 512;
+    cfg.harvest = par;
     let dom = Domain::new(cfg).unwrap();
-    dom.map(IOVA, SIZE, mem.clone(), 0, Perm::RW).unwrap();
-    dom.read_and_clear_dirty(IOVA, SIZE, 0, &mut DirtyBitmap::default())
+    dom.map(IOVA, size, mem.clone(), 0, Perm::RW).unwrap();
+    dom.read_and_clear_dirty(IOVA, size, 0, &mut DirtyBitmap::default())
         .unwrap();
     dom.flush_iotlb_all();
     dom.set_dirty_tracking(true).unwrap();
@@ -37,12 +53,12 @@ fn run(fmt: FormatKind, huge: bool) {
             let dma = dom.attach(t as u32);
             let stop = stop.clone();
             std::thread::spawn(move || {
-                let mut written = vec![false; PAGES as usize];
+                let mut written = vec![false; pages as usize];
                 let mut rng = SmallRng::seed_from_u64(t);
                 let mut n = 0u64;
                 while n < MIN_WRITES_PER_THREAD || !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let page = rng.random_range(0..PAGES);
+                    let page = rng.random_range(0..pages);
                     let stamp = (t << 56) | n;
                     dma.write(IOVA + page * 4096 + t * 16, &stamp.to_le_bytes()).unwrap();
                     written[page as usize] = true;
@@ -52,8 +68,8 @@ fn run(fmt: FormatKind, huge: bool) {
         })
         .collect();
 
-    let mut dest = vec![0u8; SIZE as usize];
-    let mut reported = vec![false; PAGES as usize];
+    let mut dest = vec![0u8; size as usize];
+    let mut reported = vec![false; pages as usize];
     let mut rounds = 0u64;
     let harvest = |reported: &mut Vec<bool>, dest: &mut Vec<u8>| {
         let mut pages = Vec::new();
@@ -62,7 +78,7 @@ fn run(fmt: FormatKind, huge: bool) {
             let mut rec = |iova: u64, len: u64| pages.extend(((iova - IOVA) / 4096)..((iova + len - IOVA) / 4096));
             dom.read_and_clear_dirty(
                 IOVA,
-                SIZE,
+                size,
                 0,
                 &mut DirtyBitmap {
                     bitmap: Some(&mut rec),
@@ -89,7 +105,7 @@ fn run(fmt: FormatKind, huge: bool) {
     while !done.load(Ordering::Acquire) {
         harvest(&mut reported, &mut dest);
         rounds += 1;
-        if rounds == MIN_ROUNDS {
+        if rounds == min_rounds {
             stop.store(true, Ordering::Relaxed);
         }
     }
@@ -98,7 +114,7 @@ fn run(fmt: FormatKind, huge: bool) {
 
     let mut writes = 0;
     let mut misses = 0;
-    for p in 0..PAGES as usize {
+    for p in 0..pages as usize {
         if written.iter().any(|w| w[p]) {
             writes += 1;
             if !reported[p] {
@@ -106,15 +122,16 @@ fn run(fmt: FormatKind, huge: bool) {
             }
         }
     }
-    let mut src = vec![0u8; SIZE as usize];
+    let mut src = vec![0u8; size as usize];
     mem.read(0, &mut src);
-    let stale = (0..PAGES as usize)
+    let stale = (0..pages as usize)
         .filter(|&p| src[p * 4096..(p + 1) * 4096] != dest[p * 4096..(p + 1) * 4096])
         .count();
     println!(
-        "{fmt} huge={huge}: {rounds} harvest rounds, {writes} pages written, {misses} misses, {stale} stale pages"
+        "{fmt} huge={huge} pages={pages} threads={}: {rounds} harvest rounds, {writes} pages written, {misses} misses, {stale} stale pages",
+        par.threads
     );
-    assert!(rounds >= MIN_ROUNDS, "the harvester ran concurrently");
+    assert!(rounds >= min_rounds, "the harvester ran concurrently");
     assert_eq!(misses, 0, "{fmt}: written pages never reported");
     assert_eq!(stale, 0, "{fmt}: destination pages differing from the source");
 }

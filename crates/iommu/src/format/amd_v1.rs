@@ -120,6 +120,17 @@ impl Format for AmdV1 {
         pte & D != 0
     }
     #[inline(always)]
+    fn dirty_bits(pte: u64) -> u64 {
+        pte & D
+    }
+    #[inline(always)]
+    fn is_contig(pte: u64, level: usize) -> bool {
+        // NextLevel 7 in a leaf means "size encoded in the address bits": a replicated leaf
+        // when that size exceeds the level's own entry.
+        pte & (NEXT_LEVEL_MASK | PR) == (NL_SIZE << NEXT_LEVEL_SHIFT) | PR
+            && 1 + (pte | 0xfff).trailing_ones() > level_shift(level)
+    }
+    #[inline(always)]
     fn clean(pte: u64) -> u64 {
         pte & !D
     }

@@ -126,6 +126,15 @@ impl Format for ArmLpaeS1 {
         pte & (DBM | AP_RDONLY) == DBM
     }
     #[inline(always)]
+    fn dirty_bits(pte: u64) -> u64 {
+        // DBM set and AP[2] clear: AP[2] shifted up onto DBM's position knocks DBM out.
+        pte & !(pte << (DBM.trailing_zeros() - AP_RDONLY.trailing_zeros())) & DBM
+    }
+    #[inline(always)]
+    fn is_contig(_pte: u64, _level: usize) -> bool {
+        false // the contiguous hint is not modelled: every leaf is one entry
+    }
+    #[inline(always)]
     fn clean(pte: u64) -> u64 {
         if pte & DBM != 0 {
             pte | AP_RDONLY

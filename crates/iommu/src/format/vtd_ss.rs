@@ -92,6 +92,14 @@ impl Format for VtdSs {
         pte & D != 0
     }
     #[inline(always)]
+    fn dirty_bits(pte: u64) -> u64 {
+        pte & D
+    }
+    #[inline(always)]
+    fn is_contig(_pte: u64, _level: usize) -> bool {
+        false // second-stage tables have no contiguous encoding
+    }
+    #[inline(always)]
     fn clean(pte: u64) -> u64 {
         pte & !D
     }
