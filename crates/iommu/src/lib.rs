@@ -28,6 +28,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+#[cfg(feature = "bench")]
 pub mod bench_kit;
 pub mod dma;
 pub mod domain;

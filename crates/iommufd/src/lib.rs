@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "bench")]
 pub mod bench_kit;
 pub mod bitmap;
 pub mod errno;

@@ -12,6 +12,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+#[cfg(feature = "bench")]
 pub mod bench_kit;
 pub mod dirty;
 mod kvm_sys;
