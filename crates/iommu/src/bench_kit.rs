@@ -1,7 +1,7 @@
 //! Workloads shared by the criterion benchmarks (`benches/`) and `livemig bench`, so both
 //! measure the same thing, always next to a baseline measured in the same run.
 
-use crate::{AnonMemory, DirtyBitmap, Dma, Domain, DomainConfig, FormatKind, IotlbGather, Perm};
+use crate::{AnonMemory, DirtyBitmap, Dma, Domain, DomainConfig, FormatKind, HarvestParallelism, IotlbGather, Perm};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,23 +25,43 @@ pub struct HarvestBench {
 pub const BASE: u64 = 1 << 40;
 
 impl HarvestBench {
-    /// Maps `iova_bytes` (a multiple of 64 MiB) and selects `dirty_fraction` of its pages.
-    /// `with_bandwidth_array` allocates the baseline array (8 bytes per 4 KiB of IOVA).
+    /// Maps `iova_bytes` (a multiple of 4 KiB) and selects `dirty_fraction` of its pages,
+    /// spread uniformly. `with_bandwidth_array` allocates the baseline array (8 bytes per
+    /// 4 KiB of IOVA).
     pub fn new(fmt: FormatKind, iova_bytes: u64, dirty_fraction: f64, with_bandwidth_array: bool) -> Self {
+        let threshold = (dirty_fraction * u32::MAX as f64) as u64;
+        let dirty_pages = (0..iova_bytes >> 12)
+            .filter(|p| dirty_fraction >= 1.0 || (p.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) < threshold)
+            .collect();
+        Self::with_pages(fmt, iova_bytes, dirty_pages, with_bandwidth_array)
+    }
+
+    /// Maps `iova_bytes` and dirties `dirty_bytes` of it in runs of `run_bytes`, the runs
+    /// evenly spaced over the whole range: dirt clustered as a guest's working set is.
+    pub fn clustered(fmt: FormatKind, iova_bytes: u64, dirty_bytes: u64, run_bytes: u64) -> Self {
+        let runs = (dirty_bytes / run_bytes).max(1);
+        let stride = iova_bytes / runs / run_bytes * run_bytes;
+        let dirty_pages = (0..runs)
+            .flat_map(|r| {
+                let first = (r * stride) >> 12;
+                first..first + (run_bytes >> 12)
+            })
+            .collect();
+        Self::with_pages(fmt, iova_bytes, dirty_pages, false)
+    }
+
+    fn with_pages(fmt: FormatKind, iova_bytes: u64, dirty_pages: Vec<u64>, with_bandwidth_array: bool) -> Self {
         let mem = Arc::new(AnonMemory::new(ALIAS as usize, false).expect("mmap"));
         let mut cfg = DomainConfig::new(fmt);
         cfg.huge_pages = false;
         let domain = Domain::new(cfg).expect("domain");
         let mut iova = BASE;
         while iova < BASE + iova_bytes {
-            domain.map(iova, ALIAS, mem.clone(), 0, Perm::RW).expect("map");
-            iova += ALIAS;
+            let len = ALIAS.min(BASE + iova_bytes - iova);
+            domain.map(iova, len, mem.clone(), 0, Perm::RW).expect("map");
+            iova += len;
         }
         let pages = iova_bytes >> 12;
-        let threshold = (dirty_fraction * u32::MAX as f64) as u64;
-        let dirty_pages = (0..pages)
-            .filter(|p| dirty_fraction >= 1.0 || (p.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) < threshold)
-            .collect();
         domain
             .read_and_clear_dirty(BASE, iova_bytes, 0, &mut DirtyBitmap::default())
             .expect("clear");
@@ -60,6 +80,18 @@ impl HarvestBench {
             pte_sized,
             _mem: mem,
         }
+    }
+
+    /// Harvests from now on use one thread, or every core for every size.
+    pub fn set_threads(&self, one: bool) {
+        self.domain.set_harvest_parallelism(if one {
+            HarvestParallelism::SERIAL
+        } else {
+            HarvestParallelism {
+                threads: 0,
+                min_entries: 0,
+            }
+        });
     }
 
     /// Number of pages each round dirties.
@@ -118,7 +150,11 @@ impl HarvestBench {
     /// The floor for any harvest that has to look at every leaf PTE: a read-only pass over
     /// the PTE-sized array, split over all available cores. Returns the minimum of `runs`.
     pub fn time_read_floor(&self, runs: usize) -> Duration {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.time_read_pass(runs, std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// A read-only pass over the PTE-sized array on `threads` threads (minimum of `runs`).
+    pub fn time_read_pass(&self, runs: usize, threads: usize) -> Duration {
         let chunk = self.pte_sized.len().div_ceil(threads).max(1);
         min_time(
             runs,

@@ -77,6 +77,8 @@ struct State {
     tables: Tables,
     /// Who owns the memory behind each mapping, keyed by IOVA.
     records: BTreeMap<u64, MapRecord>,
+    /// How harvests use the cores (from the config; benchmarks change it).
+    harvest: HarvestParallelism,
 }
 
 struct Shared {
@@ -173,6 +175,7 @@ impl<F: Format> DomainImpl<F> {
                 state: Mutex::new(State {
                     tables,
                     records: BTreeMap::new(),
+                    harvest: cfg.harvest,
                 }),
                 devices: Mutex::new(HashMap::new()),
                 cfg,
@@ -386,7 +389,7 @@ impl<F: Format> DomainOps for DomainImpl<F> {
             walker::read_and_clear_dirty_naive::<F>(&st.tables, iova, end, flags, out);
         } else {
             let drain = || self.s.inflight.drain();
-            let (skip, par) = (self.s.cfg.skip_unaccessed, self.s.cfg.harvest);
+            let (skip, par) = (self.s.cfg.skip_unaccessed, st.harvest);
             walker::read_and_clear_dirty::<F>(&st.tables, iova..end, flags, skip, par, &drain, out);
         }
         Ok(())
@@ -464,6 +467,11 @@ impl Domain {
     /// Whether new mappings may use leaves larger than 4 KiB.
     pub fn huge_pages(&self) -> bool {
         self.0.shared().huge.load(Ordering::Acquire)
+    }
+
+    /// Changes how harvests from now on use the cores (benchmarks compare one thread with all).
+    pub fn set_harvest_parallelism(&self, par: HarvestParallelism) {
+        self.0.shared().lock().harvest = par;
     }
 
     /// Allows or forbids huge leaves for mappings made from now on (existing leaves stay).

@@ -29,7 +29,8 @@
 use crate::format::{level_shift, Format, Perm, Pte, LEVELS, PAGE_SHIFT, PAGE_SIZE};
 use crate::mem::{TableArena, TablePage, ENTRIES};
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Flag for [`read_and_clear_dirty`]: report without resetting (Linux `IOMMU_DIRTY_NO_CLEAR`).
 pub const DIRTY_NO_CLEAR: u32 = 1 << 0;
@@ -688,84 +689,169 @@ pub(crate) fn read_and_clear_dirty<F: Format>(
     let (start, end) = (range.start, range.end);
     let clear = flags & DIRTY_NO_CLEAR == 0;
     let skip = skip_unaccessed && F::TABLE_ACCESSED;
+    let clear_a = skip && clear;
+    let root = Level::<F>::root(t, start, end);
+    let pages = (end.saturating_sub(start) >> PAGE_SHIFT) as usize;
+    let threads = if pages >= par.min_entries { par.threads() } else { 1 };
     let mut work = Vec::new();
-    collect::<F>(Level::root(t, start, end), skip, skip && clear, start, end, &mut work);
-    if skip && clear {
-        drain();
-    }
-    let entries: usize = work.iter().map(|l| l.end - l.idx).sum();
-    let threads = if entries >= par.min_entries { par.threads() } else { 1 };
     if threads <= 1 {
+        collect(root, 0, skip, clear_a, start, end, &mut work);
+        if clear_a {
+            drain();
+        }
         let mut h = Harvest::new(start, end, clear, out);
         work.into_iter().for_each(|seg| h.scan(seg));
         h.flush();
         return;
     }
-    // Contiguous shares of about equal entry counts, so reports stay in IOVA order: this
-    // thread scans the first share straight into `out`, helpers buffer theirs (coalesced
-    // runs, few even when everything is dirty), replayed here in order after the join.
-    let mut shares: Vec<Vec<Level<'_, F>>> = vec![Vec::new()];
-    let per = entries.div_ceil(threads);
-    let mut acc = 0;
-    for seg in work {
-        if acc >= per && shares.len() < threads {
-            shares.push(Vec::new());
-            acc = 0;
-        }
-        acc += seg.end - seg.idx;
-        shares.last_mut().expect("one share at least").push(seg);
+    // Above the 1 GiB tables, serially (a few entries); below, on every thread.
+    collect(root, 1, skip, clear_a, start, end, &mut work);
+    fn job_of<'t, F: Format>(j: Level<'t, F>, skip: bool, clear_a: bool, start: u64, end: u64) -> Vec<Level<'t, F>> {
+        let mut w = Vec::new();
+        collect(j, 0, skip, clear_a, start, end, &mut w);
+        w
     }
-    let mut shares = shares.into_iter();
-    let mine = shares.next().unwrap_or_default();
-    std::thread::scope(|sc| {
-        let helpers: Vec<_> = shares
-            .map(|share| {
-                sc.spawn(move || {
-                    let mut buf = Buffered::default();
-                    let mut gather = IotlbGather::new();
-                    let mut o = DirtyBitmap {
-                        bitmap: Some(&mut buf),
-                        gather: Some(&mut gather),
-                    };
-                    let mut h = Harvest::new(start, end, clear, &mut o);
-                    share.into_iter().for_each(|seg| h.scan(seg));
-                    h.flush();
-                    (buf, gather)
-                })
-            })
-            .collect();
-        let mut h = Harvest::new(start, end, clear, out);
-        mine.into_iter().for_each(|seg| h.scan(seg));
+    let job = |j| job_of(j, skip, clear_a, start, end);
+    harvest_parallel(work, job, threads, clear_a.then_some(drain), start, end, clear, out);
+}
+
+/// Phases 1 to 3 on several threads, each taking jobs in turn (a slow thread takes fewer):
+/// 1. each job (a 1 GiB table, or a part of a table above) is collected into a list of parts
+///    to scan, clearing A below it;
+/// 2. once every job is collected, this thread drains (all threads wait at a barrier);
+/// 3. each job's list is scanned. Reports must reach `out` in IOVA order and only this
+///    thread holds `out`: a list this thread takes when every earlier one is reported is
+///    scanned straight into `out`; any other is scanned into a buffer (coalesced runs, few
+///    even when everything is dirty), which this thread replays in order as soon as it can,
+///    while the helpers go on scanning.
+#[allow(clippy::too_many_arguments)]
+fn harvest_parallel<'t, F: Format>(
+    jobs: Vec<Level<'t, F>>,
+    job: impl Fn(Level<'t, F>) -> Vec<Level<'t, F>> + Sync,
+    threads: usize,
+    drain: Option<&dyn Fn()>,
+    start: u64,
+    end: u64,
+    clear: bool,
+    out: &mut DirtyBitmap<'_>,
+) {
+    let n = jobs.len();
+    let lists: Vec<Mutex<Vec<Level<'t, F>>>> = (0..n).map(|_| Mutex::new(Vec::new())).collect();
+    let slots: Vec<Mutex<Option<Scanned>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let (next_a, next_b) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let collect_jobs = || loop {
+        let i = next_a.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        *lock(&lists[i]) = job(jobs[i]);
+    };
+    let scan_into = |i: usize, o: &mut DirtyBitmap<'_>| {
+        let mut h = Harvest::new(start, end, clear, o);
+        std::mem::take(&mut *lock(&lists[i]))
+            .into_iter()
+            .for_each(|seg| h.scan(seg));
         h.flush();
-        for helper in helpers {
-            let (buf, gather) = helper.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-            if let Some(b) = out.bitmap.as_deref_mut() {
-                for r in buf.0 {
-                    b.record_leaf(r[0], r[1], r[2], r[3]);
+    };
+    let scan_buffered = |i: usize| {
+        let (mut buf, mut gather) = (Buffered::default(), IotlbGather::new());
+        scan_into(
+            i,
+            &mut DirtyBitmap {
+                bitmap: Some(&mut buf),
+                gather: Some(&mut gather),
+            },
+        );
+        *lock(&slots[i]) = Some((buf, gather));
+    };
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|sc| {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        for _ in 1..threads {
+            let tx = tx.clone();
+            let (barrier, collect_jobs, scan_buffered, next_b) = (&barrier, &collect_jobs, &scan_buffered, &next_b);
+            sc.spawn(move || {
+                // Every thread reaches both barriers, even after a panic, so none waits
+                // forever; the panic is raised again afterwards and the scope reports it.
+                let a = std::panic::catch_unwind(std::panic::AssertUnwindSafe(collect_jobs));
+                barrier.wait();
+                barrier.wait();
+                if let Err(p) = a {
+                    std::panic::resume_unwind(p);
                 }
+                loop {
+                    let i = next_b.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    scan_buffered(i);
+                    let _ = tx.send(());
+                }
+            });
+        }
+        drop(tx);
+        let a = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&collect_jobs));
+        barrier.wait();
+        if let Some(drain) = drain {
+            drain();
+        }
+        barrier.wait();
+        if let Err(p) = a {
+            std::panic::resume_unwind(p);
+        }
+        let mut reported = 0;
+        while reported < n {
+            if let Some((buf, gather)) = lock(&slots[reported]).take() {
+                if let Some(b) = out.bitmap.as_deref_mut() {
+                    for r in buf.0 {
+                        b.record_leaf(r[0], r[1], r[2], r[3]);
+                    }
+                }
+                if let (Some(g), false) = (out.gather.as_deref_mut(), gather.is_empty()) {
+                    g.add_range(gather.start, gather.end - gather.start);
+                }
+                reported += 1;
+                continue;
             }
-            if let Some(g) = out.gather.as_deref_mut() {
-                g.add_range(gather.start, gather.end - gather.start);
+            let i = next_b.fetch_add(1, Ordering::Relaxed);
+            if i == reported {
+                scan_into(i, out);
+                reported += 1;
+            } else if i < n {
+                scan_buffered(i);
+            } else if rx.recv().is_err() {
+                // Every helper has ended; a panicked one is raised again by the scope.
+                break;
             }
         }
     });
 }
 
-/// How a harvest spreads over the cores. Work is divided in whole leaf tables, so a range
-/// within one 2 MiB table is always scanned by one thread.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while a slot was held is raised again by the scope; the slot itself holds
+    // no half-made invariant.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A chunk scanned into a buffer: its reports and the range its cleaning made stale.
+type Scanned = (Buffered, IotlbGather);
+
+/// How a harvest spreads over the cores. The unit of parallel work is one 1 GiB table's part
+/// of the range (the levels above are walked by the calling thread), so a range within one
+/// 1 GiB table is scanned by one thread whatever this says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HarvestParallelism {
     /// Threads for a large harvest; 0 means one per core, at most eight.
     pub threads: usize,
-    /// Entries a harvest must cover before it splits over threads.
+    /// 4 KiB pages the requested range must span before a harvest uses several threads.
     pub min_entries: usize,
 }
 
 impl HarvestParallelism {
-    /// The measured threshold (`livemig bench harvest --threshold`, docs/benchmarks.md): a
-    /// scoped thread costs tens of microseconds to start and join, which a harvest only
-    /// repays once it covers about 16 leaf tables (32 MiB of 4 KiB-mapped IOVA).
-    pub const MIN_ENTRIES: usize = 16 * ENTRIES;
+    /// The measured threshold (`livemig bench harvest --threshold`, docs/benchmarks.md): on
+    /// this 2-core host starting and joining a helper costs 0.1–0.2 ms, which a harvest at
+    /// 1 % dirt starts to repay between 2 and 4 GiB of 4 KiB-mapped IOVA.
+    pub const MIN_ENTRIES: usize = 1 << 20;
 
     /// One thread, always.
     pub const SERIAL: Self = Self {
@@ -807,15 +893,17 @@ impl RecordDirty for Buffered {
 /// the parts of tables at any level to scan for leaves: runs of entries between the table
 /// entries it descends into, descending through entries whose A was set (or all, without
 /// `skip`).
+#[allow(clippy::too_many_arguments)]
 fn collect<'t, F: Format>(
     mut it: Level<'t, F>,
+    stop: usize,
     skip: bool,
     clear_a: bool,
     start: u64,
     end: u64,
     work: &mut Vec<Level<'t, F>>,
 ) {
-    if it.level == 0 {
+    if it.level <= stop {
         work.push(it);
         return;
     }
@@ -830,7 +918,7 @@ fn collect<'t, F: Format>(
         }
         seg_lo = s.end().min(hi);
         if !skip {
-            collect(it.descend(&s), skip, clear_a, start, end, work);
+            collect(it.descend(&s), stop, skip, clear_a, start, end, work);
             continue;
         }
         let entry = it.entry(s.idx);
@@ -839,7 +927,7 @@ fn collect<'t, F: Format>(
             if clear_a && start <= s.iova && s.end() <= end {
                 entry.fetch_and(!(pte ^ F::table_clear_accessed(pte)), Ordering::SeqCst);
             }
-            collect(it.descend(&s), skip, clear_a, start, end, work);
+            collect(it.descend(&s), stop, skip, clear_a, start, end, work);
         }
     }
     if hi > seg_lo {
@@ -936,14 +1024,28 @@ impl<'a, 'b> Harvest<'a, 'b> {
     #[inline(always)]
     fn scan_leaf_table<F: Format>(&mut self, mut it: Level<'_, F>) {
         let table = it.table;
-        let mut idx = it.idx;
-        while idx < it.end {
-            if idx & 7 == 0 && idx + 8 <= it.end {
-                let mut bits = 0;
-                for j in idx..idx + 8 {
-                    bits |= F::dirty_bits(table.load(j));
-                }
-                if bits == 0 {
+        let (mut idx, mut end) = (it.idx, it.end);
+        // A contiguous leaf the range cuts may carry its dirt in a replica outside the range,
+        // which the loop below never reads: the edges go through the slot, which reads all.
+        if idx < end && F::is_contig(table.load(idx), 0) {
+            let s = it.slot(idx);
+            if s.idx < idx {
+                self.scan_leaf(&it, &s);
+                idx = s.idx + s.n;
+            }
+        }
+        let mut tail = None;
+        if idx < end && F::is_contig(table.load(end - 1), 0) {
+            let s = it.slot(end - 1);
+            if s.idx + s.n > end {
+                end = s.idx.max(idx);
+                tail = Some(s);
+            }
+        }
+        while idx < end {
+            if idx & 7 == 0 && idx + 8 <= end {
+                let block: [u64; 8] = std::array::from_fn(|j| table.load(idx + j));
+                if F::none_dirty(&block) {
                     idx += 8;
                     continue;
                 }
@@ -963,6 +1065,9 @@ impl<'a, 'b> Harvest<'a, 'b> {
             }
             idx += 1;
         }
+        if let Some(s) = tail {
+            self.scan_leaf(&it, &s);
+        }
     }
 }
 
@@ -975,18 +1080,30 @@ pub(crate) fn read_and_clear_dirty_naive<F: Format>(
     flags: u32,
     out: &mut DirtyBitmap<'_>,
 ) {
+    // Written as the drivers write it (a table pointer and an index per level, no cursor),
+    // so that the baseline costs what it costs in Linux.
     let clear = flags & DIRTY_NO_CLEAR == 0;
     let mut iova = start;
     while iova < end {
-        let mut it = Level::<F>::root(t, iova, iova + 1);
-        let step = loop {
-            let Some(s) = it.next() else { break PAGE_SIZE };
-            match s.kind {
-                Pte::Table { .. } => it = it.descend(&s),
-                Pte::Empty => break s.end() - iova,
-                Pte::Leaf { .. } => {
+        let mut tp = t.root;
+        let mut step = PAGE_SIZE;
+        for level in (0..LEVELS).rev() {
+            // SAFETY: `tp` is the root or was read from a present table entry while the
+            // caller borrows `Tables` (the structural lock), so the arena has not reclaimed it.
+            let table = unsafe { t.arena.table(tp) };
+            let idx = index(iova, level);
+            match F::decode(table.load(idx), level) {
+                Pte::Empty => {
+                    step = span(level) - (iova & (span(level) - 1));
+                    break;
+                }
+                Pte::Table { pa } => tp = pa,
+                Pte::Leaf { size_lg2, .. } => {
+                    let n = num_contig(size_lg2, level);
+                    let first = idx & !(n - 1);
                     let mut dirty = false;
-                    for e in it.entries(&s) {
+                    for j in first..first + n {
+                        let e = table.entry(j);
                         let v = e.load(Ordering::Acquire);
                         if F::is_dirty(v) {
                             dirty = true;
@@ -995,13 +1112,16 @@ pub(crate) fn read_and_clear_dirty_naive<F: Format>(
                             }
                         }
                     }
+                    let sz = 1u64 << size_lg2;
+                    let lb = iova & !(sz - 1);
                     if dirty {
-                        out.record_leaf(s.iova, s.len, start, end);
+                        out.record_leaf(lb, sz, start, end);
                     }
-                    break s.end() - iova;
+                    step = lb + sz - iova;
+                    break;
                 }
             }
-        };
+        }
         iova = iova.saturating_add(step);
     }
 }

@@ -11,28 +11,31 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 const PAGES: u64 = 256;
-/// With the harvest forced onto several threads: three leaf tables, one per thread.
+/// With the harvest forced onto several threads: three leaf tables across a 1 GiB boundary,
+/// so that two threads each collect and scan one 1 GiB table's part.
 const PAGES_PARALLEL: u64 = 3 * 512;
 const IOVA: u64 = 0x80_0000_0000;
+/// Two leaf tables below a 1 GiB boundary, one above.
+const IOVA_PARALLEL: u64 = 0x80_4000_0000 - (4 << 20);
 const WRITERS: u64 = 3;
 /// Writers keep going until the harvester has run this many rounds alongside them.
 const MIN_ROUNDS: u64 = 3000;
 const MIN_WRITES_PER_THREAD: u64 = 20_000;
 
 fn run(fmt: FormatKind, huge: bool) {
-    run_with(fmt, huge, PAGES, HarvestParallelism::default(), MIN_ROUNDS);
-    // Every harvest split over three threads, each scanning one leaf table and the first
-    // reporting straight away while the others buffer.
+    run_with(fmt, huge, IOVA, PAGES, HarvestParallelism::default(), MIN_ROUNDS);
+    // Every harvest split over three threads (two 1 GiB tables' parts: the thread that
+    // reports scans straight into the recorder, the others buffer).
     let forced = HarvestParallelism {
         threads: 3,
         min_entries: 0,
     };
     // Starting helper threads next to three busy writers on a small host is slow: fewer
     // rounds, each still racing every writer.
-    run_with(fmt, huge, PAGES_PARALLEL, forced, MIN_ROUNDS / 10);
+    run_with(fmt, huge, IOVA_PARALLEL, PAGES_PARALLEL, forced, MIN_ROUNDS / 10);
 }
 
-fn run_with(fmt: FormatKind, huge: bool, pages: u64, par: HarvestParallelism, min_rounds: u64) {
+fn run_with(fmt: FormatKind, huge: bool, base: u64, pages: u64, par: HarvestParallelism, min_rounds: u64) {
     let size = pages * 4096;
     let mem = Arc::new(AnonMemory::new(size as usize, false).unwrap());
     let mut cfg = DomainConfig::new(fmt);
@@ -40,8 +43,8 @@ fn run_with(fmt: FormatKind, huge: bool, pages: u64, par: HarvestParallelism, mi
     cfg.iotlb_entries = 512;
     cfg.harvest = par;
     let dom = Domain::new(cfg).unwrap();
-    dom.map(IOVA, size, mem.clone(), 0, Perm::RW).unwrap();
-    dom.read_and_clear_dirty(IOVA, size, 0, &mut DirtyBitmap::default())
+    dom.map(base, size, mem.clone(), 0, Perm::RW).unwrap();
+    dom.read_and_clear_dirty(base, size, 0, &mut DirtyBitmap::default())
         .unwrap();
     dom.flush_iotlb_all();
     dom.set_dirty_tracking(true).unwrap();
@@ -60,7 +63,7 @@ fn run_with(fmt: FormatKind, huge: bool, pages: u64, par: HarvestParallelism, mi
                     n += 1;
                     let page = rng.random_range(0..pages);
                     let stamp = (t << 56) | n;
-                    dma.write(IOVA + page * 4096 + t * 16, &stamp.to_le_bytes()).unwrap();
+                    dma.write(base + page * 4096 + t * 16, &stamp.to_le_bytes()).unwrap();
                     written[page as usize] = true;
                 }
                 written
@@ -75,9 +78,9 @@ fn run_with(fmt: FormatKind, huge: bool, pages: u64, par: HarvestParallelism, mi
         let mut pages = Vec::new();
         let mut gather = IotlbGather::new();
         {
-            let mut rec = |iova: u64, len: u64| pages.extend(((iova - IOVA) / 4096)..((iova + len - IOVA) / 4096));
+            let mut rec = |iova: u64, len: u64| pages.extend(((iova - base) / 4096)..((iova + len - base) / 4096));
             dom.read_and_clear_dirty(
-                IOVA,
+                base,
                 size,
                 0,
                 &mut DirtyBitmap {

@@ -91,7 +91,19 @@ impl<'a> IovaBitmap<'a> {
     /// pages: their bytes were checked when their window was visited, and a leaf that crosses
     /// into this window from an earlier one, dirtied after that window was walked and cleared
     /// whole by this walk, is then still reported whole.
+    #[inline]
     pub fn set(&mut self, iova: u64, len: u64) {
+        // The common case first: a record inside the range and the current window.
+        if iova >= self.iova && len != 0 {
+            let first = (iova - self.iova) >> self.pgshift;
+            if let Some(last_iova) = iova.checked_add(len - 1) {
+                let last = (last_iova - self.iova) >> self.pgshift;
+                if last_iova - self.iova < self.length && first >= self.win_first && last <= self.win_last {
+                    set_bits(self.data, first, last);
+                    return;
+                }
+            }
+        }
         let range_last = self.iova + (self.length - 1);
         if len == 0 || iova > range_last {
             return;
@@ -130,6 +142,7 @@ impl RecordDirty for IovaBitmap<'_> {
 }
 
 /// Sets bits `first..=last` of an LSB-first byte bitmap.
+#[inline]
 pub fn set_bits(data: &mut [u8], first: u64, last: u64) {
     let (fb, lb) = ((first / 8) as usize, (last / 8) as usize);
     let head = 0xffu8 << (first % 8);

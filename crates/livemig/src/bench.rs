@@ -46,9 +46,13 @@ pub struct HarvestArgs {
     pub runs: usize,
     pub tib: bool,
     pub naive: bool,
+    pub uapi: bool,
+    pub threshold: bool,
 }
 
-/// read_and_clear over a 4 KiB-mapped IOVA space: walker vs naive vs bandwidth pass.
+/// read_and_clear over a 4 KiB-mapped IOVA space: the walker on all cores and on one, against
+/// the read floor, a read+write bandwidth pass and the naive per-IOVA walk; then iommufd's
+/// bitmap against the raw walker, and optionally 1 TiB spaces and the threading threshold.
 pub fn harvest(a: &HarvestArgs) -> Result<()> {
     if a.iova_gib == 0 || a.runs == 0 {
         bail!("--iova-gib and --runs must be at least 1");
@@ -58,79 +62,198 @@ pub fn harvest(a: &HarvestArgs) -> Result<()> {
     }
     let iova = a.iova_gib << 30;
     println!(
-        "read_and_clear over {} GiB of IOVA, 4 KiB leaves; minimum of {} runs each\n",
-        a.iova_gib, a.runs
+        "read_and_clear over {} GiB of IOVA, 4 KiB leaves; minimum of {} runs each; {} cores\n",
+        a.iova_gib,
+        a.runs,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    // The bandwidth baseline: one linear read+write pass over an array the size of the
-    // leaf-PTE array (8 bytes per 4 KiB page).
+    // The baselines: one linear read+write pass over an array the size of the leaf-PTE array
+    // (8 bytes per 4 KiB page), and a read-only pass over it on all cores.
+    tracing::info!("measuring the bandwidth baselines");
     let mut bw = HarvestBench::new(FormatKind::AmdV1, iova, 0.0, true);
     let bw_t = bw.time_bandwidth(a.runs);
     let floor = bw.time_read_floor(a.runs);
+    let read_one = bw.time_read_pass(a.runs, 1);
     drop(bw);
     println!(
-        "bandwidth pass over {} MiB: {} ({:.1} GiB/s of PTE array); read-only pass on all cores \
-         (the floor for any harvest that reads every leaf PTE): {}\n",
+        "bandwidth pass over {} MiB: {} ({:.1} GiB/s of PTE array); read-only pass on one core: {}; \
+         on all cores (the floor for any harvest that reads every leaf PTE): {}\n",
         ((iova >> 12) * 8) >> 20,
         fmt_dur(bw_t),
         gib_per_s((iova >> 12) * 8, bw_t),
+        fmt_dur(read_one),
         fmt_dur(floor)
     );
-    println!("| format | dirty | pages | walker | IOVA GiB/s | naive | naive ÷ walker | bandwidth pass ÷ walker | naive ÷ read floor |");
+    println!(
+        "| format | dirty | pages | walker | one thread | read floor ÷ walker | bandwidth pass ÷ walker | naive | naive ÷ walker |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     for &fmt in &a.formats {
         for &frac in &a.fractions {
+            tracing::info!(%fmt, dirty = frac, "harvest");
             let b = HarvestBench::new(fmt, iova, frac, false);
             let expect = b.dirty_count() as u64;
             let t = min_time(a.runs, || b.redirty(), || assert_eq!(b.harvest(), expect));
-            let (naive, ratio, best) = if a.naive {
+            b.set_threads(true);
+            let one = min_time(a.runs, || b.redirty(), || assert_eq!(b.harvest(), expect));
+            let (naive, ratio) = if a.naive {
                 let n = min_time(a.runs, || b.redirty(), || assert_eq!(b.harvest_naive(), expect));
-                (
-                    fmt_dur(n),
-                    fmt_ratio(n.as_secs_f64() / t.as_secs_f64()),
-                    fmt_ratio(n.as_secs_f64() / floor.as_secs_f64()),
-                )
+                (fmt_dur(n), fmt_ratio(n.as_secs_f64() / t.as_secs_f64()))
             } else {
-                ("-".into(), "-".into(), "-".into())
+                ("-".into(), "-".into())
             };
             println!(
                 "| {fmt} | {}% | {} | {} | {} | {} | {} | {} | {} |",
                 frac * 100.0,
                 expect,
                 fmt_dur(t),
-                fmt_rate(gib_per_s(iova, t)),
+                fmt_dur(one),
+                fmt_ratio(floor.as_secs_f64() / t.as_secs_f64()),
+                fmt_ratio(bw_t.as_secs_f64() / t.as_secs_f64()),
                 naive,
                 ratio,
-                fmt_ratio(bw_t.as_secs_f64() / t.as_secs_f64()),
-                best
             );
         }
     }
+    if a.uapi {
+        uapi_overhead(a, iova)?;
+    }
     if a.tib {
-        println!();
-        let tib = 1u64 << 40;
-        let mut b = HarvestBench::new(FormatKind::VtdSs, tib, 0.001, true);
+        tib(a)?;
+    }
+    if a.threshold {
+        threshold(a.runs);
+    }
+    Ok(())
+}
+
+/// iommufd's `HWPT_GET_DIRTY_BITMAP` against the raw walker on the HWPT's own domain.
+fn uapi_overhead(a: &HarvestArgs, iova: u64) -> Result<()> {
+    let Some(&frac) = a.fractions.iter().find(|&&f| f > 0.0 && f <= 0.01) else {
+        return Ok(());
+    };
+    println!("\n| format | dirty | walker on the HWPT's domain | HWPT_GET_DIRTY_BITMAP | uAPI ÷ walker |");
+    println!("|---|---|---|---|---|");
+    for &fmt in &a.formats {
+        tracing::info!(%fmt, "iommufd bitmap against the walker");
+        let mut b = iommufd::bench_kit::BitmapBench::new(fmt, iova, frac);
         let expect = b.dirty_count() as u64;
-        let bw = b.time_bandwidth(a.runs);
-        let t = min_time(a.runs, || b.redirty(), || assert_eq!(b.harvest(), expect));
-        let n = if a.naive {
-            Some(min_time(1, || b.redirty(), || assert_eq!(b.harvest_naive(), expect)))
-        } else {
-            None
-        };
+        let mut best = [Duration::MAX; 2];
+        for _ in 0..a.runs {
+            for (i, best) in best.iter_mut().enumerate() {
+                b.redirty();
+                let t = std::time::Instant::now();
+                let got = if i == 0 {
+                    b.walker_get()
+                } else {
+                    b.iommufd_get();
+                    0
+                };
+                *best = (*best).min(t.elapsed());
+                let got = if i == 0 { got } else { b.bits_set() };
+                if got != expect {
+                    bail!("{fmt}: harvest found {got} dirty pages, {expect} were written");
+                }
+            }
+        }
         println!(
-            "| 1 TiB, 0.1% dirty (vtd-ss) | pages | walker | IOVA GiB/s | naive | naive ÷ walker | bandwidth pass ÷ walker |"
-        );
-        println!("|---|---|---|---|---|---|---|");
-        println!(
-            "| | {expect} | {} | {} | {} | {} | {} |",
-            fmt_dur(t),
-            fmt_rate(gib_per_s(tib, t)),
-            n.map_or("-".into(), fmt_dur),
-            n.map_or("-".into(), |n| fmt_ratio(n.as_secs_f64() / t.as_secs_f64())),
-            fmt_ratio(bw.as_secs_f64() / t.as_secs_f64())
+            "| {fmt} | {}% | {} | {} | {} |",
+            frac * 100.0,
+            fmt_dur(best[0]),
+            fmt_dur(best[1]),
+            fmt_ratio(best[1].as_secs_f64() / best[0].as_secs_f64())
         );
     }
     Ok(())
+}
+
+/// 1 TiB spaces: uniform sparse dirt, and dirt clustered in 2 MiB runs against a 1 GiB
+/// mapping with the same dirt.
+fn tib(a: &HarvestArgs) -> Result<()> {
+    let tib = 1u64 << 40;
+    println!();
+    tracing::info!("1 TiB, 0.1 % dirty: mapping (about 2 GiB of page tables)");
+    let mut b = HarvestBench::new(FormatKind::VtdSs, tib, 0.001, true);
+    let expect = b.dirty_count() as u64;
+    let bw = b.time_bandwidth(a.runs);
+    let t = min_time(a.runs, || b.redirty(), || assert_eq!(b.harvest(), expect));
+    let n = if a.naive {
+        Some(min_time(1, || b.redirty(), || assert_eq!(b.harvest_naive(), expect)))
+    } else {
+        None
+    };
+    drop(b);
+    println!(
+        "| 1 TiB, 0.1% dirty (vtd-ss) | pages | walker | IOVA GiB/s | naive | naive ÷ walker | bandwidth pass ÷ walker |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| | {expect} | {} | {} | {} | {} | {} |",
+        fmt_dur(t),
+        fmt_rate(gib_per_s(tib, t)),
+        n.map_or("-".into(), fmt_dur),
+        n.map_or("-".into(), |n| fmt_ratio(n.as_secs_f64() / t.as_secs_f64())),
+        fmt_ratio(bw.as_secs_f64() / t.as_secs_f64())
+    );
+
+    println!("\n| format | 1 GiB mapped, all dirty | 1 TiB mapped, 1 GiB dirty in 2 MiB runs | 1 TiB ÷ 1 GiB |");
+    println!("|---|---|---|---|");
+    for &fmt in &a.formats {
+        tracing::info!(%fmt, "clustered dirt: 1 GiB against 1 TiB");
+        let small = HarvestBench::clustered(fmt, 1 << 30, 1 << 30, 2 << 20);
+        let expect = small.dirty_count() as u64;
+        let s = min_time(a.runs, || small.redirty(), || assert_eq!(small.harvest(), expect));
+        drop(small);
+        let big = HarvestBench::clustered(fmt, tib, 1 << 30, 2 << 20);
+        if big.dirty_count() as u64 != expect {
+            bail!(
+                "{fmt}: the 1 TiB pattern dirties {} pages, not {expect}",
+                big.dirty_count()
+            );
+        }
+        let l = min_time(a.runs, || big.redirty(), || assert_eq!(big.harvest(), expect));
+        println!(
+            "| {fmt} | {} | {} | {} |",
+            fmt_dur(s),
+            fmt_dur(l),
+            fmt_ratio(l.as_secs_f64() / s.as_secs_f64())
+        );
+    }
+    Ok(())
+}
+
+/// Where splitting a harvest over the cores starts to pay: one thread against all cores on
+/// growing spaces at 1 % dirty.
+fn threshold(runs: usize) {
+    let runs = runs.max(20);
+    println!("\n| IOVA | leaf tables | one thread | all cores | all ÷ one |");
+    println!("|---|---|---|---|---|");
+    let mut first_win = None;
+    for mib in [2u64, 8, 32, 128, 512, 1024, 2048, 4096, 8192] {
+        let b = HarvestBench::new(FormatKind::VtdSs, mib << 20, 0.01, false);
+        let expect = b.dirty_count() as u64;
+        b.set_threads(true);
+        let one = min_time(runs, || b.redirty(), || assert_eq!(b.harvest(), expect));
+        b.set_threads(false);
+        let all = min_time(runs, || b.redirty(), || assert_eq!(b.harvest(), expect));
+        let r = all.as_secs_f64() / one.as_secs_f64();
+        if r < 1.0 {
+            first_win.get_or_insert(mib);
+        } else {
+            first_win = None;
+        }
+        println!(
+            "| {mib} MiB | {} | {} | {} | {} |",
+            mib / 2,
+            fmt_dur(one),
+            fmt_dur(all),
+            fmt_ratio(r)
+        );
+    }
+    match first_win {
+        Some(mib) => println!("\nall cores win from {mib} MiB ({} leaf tables) up", mib / 2),
+        None => println!("\nall cores never won at every larger size"),
+    }
 }
 
 /// 4 KiB DMA writes through the IOTLB against memcpy of the same bytes.
@@ -172,8 +295,13 @@ pub fn bitmap(iova_gib: u64, dirty: f64, runs: usize) -> Result<()> {
         for (i, best) in best.iter_mut().enumerate() {
             b.redirty();
             let t = std::time::Instant::now();
-            let got = if i == 0 { b.iommufd_get() } else { b.type1_get() };
+            if i == 0 {
+                b.iommufd_get()
+            } else {
+                b.type1_get()
+            };
             *best = (*best).min(t.elapsed());
+            let got = b.bits_set();
             if got != expect {
                 bail!("harvest found {got} dirty pages, {expect} were written");
             }

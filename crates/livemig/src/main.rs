@@ -341,12 +341,20 @@ enum BenchCmd {
         /// Runs per measurement; the minimum is reported.
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// Also measure 1 TiB mapped with 0.1 % dirty (needs about 4.5 GiB of RAM).
+        /// Also measure 1 TiB mapped: 0.1 % dirty spread uniformly, and 1 GiB dirty in
+        /// clustered 2 MiB runs against a 1 GiB mapping with the same dirt (needs about 4.5 GiB
+        /// of RAM).
         #[arg(long)]
         tib: bool,
         /// Skip the naive baseline (slow on large spaces).
         #[arg(long)]
         no_naive: bool,
+        /// Skip iommufd's HWPT_GET_DIRTY_BITMAP against the raw walker.
+        #[arg(long)]
+        no_uapi: bool,
+        /// Also sweep sizes for where a harvest on all cores beats one thread.
+        #[arg(long)]
+        threshold: bool,
     },
     /// Dirty bitmap through iommufd against type1 GET_BITMAP (same space, same pages).
     Bitmap {
@@ -734,6 +742,8 @@ fn bench_cmd(what: BenchCmd) -> Result<()> {
                 runs,
                 tib,
                 no_naive,
+                no_uapi,
+                threshold,
             } => bench::harvest(&bench::HarvestArgs {
                 iova_gib,
                 fractions: dirty,
@@ -741,6 +751,8 @@ fn bench_cmd(what: BenchCmd) -> Result<()> {
                 runs,
                 tib,
                 naive: !no_naive,
+                uapi: !no_uapi,
+                threshold,
             }),
             BenchCmd::Dma { runs } => bench::dma(runs),
             BenchCmd::Control {

@@ -131,6 +131,13 @@ impl Format for ArmLpaeS1 {
         pte & !(pte << (DBM.trailing_zeros() - AP_RDONLY.trailing_zeros())) & DBM
     }
     #[inline(always)]
+    fn none_dirty(block: &[u64; 8]) -> bool {
+        // Clean entries of a tracking domain have AP[2] set (writable ones wait for DBM to
+        // clear it): one AND answers for a whole block of them.
+        block.iter().fold(!0, |acc, &pte| acc & pte) & AP_RDONLY != 0
+            || block.iter().fold(0, |acc, &pte| acc | Self::dirty_bits(pte)) == 0
+    }
+    #[inline(always)]
     fn is_contig(_pte: u64, _level: usize) -> bool {
         false // the contiguous hint is not modelled: every leaf is one entry
     }

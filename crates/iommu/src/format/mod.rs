@@ -175,6 +175,12 @@ pub trait Format: Send + Sync + 'static {
     fn dirty_bits(pte: u64) -> u64 {
         Self::is_dirty(pte) as u64
     }
+    /// Whether none of eight leaf entries is dirty: the harvest's test of a block of a leaf
+    /// table, where most entries are clean at low dirt.
+    #[inline(always)]
+    fn none_dirty(block: &[u64; 8]) -> bool {
+        block.iter().fold(0, |acc, &pte| acc | Self::dirty_bits(pte)) == 0
+    }
     /// Whether a present leaf entry of a table at `level` is one replica of a contiguous leaf
     /// (a leaf that occupies more than one entry). The harvest asks this of every dirty entry,
     /// so formats answer it without a full decode.
@@ -256,6 +262,18 @@ mod tests {
         }
     }
 
+    fn block_agrees<F: Format>(picks: &[u8; 8], raw: &[u64; 8]) {
+        let leaf = F::leaf(0x4000_0000, 0, 12, Perm::RW, true);
+        let block: [u64; 8] = std::array::from_fn(|j| match picks[j] {
+            0 => F::clean(leaf),
+            1 => F::dirty(leaf),
+            2 => 0,
+            _ => raw[j],
+        });
+        let want = !block.iter().any(|&pte| F::is_dirty(pte));
+        assert_eq!(F::none_dirty(&block), want, "{:?} {block:x?}", F::KIND);
+    }
+
     proptest::proptest! {
         /// The harvest's shortcuts (`dirty_bits`, `is_contig`) say what `is_dirty` and a full
         /// decode say, for any 64-bit value.
@@ -264,6 +282,15 @@ mod tests {
             fast_tests_agree::<AmdV1>(pte);
             fast_tests_agree::<VtdSs>(pte);
             fast_tests_agree::<ArmLpaeS1>(pte);
+        }
+
+        /// `none_dirty` of a block says what `is_dirty` of each entry says, for blocks of
+        /// clean, dirty, empty and arbitrary entries.
+        #[test]
+        fn block_test_matches_is_dirty(picks in proptest::array::uniform8(0u8..4), raw in proptest::array::uniform8(proptest::num::u64::ANY)) {
+            block_agrees::<AmdV1>(&picks, &raw);
+            block_agrees::<VtdSs>(&picks, &raw);
+            block_agrees::<ArmLpaeS1>(&picks, &raw);
         }
     }
 
