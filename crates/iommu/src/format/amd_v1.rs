@@ -165,6 +165,11 @@ impl Format for AmdV1 {
         }
     }
     #[inline(always)]
+    fn untouched_table(pte: u64, _level: usize) -> bool {
+        let nl = (pte & NEXT_LEVEL_MASK) >> NEXT_LEVEL_SHIFT;
+        pte & (PR | A) == PR && nl != 0 && nl != NL_SIZE
+    }
+    #[inline(always)]
     fn table_accessed(pte: u64) -> bool {
         pte & A != 0
     }

@@ -207,6 +207,13 @@ pub trait Format: Send + Sync + 'static {
     fn table_access(pte: u64, ad: AdEnable) -> u64;
     /// Whether a non-leaf entry has its Accessed bit set (always true without `TABLE_ACCESSED`).
     fn table_accessed(pte: u64) -> bool;
+    /// Whether an entry of a table at `level` points to a table and has Accessed clear: no
+    /// walk went through it since A was cleared. The harvest asks this of every table entry
+    /// it passes, so formats with table A bits answer it without a full decode.
+    #[inline(always)]
+    fn untouched_table(pte: u64, level: usize) -> bool {
+        matches!(Self::decode(pte, level), Pte::Table { .. }) && !Self::table_accessed(pte)
+    }
     /// The non-leaf entry with Accessed cleared.
     fn table_clear_accessed(pte: u64) -> u64;
     /// The non-leaf entry with Accessed set (software, when it builds a subtree holding dirt).
@@ -282,6 +289,11 @@ mod tests {
             fast_tests_agree::<AmdV1>(pte);
             fast_tests_agree::<VtdSs>(pte);
             fast_tests_agree::<ArmLpaeS1>(pte);
+            for level in 0..LEVELS {
+                let slow = |d: Pte, accessed: bool| matches!(d, Pte::Table { .. }) && !accessed;
+                proptest::prop_assert_eq!(AmdV1::untouched_table(pte, level), slow(AmdV1::decode(pte, level), AmdV1::table_accessed(pte)));
+                proptest::prop_assert_eq!(VtdSs::untouched_table(pte, level), slow(VtdSs::decode(pte, level), VtdSs::table_accessed(pte)));
+            }
         }
 
         /// `none_dirty` of a block says what `is_dirty` of each entry says, for blocks of

@@ -134,6 +134,10 @@ impl Format for VtdSs {
         }
     }
     #[inline(always)]
+    fn untouched_table(pte: u64, level: usize) -> bool {
+        level > 0 && pte & (R | W) != 0 && pte & (PS | A) == 0
+    }
+    #[inline(always)]
     fn table_accessed(pte: u64) -> bool {
         pte & A != 0
     }
