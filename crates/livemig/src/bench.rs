@@ -229,7 +229,7 @@ fn threshold(runs: usize) {
     println!("\n| IOVA | leaf tables | one thread | all cores | all ÷ one |");
     println!("|---|---|---|---|---|");
     let mut first_win = None;
-    for mib in [2u64, 8, 32, 128, 512, 1024, 2048, 4096, 8192] {
+    for mib in [128u64, 1024, 4096, 8192, 12288, 16384, 32768] {
         let b = HarvestBench::new(FormatKind::VtdSs, mib << 20, 0.01, false);
         let expect = b.dirty_count() as u64;
         b.set_threads(true);

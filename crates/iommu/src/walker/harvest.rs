@@ -216,9 +216,10 @@ pub struct HarvestParallelism {
 
 impl HarvestParallelism {
     /// The measured threshold (`livemig bench harvest --threshold`, docs/benchmarks.md): on
-    /// this 2-core host starting and joining a helper costs 0.1–0.2 ms, which a harvest at
-    /// 1 % dirt starts to repay between 2 and 4 GiB of 4 KiB-mapped IOVA.
-    pub const MIN_ENTRIES: usize = 1 << 20;
+    /// this 2-core host starting and joining a helper costs 0.1–0.2 ms, and at 1 % dirt the
+    /// cores win from 12 GiB of 4 KiB-mapped IOVA (0.78× one thread), where a harvest first
+    /// has more than eight 1 GiB tables of work; up to 8 GiB one thread is as fast.
+    pub const MIN_ENTRIES: usize = 1 << 21;
 
     /// One thread, always.
     pub const SERIAL: Self = Self {
@@ -228,7 +229,11 @@ impl HarvestParallelism {
 
     fn threads(&self) -> usize {
         match self.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            0 => {
+                // Asked once: the answer reads cgroup files, which costs tens of microseconds.
+                static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+                *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
+            }
             n => n,
         }
     }
