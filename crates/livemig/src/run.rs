@@ -286,8 +286,26 @@ fn status(srv: &Server) -> Value {
 const QUITTING: &str = "the process is quitting (a migration is being rolled back first)";
 const WAITING: &str = "no guest here: this process is waiting for an incoming migration";
 
+/// A migration whose status is already final (what `query-migrate` shows) may not have handed
+/// the guest's state back yet: waits for its thread, which has only that left to do, so that a
+/// command sent right after `query-migrate` said `failed` or `completed` (a retry, `cont`,
+/// `quit`'s release) sees the state the status promised rather than "a migration is running".
+fn settle_ended_migration(srv: &Server) {
+    let ended = matches!(
+        srv.mig.snapshot().status,
+        migration::Status::Completed | migration::Status::Failed | migration::Status::Cancelled
+    );
+    if ended && matches!(*srv.at(), Where::Migrating) {
+        let thread = srv.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
 fn migrate(srv: &Arc<Server>, a: MigrateArgs) -> Result<Value, String> {
     let opts = a.options().map_err(|e| e.to_string())?;
+    settle_ended_migration(srv);
     // The state stays locked until the migration thread's handle is stored, so a `quit`
     // that sees `Migrating` always finds the thread to wait for.
     let mut at = srv.at();
@@ -352,6 +370,7 @@ fn migrate(srv: &Arc<Server>, a: MigrateArgs) -> Result<Value, String> {
 /// Runs a held guest here again. Safe without `force` only when the destination is known not
 /// to run it (it said it discarded it).
 fn cont(srv: &Server, force: bool) -> Result<Value, String> {
+    settle_ended_migration(srv);
     let mut at = srv.at();
     if srv.quitting.load(Ordering::Acquire) {
         return Err(QUITTING.into());
@@ -440,6 +459,7 @@ fn release(srv: &Arc<Server>, force: bool) -> Result<Value, String> {
     if srv.incoming.is_none() {
         return Err("release is for processes started with --incoming; `quit` ends this one".into());
     }
+    settle_ended_migration(srv);
     let mut at = srv.at();
     if srv.quitting.load(Ordering::Acquire) {
         return Err(QUITTING.into());

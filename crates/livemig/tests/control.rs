@@ -250,3 +250,30 @@ fn quit_never_drops_what_may_be_the_only_copy() {
     assert_eq!(ctl.ret("quit", json!({})), json!({}));
     assert_eq!(vm.wait_for(Duration::from_secs(10)), Some(0));
 }
+
+/// A command sent right after `query-migrate` said `failed` sees the state that status
+/// promised: a retry is accepted, not refused as "a migration is already running" (the
+/// migration thread may still be handing the guest back when the status is published).
+#[test]
+fn a_retry_right_after_failed_is_accepted() {
+    vmm::need_kvm!();
+    let s = sock("retry");
+    let _vm = run_vm(&s, &[]);
+    let mut ctl = Ctl::connect(&s);
+    // The window is short: enough rounds that the race, if it is there, shows.
+    for round in 0..25 {
+        // A port nobody listens on: the connection is refused at once.
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        ctl.ret("migrate", json!({ "uri": closed.to_string(), "peer-timeout": 2000 }));
+        let i = ctl.wait_status(&["completed", "failed", "cancelled"]);
+        assert_eq!(i["status"], "failed", "round {round}: {i}");
+        let r = ctl.cmd("migrate", json!({ "uri": closed.to_string(), "peer-timeout": 2000 }));
+        assert!(r.get("return").is_some(), "round {round}: retry refused: {r}");
+        let i = ctl.wait_status(&["completed", "failed", "cancelled"]);
+        assert_eq!(i["status"], "failed", "round {round}: {i}");
+    }
+    let (_dest, addr) = receive();
+    ctl.ret("migrate", json!({ "uri": addr }));
+    let i = ctl.wait_status(&["completed", "failed"]);
+    assert_eq!(i["status"], "completed", "{i}");
+}
