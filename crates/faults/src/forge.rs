@@ -212,7 +212,7 @@ fn session_key(sh: &Shared, source_nonce: u64) -> Option<u64> {
 }
 
 /// A page run the forger has seen after the bulk round: its pages, and whether a later
-/// frame sent any of them again (so a replay makes them stale).
+/// frame sent any of them again with other bytes (so a replay makes them stale).
 struct Seen {
     pfns: std::ops::Range<u64>,
     frame: Vec<u8>,
@@ -341,7 +341,10 @@ fn frames(mut from: TcpStream, mut to: TcpStream, sh: &Shared) {
             Some(Kind::Pages) => {
                 if let Some(r) = pfns(payload) {
                     for s in seen.iter_mut() {
-                        if s.pfns.start < r.end && r.start < s.pfns.end {
+                        // A page written again with the same bytes (dirty, yet unchanged) is
+                        // not stale when replayed: only a resend that differs makes it so.
+                        let same = s.pfns == r && s.frame.get(HEADER_LEN + 12..) == payload.get(12..);
+                        if s.pfns.start < r.end && r.start < s.pfns.end && !same {
                             s.superseded = true;
                         }
                     }
