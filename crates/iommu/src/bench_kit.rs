@@ -90,6 +90,7 @@ impl HarvestBench {
             HarvestParallelism {
                 threads: 0,
                 min_entries: 0,
+                ..HarvestParallelism::default()
             }
         });
     }

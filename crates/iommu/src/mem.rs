@@ -252,7 +252,7 @@ const SLAB_PAGES: usize = SLAB / 4096;
 /// walk can hold table pages borrowed from the arena while it allocates or retires others;
 /// only [`TableArena::reclaim`], which frees, needs `&mut self`, and therefore no borrowed
 /// table page can outlive it.
-pub struct TableArena {
+pub(crate) struct TableArena {
     books: Mutex<Books>,
 }
 
@@ -341,12 +341,13 @@ impl TableArena {
 
     /// Marks a page unlinked from the tree; it is freed by the next [`Self::reclaim`].
     pub fn retire(&self, pa: u64) {
-        self.books().retired.push(pa);
-    }
-
-    /// Whether pages wait for a drain before they can be freed.
-    pub fn has_retired(&self) -> bool {
-        !self.books().retired.is_empty()
+        let mut b = self.books();
+        #[cfg(debug_assertions)]
+        assert!(
+            b.live.contains(&pa) && !b.retired.contains(&pa),
+            "retiring {pa:#x}, which is not a live table of this arena"
+        );
+        b.retired.push(pa);
     }
 
     /// Recycles retired pages. Call only after an IOTLB invalidation has drained in-flight DMA.

@@ -280,10 +280,7 @@ fn run(fmt: FormatKind, huge: bool, split: bool, ops: Vec<Op>) -> Result<(), Tes
         // Half the cases harvest on three threads whatever the size, so the parallel path
         // (jobs per 1 GiB table, the barrier, helpers' buffers replayed in order) is
         // modelled as well as the one-thread path.
-        cfg.harvest = HarvestParallelism {
-            threads: 3,
-            min_entries: 0,
-        };
+        cfg.harvest = HarvestParallelism::forced(3);
     }
     let dom = Domain::new(cfg).unwrap();
     let mem = Arc::new(AnonMemory::new(HOST as usize, true).unwrap());

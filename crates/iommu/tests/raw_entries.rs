@@ -312,3 +312,41 @@ fn non_tracking_domains_and_capability_registers() {
     arm.set_dirty_tracking(false).unwrap();
     assert_eq!(arm.context_word(), 0x0000_ee05_c000_3510);
 }
+
+/// A contiguous AMD leaf that the harvested range cuts carries its dirt in the replica the DMA
+/// walked, which may lie outside the range: the harvest must still find it, at the range's
+/// tail and at its head, and report the part inside the range.
+#[test]
+fn a_contiguous_leaf_cut_by_the_range_is_read_through_every_replica() {
+    const KIB: u64 = 1 << 10;
+    let base = 0x4000_0000;
+    for (write_at, range) in [
+        // Dirt in the last replica, range ending in the middle of the leaf (its tail edge).
+        (base + 60 * KIB, (base, base + 32 * KIB)),
+        // Dirt in the first replica, range starting in the middle of the leaf (its head edge).
+        (base, (base + 32 * KIB, base + 128 * KIB)),
+    ] {
+        let mem = Arc::new(AnonMemory::new((256 * KIB) as usize, false).unwrap());
+        let dom = Domain::new(DomainConfig::new(FormatKind::AmdV1)).unwrap();
+        // Separate 64 KiB maps, so that each is one 64 KiB leaf of sixteen replicas.
+        for k in 0..3 {
+            dom.map(base + k * 64 * KIB, 64 * KIB, mem.clone(), k * 64 * KIB, Perm::RW)
+                .unwrap();
+        }
+        assert_eq!(dom.leaf_histogram().into_iter().collect::<Vec<_>>(), vec![(16, 3)]);
+        dom.read_and_clear_dirty(base, 192 * KIB, 0, &mut DirtyBitmap::default())
+            .unwrap();
+        dom.set_dirty_tracking(true).unwrap();
+        dom.attach(1).write(write_at, &[1]).unwrap();
+        let (s, e) = range;
+        let got = harvest(&dom, s, e - s);
+        let leaf = base;
+        let want_lo = s.max(leaf);
+        let want_hi = e.min(leaf + 64 * KIB);
+        assert_eq!(
+            got,
+            vec![(want_lo, want_hi - want_lo)],
+            "write at {write_at:#x}, range {s:#x}..{e:#x}"
+        );
+    }
+}

@@ -26,10 +26,7 @@ fn run(fmt: FormatKind, huge: bool) {
     run_with(fmt, huge, IOVA, PAGES, HarvestParallelism::default(), MIN_ROUNDS);
     // Every harvest split over three threads (two 1 GiB tables' parts: the thread that
     // reports scans straight into the recorder, the others buffer).
-    let forced = HarvestParallelism {
-        threads: 3,
-        min_entries: 0,
-    };
+    let forced = HarvestParallelism::forced(3);
     // Starting helper threads next to three busy writers on a small host is slow: fewer
     // rounds, each still racing every writer.
     run_with(fmt, huge, IOVA_PARALLEL, PAGES_PARALLEL, forced, MIN_ROUNDS / 10);

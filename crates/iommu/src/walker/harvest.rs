@@ -3,7 +3,7 @@
 //! can use the cursor, whose table addresses only the walker may produce.
 
 use super::*;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU8, AtomicUsize};
 use std::sync::Mutex;
 
 /// Reports and (unless [`DIRTY_NO_CLEAR`]) resets the dirty leaves in `[start, end)`.
@@ -57,11 +57,15 @@ pub(crate) fn read_and_clear_dirty<F: Format>(
         end,
         &mut work,
     );
-    if threads > 1 && work.len() > JOB_TABLES {
+    let per_job = par.tables_per_job.max(1);
+    if threads > 1 && work.len() > per_job {
         // Jobs of a few 1 GiB tables: enough of them to balance the threads, few enough that
         // per-job costs stay small when most tables hold one dirty run.
-        let jobs = work.chunks(JOB_TABLES).map(<[_]>::to_vec).collect();
-        return harvest_parallel(jobs, job, threads, clear_a.then_some(drain), start, end, clear, out);
+        let jobs: Vec<Vec<_>> = work.chunks(per_job).map(<[_]>::to_vec).collect();
+        let threads = threads.min(jobs.len());
+        let restore = || restore_accessed(root);
+        let pass = Pass { start, end, clear };
+        return harvest_parallel(jobs, job, threads, clear_a.then_some(drain), &restore, pass, out);
     }
     if threads > 1 {
         work = work.into_iter().flat_map(job).collect();
@@ -74,48 +78,97 @@ pub(crate) fn read_and_clear_dirty<F: Format>(
     h.flush();
 }
 
-/// Parts of 1 GiB tables (or above) in one parallel job.
-const JOB_TABLES: usize = 8;
+/// What every thread of a parallel harvest needs to know of the request.
+#[derive(Clone, Copy)]
+struct Pass {
+    start: u64,
+    end: u64,
+    clear: bool,
+}
+
+/// Sets A again in every table entry under `it`: after a failed collect, a subtree whose A
+/// was cleared but whose leaves were never scanned must not be skipped by the next harvest.
+fn restore_accessed<F: Format>(it: Level<'_, F>) {
+    for s in it {
+        if let Pte::Table { .. } = s.kind {
+            let e = it.entry(s.idx);
+            e.store(F::table_set_accessed(e.load(Ordering::Relaxed)), Ordering::Release);
+            restore_accessed(it.descend(&s));
+        }
+    }
+}
+
+const WAIT: u8 = 0;
+const SCAN: u8 = 1;
+const ABORT: u8 = 2;
+
+/// Sets a parallel harvest's phase to `ABORT` if the thread holding it unwinds, so that no
+/// helper waits for a phase that will not come or scans on for a caller that is gone.
+struct AbortOnUnwind<'a>(&'a AtomicU8);
+
+impl Drop for AbortOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(ABORT, Ordering::Release);
+        }
+    }
+}
 
 /// Phases 1 to 3 on several threads, each taking jobs in turn (a slow thread takes fewer):
-/// 1. each job (a 1 GiB table, or a part of a table above) is collected into a list of parts
-///    to scan, clearing A below it;
-/// 2. once every job is collected, this thread drains (all threads wait at a barrier);
+/// 1. each job (a few 1 GiB tables, or parts of tables above) is collected into a list of
+///    parts to scan, clearing A below it;
+/// 2. once every job is collected, this thread drains, and only then may anyone scan;
 /// 3. each job's list is scanned. Reports must reach `out` in IOVA order and only this
 ///    thread holds `out`: a list this thread takes when every earlier one is reported is
-///    scanned straight into `out`; any other is scanned into a buffer (coalesced runs, few
-///    even when everything is dirty), which this thread replays in order as soon as it can,
-///    while the helpers go on scanning.
-#[allow(clippy::too_many_arguments)]
+///    scanned straight into `out`; any other is scanned into a buffer (coalesced runs), which
+///    this thread replays in order as soon as it can, while the helpers go on scanning.
+///
+/// Nothing here can hang: phases are flags, not barriers, so a helper that could not be
+/// started is simply absent; a panic in a job is caught, recorded and raised again here
+/// after the threads are joined. A collect that panicked may have cleared A above leaves
+/// nobody scanned, so then nothing is scanned, A is set again everywhere in the range (the
+/// next harvest reads every leaf), and D stays as it was: nothing is lost.
 fn harvest_parallel<'t, F: Format>(
     jobs: Vec<Vec<Level<'t, F>>>,
     job: impl Fn(Level<'t, F>) -> Vec<Level<'t, F>> + Sync,
     threads: usize,
     drain: Option<&dyn Fn()>,
-    start: u64,
-    end: u64,
-    clear: bool,
+    restore: &dyn Fn(),
+    pass: Pass,
     out: &mut DirtyBitmap<'_>,
 ) {
     let n = jobs.len();
     if n == 0 {
         return;
     }
+    let Pass { start, end, clear } = pass;
     let lists: Vec<Mutex<Vec<Level<'t, F>>>> = (0..n).map(|_| Mutex::new(Vec::new())).collect();
     let slots: Vec<Mutex<Option<Scanned>>> = (0..n).map(|_| Mutex::new(None)).collect();
-    let (next_a, next_b) = (AtomicUsize::new(0), AtomicUsize::new(1));
+    let (next_a, next_b, collected) = (AtomicUsize::new(0), AtomicUsize::new(1), AtomicUsize::new(0));
+    let phase = AtomicU8::new(WAIT);
+    let panic: Mutex<Option<Box<dyn std::any::Any + Send>>> = Mutex::new(None);
+    let failed = |p: Box<dyn std::any::Any + Send>| {
+        phase.store(ABORT, Ordering::Release);
+        lock(&panic).get_or_insert(p);
+    };
     let collect_jobs = || loop {
         let i = next_a.fetch_add(1, Ordering::Relaxed);
         if i >= n {
             break;
         }
-        *lock(&lists[i]) = jobs[i].iter().flat_map(|&j| job(j)).collect();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            jobs[i].iter().flat_map(|&j| job(j)).collect::<Vec<_>>()
+        }));
+        match r {
+            Ok(list) => *lock(&lists[i]) = list,
+            Err(p) => failed(p),
+        }
+        collected.fetch_add(1, Ordering::AcqRel);
     };
     let scan_into = |i: usize, o: &mut DirtyBitmap<'_>| {
+        let list = std::mem::take(&mut *lock(&lists[i]));
         let mut h = Harvest::new(start, end, clear, o);
-        std::mem::take(&mut *lock(&lists[i]))
-            .into_iter()
-            .for_each(|seg| h.scan(seg));
+        list.into_iter().for_each(|seg| h.scan(seg));
         h.flush();
     };
     let scan_buffered = |i: usize| {
@@ -129,45 +182,51 @@ fn harvest_parallel<'t, F: Format>(
         );
         *lock(&slots[i]) = Some((buf, gather));
     };
-    let barrier = std::sync::Barrier::new(threads);
     std::thread::scope(|sc| {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        for _ in 1..threads {
+        for k in 1..threads {
             let tx = tx.clone();
-            let (barrier, collect_jobs, scan_buffered, next_b) = (&barrier, &collect_jobs, &scan_buffered, &next_b);
-            sc.spawn(move || {
-                // Every thread reaches both barriers, even after a panic, so none waits
-                // forever; the panic is raised again afterwards and the scope reports it.
-                let a = std::panic::catch_unwind(std::panic::AssertUnwindSafe(collect_jobs));
-                barrier.wait();
-                barrier.wait();
-                if let Err(p) = a {
-                    std::panic::resume_unwind(p);
+            let (phase, collect_jobs, scan_buffered, next_b, failed) =
+                (&phase, &collect_jobs, &scan_buffered, &next_b, &failed);
+            let helper = move || {
+                collect_jobs();
+                while phase.load(Ordering::Acquire) == WAIT {
+                    std::thread::yield_now();
                 }
-                loop {
+                while phase.load(Ordering::Acquire) == SCAN {
                     let i = next_b.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         break;
                     }
-                    scan_buffered(i);
+                    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scan_buffered(i))) {
+                        failed(p);
+                    }
                     let _ = tx.send(());
                 }
-            });
+            };
+            // A helper the system will not start is one fewer: the jobs wait for whoever runs.
+            let _ = std::thread::Builder::new()
+                .name(format!("harvest-{k}"))
+                .spawn_scoped(sc, helper);
         }
         drop(tx);
-        let a = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&collect_jobs));
-        barrier.wait();
+        let _abort = AbortOnUnwind(&phase);
+        collect_jobs();
+        while collected.load(Ordering::Acquire) < n {
+            std::thread::yield_now();
+        }
+        if phase.load(Ordering::Acquire) == ABORT {
+            restore();
+            return;
+        }
         if let Some(drain) = drain {
             drain();
         }
-        barrier.wait();
-        if let Err(p) = a {
-            std::panic::resume_unwind(p);
-        }
+        phase.store(SCAN, Ordering::Release);
         // Job 0 is this thread's, so that reports can start straight away.
         scan_into(0, out);
         let mut reported = 1;
-        while reported < n {
+        while reported < n && phase.load(Ordering::Acquire) == SCAN {
             if let Some((buf, gather)) = lock(&slots[reported]).take() {
                 if let Some(b) = out.bitmap.as_deref_mut() {
                     for r in buf.0 {
@@ -186,12 +245,16 @@ fn harvest_parallel<'t, F: Format>(
                 reported += 1;
             } else if i < n {
                 scan_buffered(i);
-            } else if rx.recv().is_err() {
-                // Every helper has ended; a panicked one is raised again by the scope.
-                break;
+            } else {
+                // Wait for a helper's next job; bounded, so an aborted pass is seen.
+                let _ = rx.recv_timeout(std::time::Duration::from_millis(10));
             }
         }
     });
+    let raised = lock(&panic).take();
+    if let Some(p) = raised {
+        std::panic::resume_unwind(p);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -212,6 +275,9 @@ pub struct HarvestParallelism {
     pub threads: usize,
     /// 4 KiB pages the requested range must span before a harvest uses several threads.
     pub min_entries: usize,
+    /// 1 GiB tables per unit of parallel work; a harvest with no more than this many stays
+    /// on one thread. Tests set 1 to run the parallel path on small ranges.
+    pub tables_per_job: usize,
 }
 
 impl HarvestParallelism {
@@ -225,7 +291,17 @@ impl HarvestParallelism {
     pub const SERIAL: Self = Self {
         threads: 1,
         min_entries: usize::MAX,
+        tables_per_job: 8,
     };
+
+    /// Several threads whatever the size: for tests of the parallel path.
+    pub const fn forced(threads: usize) -> Self {
+        Self {
+            threads,
+            min_entries: 0,
+            tables_per_job: 1,
+        }
+    }
 
     fn threads(&self) -> usize {
         match self.threads {
@@ -234,7 +310,8 @@ impl HarvestParallelism {
                 static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
                 *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
             }
-            n => n,
+            // Beyond this, threads only cost: the work is divided in 1 GiB tables.
+            n => n.min(64),
         }
     }
 }
@@ -244,6 +321,7 @@ impl Default for HarvestParallelism {
         Self {
             threads: 0,
             min_entries: Self::MIN_ENTRIES,
+            tables_per_job: 8,
         }
     }
 }
