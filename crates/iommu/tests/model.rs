@@ -7,6 +7,8 @@
 //! rule and the collapse rule, and shadow memory. Translations, fault records, memory contents,
 //! reported dirty ranges and the leaf-size histogram must match exactly after every step.
 
+mod common;
+use common::runs;
 use iommu::{
     AnonMemory, DirtyBitmap, DmaError, Domain, DomainConfig, Fault, FaultReason, FormatKind, HarvestParallelism,
     HostMemory, IotlbGather, Perm, SplitPolicy, DIRTY_NO_CLEAR,
@@ -589,16 +591,4 @@ model_tests! {
     arm_huge: FormatKind::ArmLpaeS1, true, false;
     arm_4k: FormatKind::ArmLpaeS1, false, false;
     arm_split: FormatKind::ArmLpaeS1, true, true;
-}
-
-/// Merges adjacent `(iova, len)` ranges of an ordered list into runs.
-fn runs(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &(iova, len) in ranges {
-        match out.last_mut() {
-            Some(last) if last.0 + last.1 == iova => last.1 += len,
-            _ => out.push((iova, len)),
-        }
-    }
-    out
 }

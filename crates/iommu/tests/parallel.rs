@@ -4,6 +4,8 @@
 //! and off, random sub-ranges and NO_CLEAR; and a concurrency stress across twelve 1 GiB
 //! tables with writers racing the parallel harvester (0 misses, 0 stale pages).
 
+mod common;
+use common::runs;
 use iommu::{
     AnonMemory, DirtyBitmap, Domain, DomainConfig, FormatKind, HarvestParallelism, IotlbGather, Perm, DIRTY_NO_CLEAR,
 };
@@ -43,17 +45,6 @@ fn harvest(d: &Domain, s: u64, e: u64, flags: u32) -> (Vec<(u64, u64)>, IotlbGat
         d.iotlb_sync(&g);
     }
     (got, g)
-}
-
-fn runs(r: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &(i, l) in r {
-        match out.last_mut() {
-            Some(x) if x.0 + x.1 == i => x.1 += l,
-            _ => out.push((i, l)),
-        }
-    }
-    out
 }
 
 fn differential(fmt: FormatKind, huge: bool, seed: u64) {

@@ -410,8 +410,34 @@ struct Harvest<'a, 'b> {
     end: u64,
     clear: bool,
     out: &'a mut DirtyBitmap<'b>,
-    /// The run of whole dirty leaves not yet reported: `[run.0, run.1)`.
-    run: (u64, u64),
+    /// Whole dirty leaves not yet reported.
+    run: Run,
+}
+
+/// A run of adjacent whole dirty leaves, `[lo, hi)`; empty when `hi <= lo`.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    lo: u64,
+    hi: u64,
+}
+
+impl Run {
+    /// Adds `[iova, iova + len)`; returns the run it ends, if it does not extend it.
+    #[inline(always)]
+    fn extend(&mut self, iova: u64, len: u64) -> Option<Run> {
+        if self.hi == iova && self.hi > self.lo {
+            self.hi += len;
+            return None;
+        }
+        let done = std::mem::replace(
+            self,
+            Run {
+                lo: iova,
+                hi: iova + len,
+            },
+        );
+        (done.hi > done.lo).then_some(done)
+    }
 }
 
 impl<'a, 'b> Harvest<'a, 'b> {
@@ -421,27 +447,28 @@ impl<'a, 'b> Harvest<'a, 'b> {
             end,
             clear,
             out,
-            run: (0, 0),
+            run: Run::default(),
         }
+    }
+
+    fn report(&mut self, r: Run) {
+        self.out.record_leaf(r.lo, r.hi - r.lo, self.start, self.end);
     }
 
     /// Reports the pending run.
     fn flush(&mut self) {
-        let (lo, hi) = std::mem::take(&mut self.run);
-        if hi > lo {
-            self.out.record_leaf(lo, hi - lo, self.start, self.end);
+        let r = std::mem::take(&mut self.run);
+        if r.hi > r.lo {
+            self.report(r);
         }
     }
 
     #[inline(always)]
     fn dirty_leaf(&mut self, iova: u64, len: u64) {
         if self.start <= iova && iova + len <= self.end {
-            if self.run.1 == iova && self.run.1 > self.run.0 {
-                self.run.1 += len;
-                return;
+            if let Some(done) = self.run.extend(iova, len) {
+                self.report(done);
             }
-            self.flush();
-            self.run = (iova, iova + len);
         } else {
             // Part of the leaf lies outside: the recorder must hear its extent.
             self.flush();
@@ -514,19 +541,7 @@ impl<'a, 'b> Harvest<'a, 'b> {
         // `self` every page would reload it, since `self.out` might alias it.
         let clear = self.clear;
         let base = it.base;
-        let (mut lo, mut hi) = std::mem::take(&mut self.run);
-        macro_rules! dirty_pages {
-            ($iova:expr, $len:expr) => {{
-                let (iova, len) = ($iova, $len);
-                if hi == iova && hi > lo {
-                    hi += len;
-                } else {
-                    self.run = (lo, hi);
-                    self.flush();
-                    (lo, hi) = (iova, iova + len);
-                }
-            }};
-        }
+        let mut run = std::mem::take(&mut self.run);
         while idx < end {
             if idx & 7 == 0 && idx + 8 <= end {
                 let block: [u64; 8] = std::array::from_fn(|j| table.load(idx + j));
@@ -541,7 +556,9 @@ impl<'a, 'b> Harvest<'a, 'b> {
                             table.entry(idx + j).store(F::clean(v), Ordering::Relaxed);
                         }
                     }
-                    dirty_pages!(base + ((idx as u64) << PAGE_SHIFT), 8 * PAGE_SIZE);
+                    if let Some(done) = run.extend(base + ((idx as u64) << PAGE_SHIFT), 8 * PAGE_SIZE) {
+                        self.report(done);
+                    }
                     idx += 8;
                     continue;
                 }
@@ -550,22 +567,24 @@ impl<'a, 'b> Harvest<'a, 'b> {
             let v = e.load(Ordering::Relaxed);
             if F::is_dirty(v) {
                 if F::is_contig(v, 0) {
-                    self.run = (lo, hi);
+                    self.run = run;
                     it.skip_to(idx);
                     let s = it.next().expect("an entry in range");
                     self.scan_leaf(&it, &s);
                     idx = it.idx;
-                    (lo, hi) = std::mem::take(&mut self.run);
+                    run = std::mem::take(&mut self.run);
                     continue;
                 }
                 if clear {
                     e.store(F::clean(v), Ordering::Relaxed);
                 }
-                dirty_pages!(base + ((idx as u64) << PAGE_SHIFT), PAGE_SIZE);
+                if let Some(done) = run.extend(base + ((idx as u64) << PAGE_SHIFT), PAGE_SIZE) {
+                    self.report(done);
+                }
             }
             idx += 1;
         }
-        self.run = (lo, hi);
+        self.run = run;
         if let Some(s) = tail {
             self.scan_leaf(&it, &s);
         }
