@@ -238,7 +238,8 @@ impl TablePage {
 }
 
 /// Table pages come from 2 MiB slabs: contiguous and backed by transparent huge pages where
-/// the kernel allows, so a harvest streams through them with few TLB misses.
+/// the kernel allows, so a harvest streams through them with few TLB misses. Leaf tables and
+/// the tables above them come from different slabs ([`TablePool`]).
 const SLAB: usize = 2 << 20;
 const SLAB_PAGES: usize = SLAB / 4096;
 
@@ -256,9 +257,24 @@ pub(crate) struct TableArena {
     books: Mutex<Books>,
 }
 
+/// Which slabs a table page comes from. A 4 KiB-mapped space has 512 leaf tables to every
+/// table above; cut from the same slabs, each upper table would sit in its own 2 MiB page
+/// among leaf tables, and a sparse harvest that reads the upper tables whole and a few leaf
+/// tables would miss the TLB on every one (measured: the 1 TiB clustered harvest of
+/// docs/benchmarks.md#harvest spent most of its time so). Kept apart, the upper tables of
+/// 1 TiB share one huge page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TablePool {
+    /// Tables of the lowest level (their entries are 4 KiB leaves).
+    Leaf,
+    /// Every other table, the root included.
+    Upper,
+}
+
 struct Books {
     slabs: Vec<AnonMemory>,
-    next: usize,
+    /// Per pool: the slab pages are being cut from, and the next page in it.
+    bump: [(usize, usize); 2],
     free: Vec<u64>,
     retired: Vec<u64>,
     in_use: usize,
@@ -277,7 +293,7 @@ impl TableArena {
         Self {
             books: Mutex::new(Books {
                 slabs: Vec::new(),
-                next: SLAB_PAGES,
+                bump: [(0, SLAB_PAGES); 2],
                 free: Vec::new(),
                 retired: Vec::new(),
                 in_use: 0,
@@ -292,24 +308,25 @@ impl TableArena {
         self.books.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Allocates a zeroed table page and returns its address.
-    pub fn alloc(&self) -> u64 {
+    /// Allocates a zeroed table page from `pool` and returns its address.
+    pub fn alloc(&self, pool: TablePool) -> u64 {
         let mut b = self.books();
         let pa = match b.free.pop() {
             Some(pa) => pa,
             None => {
-                if b.next == SLAB_PAGES {
-                    let slab = AnonMemory::new(SLAB, false).expect("out of memory for IOMMU page tables");
+                let books = &mut *b;
+                let (slab, next) = &mut books.bump[pool as usize];
+                if *next == SLAB_PAGES {
+                    let fresh = AnonMemory::new(SLAB, false).expect("out of memory for IOMMU page tables");
                     // SAFETY: advice on a range this arena owns; it changes no contents.
                     unsafe {
-                        libc::madvise(slab.host_ptr().cast(), SLAB, libc::MADV_HUGEPAGE);
+                        libc::madvise(fresh.host_ptr().cast(), SLAB, libc::MADV_HUGEPAGE);
                     }
-                    b.slabs.push(slab);
-                    b.next = 0;
+                    books.slabs.push(fresh);
+                    (*slab, *next) = (books.slabs.len() - 1, 0);
                 }
-                let slab = b.slabs.last().expect("slab just ensured");
-                let pa = slab.host_ptr() as u64 + (b.next * 4096) as u64;
-                b.next += 1;
+                let pa = books.slabs[*slab].host_ptr() as u64 + (*next * 4096) as u64;
+                *next += 1;
                 pa
             }
         };

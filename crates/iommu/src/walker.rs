@@ -27,7 +27,7 @@
 //!   leaf's extent ([`RecordDirty::record_leaf`]), and the IOTLB gather gets the whole leaf.
 
 use crate::format::{level_shift, Format, Perm, Pte, LEVELS, PAGE_SHIFT, PAGE_SIZE};
-use crate::mem::{TableArena, TablePage, ENTRIES};
+use crate::mem::{TableArena, TablePage, TablePool, ENTRIES};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -123,7 +123,7 @@ pub(crate) struct Tables {
 impl Tables {
     pub fn new() -> Self {
         let arena = TableArena::new();
-        let root = arena.alloc();
+        let root = arena.alloc(TablePool::Upper);
         Self { arena, root }
     }
 }
@@ -309,9 +309,14 @@ impl<'t, F: Format> Level<'t, F> {
         self.idx = idx;
     }
 
-    /// A fresh, zeroed table page.
+    /// A fresh, zeroed table page for a child of this level.
     fn new_table(&self) -> (u64, &'t TablePage) {
-        let pa = self.arena.alloc();
+        let pool = if self.level == 1 {
+            TablePool::Leaf
+        } else {
+            TablePool::Upper
+        };
+        let pa = self.arena.alloc(pool);
         // SAFETY: the arena just handed this page out, and the borrow of `Tables` keeps it.
         (pa, unsafe { self.arena.table(pa) })
     }
