@@ -100,11 +100,30 @@ impl HarvestBench {
         self.dirty_pages.len()
     }
 
-    /// Dirties the selected pages through real DMA writes (untimed setup).
+    /// Dirties the selected pages through real DMA writes (untimed setup), on every core: as
+    /// DMA from several engines arrives, and so that every core has just run when the timed
+    /// harvest starts. On a host whose idle cores sleep, a harvest after a one-core setup
+    /// would otherwise wait milliseconds for its helper to be woken (docs/host-notes.md).
     pub fn redirty(&self) {
-        for &p in &self.dirty_pages {
-            self.dma.write(BASE + (p << 12), &[1]).expect("dma");
-        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = self.dirty_pages.len().div_ceil(cores).max(1);
+        std::thread::scope(|s| {
+            for part in self.dirty_pages.chunks(chunk) {
+                let dma = self.dma.clone();
+                s.spawn(move || {
+                    for &p in part {
+                        dma.write(BASE + (p << 12), &[1]).expect("dma");
+                    }
+                });
+            }
+        });
+    }
+
+    /// [`Self::redirty`], then 20 ms with nothing to run: the harvest that follows starts
+    /// with the other cores asleep, as after a quiet spell in a VMM.
+    pub fn redirty_then_idle(&self) {
+        self.redirty();
+        std::thread::sleep(Duration::from_millis(20));
     }
 
     /// One harvest with the generic walker into a counting sink; returns pages reported.

@@ -85,15 +85,16 @@ pub fn harvest(a: &HarvestArgs) -> Result<()> {
         fmt_dur(floor)
     );
     println!(
-        "| format | dirty | pages | walker | one thread | read floor ÷ walker | bandwidth pass ÷ walker | naive | naive ÷ walker |"
+        "| format | dirty | pages | walker | walker, cores idle before | one thread | read floor ÷ walker | bandwidth pass ÷ walker | naive | naive ÷ walker |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &fmt in &a.formats {
         for &frac in &a.fractions {
             tracing::info!(%fmt, dirty = frac, "harvest");
             let b = HarvestBench::new(fmt, iova, frac, false);
             let expect = b.dirty_count() as u64;
             let t = min_time(a.runs, || b.redirty(), || assert_eq!(b.harvest(), expect));
+            let idle = min_time(a.runs, || b.redirty_then_idle(), || assert_eq!(b.harvest(), expect));
             b.set_threads(true);
             let one = min_time(a.runs, || b.redirty(), || assert_eq!(b.harvest(), expect));
             let (naive, ratio) = if a.naive {
@@ -103,10 +104,11 @@ pub fn harvest(a: &HarvestArgs) -> Result<()> {
                 ("-".into(), "-".into())
             };
             println!(
-                "| {fmt} | {}% | {} | {} | {} | {} | {} | {} | {} |",
+                "| {fmt} | {}% | {} | {} | {} | {} | {} | {} | {} | {} |",
                 frac * 100.0,
                 expect,
                 fmt_dur(t),
+                fmt_dur(idle),
                 fmt_dur(one),
                 fmt_ratio(floor.as_secs_f64() / t.as_secs_f64()),
                 fmt_ratio(bw_t.as_secs_f64() / t.as_secs_f64()),

@@ -567,7 +567,10 @@ impl<'a, 'b> Harvest<'a, 'b> {
                 // Read again (from L1) rather than kept: holding eight entries across the test
                 // above spilled registers in the clean-block path, the hot one at low dirt.
                 let block: [u64; 8] = std::array::from_fn(|j| table.load(idx + j));
-                if block.iter().all(|&v| F::is_dirty(v) && !F::is_contig(v, 0)) {
+                if block
+                    .iter()
+                    .fold(true, |all, &v| all & F::is_dirty(v) & !F::is_contig(v, 0))
+                {
                     // Plain stores, as in `Harvest::clean`.
                     if clear {
                         for (j, &v) in block.iter().enumerate() {
