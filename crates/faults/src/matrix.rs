@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm::{layout, AccelSetup, DirtyLogMode, Pattern, Program, Vm, VmConfig};
+use vmm::{layout, AccelSetup, DeviceSet, DirtyLogMode, Pattern, Program, Vm, VmConfig};
 
 /// How the matrix runs.
 #[derive(Clone, Debug)]
@@ -152,7 +152,7 @@ fn source_vm(mem_mib: u64) -> Result<Arc<Vm>, String> {
         regions: 1,
         vcpus: 1,
         dirty: DirtyLogMode::Bitmap,
-        accel: Some(AccelSetup::default()),
+        devices: DeviceSet::one(AccelSetup::default()),
     })
     .map_err(|e| format!("source VM: {e}"))?;
     let mut p = Program::dirtier(layout::WORKSET_BASE, 4096, 16.0, Pattern::Uniform);

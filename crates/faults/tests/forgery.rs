@@ -23,7 +23,7 @@ fn source_vm() -> Arc<Vm> {
         regions: 2,
         vcpus: 1,
         dirty: DirtyLogMode::Bitmap,
-        accel: Some(AccelSetup::default()),
+        devices: DeviceSet::one(AccelSetup::default()),
     })
     .unwrap();
     let mut p = Program::dirtier(WORKSET_BASE, 16384, 32.0, Pattern::Uniform);

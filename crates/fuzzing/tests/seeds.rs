@@ -57,7 +57,7 @@ fn record_migration() -> (Vec<u8>, Vec<u8>) {
             regions: 2,
             vcpus: 1,
             dirty: DirtyLogMode::Bitmap,
-            accel: Some(AccelSetup::default()),
+            devices: DeviceSet::one(AccelSetup::default()),
         })
         .unwrap(),
     );

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use iommu::bench_kit::{min_time, DmaBench, HarvestBench};
 use iommu::FormatKind;
 use std::time::Duration;
+use vmm::DeviceSet;
 
 fn gib_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1u64 << 30) as f64 / d.as_secs_f64()
@@ -396,7 +397,7 @@ pub fn pause(vcpus: u32, cycles: u32) -> Result<()> {
         regions: 1,
         vcpus,
         dirty: DirtyLogMode::default(),
-        accel: None,
+        devices: DeviceSet::default(),
     })?;
     for v in 0..vcpus {
         vm.load_program(

@@ -246,7 +246,7 @@ pub fn run(a: &Args) -> Result<()> {
         vm.rate,
         vm.ws()?,
         vm.pattern,
-        if vm.no_accel { "absent" } else { "busy" },
+        if vm.device_count() == 0 { "absent" } else { "busy" },
         vm.dirty_log,
         a.channels,
         if a.compress { "LZ4" } else { "no compression" },

@@ -205,7 +205,7 @@ pub fn run(a: &Args) -> Result<()> {
          at most {} iterations{}.\n",
         a.vm.memory_mib,
         a.vm.rate,
-        if a.vm.no_accel { "off" } else { "busy" },
+        if a.vm.device_count() == 0 { "off" } else { "busy" },
         if a.mig.compress { "on" } else { "off" },
         a.mig.downtime_limit,
         a.mig.max_iterations,

@@ -73,6 +73,11 @@ pub fn vm_args(o: &VmOpts) -> Vec<String> {
     }
     if o.no_accel {
         a.push("--no-accel".into());
+    } else {
+        a.extend(["--devices".into(), o.devices.to_string()]);
+    }
+    if o.shared_domain {
+        a.push("--shared-domain".into());
     }
     if o.iommu_4k {
         a.push("--iommu-4k".into());

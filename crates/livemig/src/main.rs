@@ -669,7 +669,7 @@ fn run() -> Result<i32> {
         } => receive::receive(
             &listen,
             migration::DestOptions {
-                accel_dev_id,
+                dev_id: accel_dev_id,
                 peer_timeout: std::time::Duration::from_secs_f64(peer_timeout),
                 security: sec.for_destination()?,
                 sabotage_resume_before_commit,

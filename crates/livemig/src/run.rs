@@ -131,7 +131,7 @@ pub fn run(opts: &VmOpts, control: &Path, release_after: Option<Duration>, incom
                 memory_mib = opts.memory_mib,
                 vcpus = opts.vcpus,
                 rate_mib_s = opts.rate,
-                accel = !opts.no_accel,
+                devices = opts.device_count(),
                 control = %control.display(),
                 "VM running"
             );

@@ -79,9 +79,10 @@ fn outcome(i: &Value) -> String {
 pub fn print(i: &Value) {
     let status = s(i, "status");
     out!(
-        "migration {status} (mode {}, verify {}, {} page channel(s), transport {}, CPU dirty log {})",
+        "migration {status} (mode {}, verify {}, {} device(s), {} page channel(s), transport {}, CPU dirty log {})",
         s(i, "livemig.mode"),
         s(i, "livemig.verify"),
+        u(i, "livemig.devices"),
         u(i, "livemig.channels"),
         s(i, "livemig.transport"),
         s(i, "livemig.cpu-dirty-log")

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use iommu::FormatKind;
 use vmm::layout::WORKSET_BASE;
-use vmm::{AccelSetup, DirtyLogMode, Pattern, Program, Vm, VmConfig};
+use vmm::{AccelSetup, DeviceSet, DirtyLogMode, Pattern, Program, Vm, VmConfig};
 
 #[derive(Args, Clone, Debug)]
 pub struct VmOpts {
@@ -30,9 +30,17 @@ pub struct VmOpts {
     /// Dirty ring entries per vCPU (a power of two, 256..=65536).
     #[arg(long, default_value_t = 65536)]
     pub ring_entries: u32,
-    /// No accelerator (and no accel-client).
-    #[arg(long)]
+    /// No accelerator (and no accel-client); the same as `--devices 0`.
+    #[arg(long, conflicts_with = "devices")]
     pub no_accel: bool,
+    /// Accelerators (0 to 3), each behind its own IOMMU domain unless `--shared-domain`.
+    /// vCPU k drives device k, so with fewer vCPUs than devices the rest sit idle (their
+    /// state still migrates).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=vmm::layout::MAX_DEVICES as i64))]
+    pub devices: u32,
+    /// Put every accelerator behind one IOMMU domain (one HWPT, one dirty bitmap).
+    #[arg(long)]
+    pub shared_domain: bool,
     /// IOMMU page-table format: amd-v1, vtd-ss or arm-lpae-s1.
     #[arg(long, default_value = "vtd-ss", value_parser = parse_format)]
     pub iommu_format: FormatKind,
@@ -78,19 +86,32 @@ impl VmOpts {
                 entries: self.ring_entries,
             },
         };
-        let accel = (!self.no_accel).then(|| AccelSetup {
+        let accel = AccelSetup {
             format: self.iommu_format,
             huge_pages: !self.iommu_4k,
             eager_split: !self.iommu_4k,
             ..Default::default()
-        });
+        };
+        let devices = DeviceSet {
+            accels: vec![accel; self.device_count() as usize],
+            shared_domain: self.shared_domain,
+        };
         Ok(VmConfig {
             mem_mib: self.memory_mib,
             regions: 1,
             vcpus: self.vcpus,
             dirty,
-            accel,
+            devices,
         })
+    }
+
+    /// Accelerators asked for.
+    pub fn device_count(&self) -> u32 {
+        if self.no_accel {
+            0
+        } else {
+            self.devices
+        }
     }
 
     /// The working set in MiB, checked against the memory size.
@@ -136,8 +157,11 @@ impl VmOpts {
                 self.pattern,
             );
             p.dirtier = self.rate > 0.0;
-            // vCPU 0 also drives the accelerator.
-            p.accel_queue = (!self.no_accel && v == 0).then_some(1);
+            // vCPU k also drives accelerator k.
+            if v < self.device_count() {
+                p.accel_queue = Some(1);
+                p.accel_device = v;
+            }
             vm.load_program(v, &p)?;
         }
         Ok(vm)

@@ -54,6 +54,8 @@ fn bad_input_gets_a_clear_error() {
         (vec!["demo", "--max-bandwidth-mib=-1"], "--max-bandwidth-mib"),
         (vec!["demo", "--peer-timeout", "0"], "--peer-timeout"),
         (vec!["demo", "--channels", "65"], "--channels"),
+        (vec!["demo", "--devices", "4"], "--devices"),
+        (vec!["demo", "--devices", "2", "--no-accel"], "--no-accel"),
         (vec!["demo", "--verify", "sometimes"], "--verify"),
         (vec!["demo", "--verify", "gate", "--no-verify"], "--no-verify"),
         (
@@ -108,6 +110,37 @@ fn demo_json_reports_a_verified_migration() {
         assert!(v["ram"][k].is_u64(), "ram.{k}");
     }
     assert_eq!(v["ram"]["total"], 256u64 << 20);
+    assert_eq!(v["livemig"]["devices"], 1);
+}
+
+#[test]
+fn demo_with_two_devices_behind_one_domain_is_verified() {
+    vmm::need_kvm!();
+    let out = Command::new(BIN)
+        .args([
+            "demo",
+            "--json",
+            "--memory-mib",
+            "256",
+            "--ws-mib",
+            "128",
+            "--rate",
+            "64",
+            "--warmup-ms",
+            "300",
+            "--devices",
+            "2",
+            "--vcpus",
+            "2",
+            "--shared-domain",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["livemig"]["verified"], true, "{}", v["livemig"]["verify-detail"]);
+    assert_eq!(v["livemig"]["devices"], 2);
 }
 
 #[test]

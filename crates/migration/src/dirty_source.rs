@@ -46,17 +46,16 @@ impl std::fmt::Display for DeviceTracking {
 }
 
 enum Tracker {
-    NoDevice,
     Iommu { fd: Arc<IommuFd>, hwpt: u32 },
     DeviceLog(MigrationDevice),
     Everything,
 }
 
-/// A started device-write tracker.
+/// A started device-write tracker: one per IOMMU domain (HWPT dirty bits, or every page in
+/// `none` mode), or one per device (DMA logging).
 pub struct DeviceDirty {
-    tracker: Tracker,
-    /// IOAS areas: (iova, length); IOVA = guest-physical address.
-    areas: Vec<(u64, u64)>,
+    /// Each tracker with its IOAS areas: (iova, length); IOVA = guest-physical address.
+    trackers: Vec<(Tracker, Vec<(u64, u64)>)>,
     buf: Vec<u8>,
     running: bool,
 }
@@ -66,85 +65,88 @@ fn io(op: &'static str) -> impl Fn(iommu::Errno) -> MigError {
 }
 
 impl DeviceDirty {
-    /// Starts tracking device writes of `vm` in `mode`. A VM without a device tracks nothing.
+    /// Starts tracking the writes of every device of `vm` in `mode`. A VM without devices
+    /// tracks nothing. If one device's tracking fails to start, the ones started are stopped.
     pub fn start(vm: &Vm, mode: DeviceTracking) -> Result<Self, MigError> {
-        let Some(s) = vm.iommu() else {
-            return Ok(Self {
-                tracker: Tracker::NoDevice,
-                areas: Vec::new(),
-                buf: Vec::new(),
-                running: false,
-            });
-        };
-        let areas: Vec<(u64, u64)> =
-            s.fd.ioas_areas(s.ioas)
-                .map_err(io("IOAS areas"))?
-                .into_iter()
-                .map(|(i, l, _)| (i, l))
-                .collect();
-        let tracker = match mode {
-            DeviceTracking::Iommu => {
-                let cmd = HwptSetDirtyTracking {
-                    flags: IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
-                    hwpt_id: s.hwpt,
-                    __reserved: 0,
-                };
-                s.fd.hwpt_set_dirty_tracking(&cmd)
-                    .map_err(io("IOMMU_HWPT_SET_DIRTY_TRACKING"))?;
-                Tracker::Iommu {
-                    fd: s.fd.clone(),
-                    hwpt: s.hwpt,
-                }
-            }
-            DeviceTracking::DeviceLog => {
-                let dev = s.accel.migration().clone();
-                let ranges: Vec<LogRange> = areas.iter().map(|&(iova, length)| LogRange { iova, length }).collect();
-                dev.dma_logging_start(&ranges, 4096).map_err(io("DMA_LOGGING_START"))?;
-                Tracker::DeviceLog(dev)
-            }
-            DeviceTracking::None => Tracker::Everything,
-        };
-        Ok(Self {
-            tracker,
-            areas,
+        let mut me = Self {
+            trackers: Vec::new(),
             buf: Vec::new(),
             running: true,
-        })
+        };
+        let devices = vm.devices();
+        for (i, d) in devices.iter().enumerate() {
+            // Devices behind one domain share its dirty bits and its mappings.
+            let first_of_domain = !devices[..i].iter().any(|p| p.same_domain(d));
+            if !first_of_domain && mode != DeviceTracking::DeviceLog {
+                continue;
+            }
+            let areas: Vec<(u64, u64)> =
+                d.fd.ioas_areas(d.ioas)
+                    .map_err(io("IOAS areas"))?
+                    .into_iter()
+                    .map(|(i, l, _)| (i, l))
+                    .collect();
+            let tracker = match mode {
+                DeviceTracking::Iommu => {
+                    let cmd = HwptSetDirtyTracking {
+                        flags: IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
+                        hwpt_id: d.hwpt,
+                        __reserved: 0,
+                    };
+                    d.fd.hwpt_set_dirty_tracking(&cmd)
+                        .map_err(io("IOMMU_HWPT_SET_DIRTY_TRACKING"))?;
+                    Tracker::Iommu {
+                        fd: d.fd.clone(),
+                        hwpt: d.hwpt,
+                    }
+                }
+                DeviceTracking::DeviceLog => {
+                    let dev = d.migration.clone();
+                    let ranges: Vec<LogRange> = areas.iter().map(|&(iova, length)| LogRange { iova, length }).collect();
+                    dev.dma_logging_start(&ranges, 4096).map_err(io("DMA_LOGGING_START"))?;
+                    Tracker::DeviceLog(dev)
+                }
+                DeviceTracking::None => Tracker::Everything,
+            };
+            me.trackers.push((tracker, areas));
+        }
+        Ok(me)
     }
 
     /// Adds the pages devices wrote since the last harvest to `out` (and re-arms tracking).
     pub fn harvest(&mut self, out: &mut PageBitmap) -> Result<(), MigError> {
-        for &(iova, len) in &self.areas {
-            let bytes = (len / 4096).div_ceil(8) as usize;
-            self.buf.clear();
-            self.buf.resize(bytes, 0);
-            match &self.tracker {
-                Tracker::NoDevice => return Ok(()),
-                Tracker::Iommu { fd, hwpt } => {
-                    let mut cmd = HwptGetDirtyBitmap {
-                        hwpt_id: *hwpt,
-                        flags: 0,
-                        __reserved: 0,
-                        iova,
-                        length: len,
-                        page_size: 4096,
-                        data: &mut self.buf,
-                    };
-                    fd.hwpt_get_dirty_bitmap(&mut cmd)
-                        .map_err(io("IOMMU_HWPT_GET_DIRTY_BITMAP"))?;
-                }
-                Tracker::DeviceLog(dev) => {
-                    dev.dma_logging_report(iova, len, 4096, &mut self.buf)
-                        .map_err(io("DMA_LOGGING_REPORT"))?;
-                }
-                Tracker::Everything => {
-                    for p in iova / 4096..(iova + len) / 4096 {
-                        out.set(p);
+        for (tracker, areas) in &self.trackers {
+            for &(iova, len) in areas {
+                let bytes = (len / 4096).div_ceil(8) as usize;
+                self.buf.clear();
+                self.buf.resize(bytes, 0);
+                match tracker {
+                    Tracker::Iommu { fd, hwpt } => {
+                        let mut cmd = HwptGetDirtyBitmap {
+                            hwpt_id: *hwpt,
+                            flags: 0,
+                            __reserved: 0,
+                            iova,
+                            length: len,
+                            page_size: 4096,
+                            data: &mut self.buf,
+                        };
+                        fd.hwpt_get_dirty_bitmap(&mut cmd)
+                            .map_err(io("IOMMU_HWPT_GET_DIRTY_BITMAP"))?;
                     }
-                    continue;
+                    Tracker::DeviceLog(dev) => {
+                        dev.dma_logging_report(iova, len, 4096, &mut self.buf)
+                            .map_err(io("DMA_LOGGING_REPORT"))?;
+                    }
+                    Tracker::Everything => {
+                        for p in iova / 4096..(iova + len) / 4096 {
+                            out.set(p);
+                        }
+                        continue;
+                    }
                 }
+                out.set_from_bytes(iova / 4096, &self.buf);
             }
-            out.set_from_bytes(iova / 4096, &self.buf);
         }
         Ok(())
     }
@@ -154,18 +156,20 @@ impl DeviceDirty {
         if !std::mem::replace(&mut self.running, false) {
             return;
         }
-        match &self.tracker {
-            Tracker::Iommu { fd, hwpt } => {
-                let _ = fd.hwpt_set_dirty_tracking(&HwptSetDirtyTracking {
-                    flags: 0,
-                    hwpt_id: *hwpt,
-                    __reserved: 0,
-                });
+        for (tracker, _) in &self.trackers {
+            match tracker {
+                Tracker::Iommu { fd, hwpt } => {
+                    let _ = fd.hwpt_set_dirty_tracking(&HwptSetDirtyTracking {
+                        flags: 0,
+                        hwpt_id: *hwpt,
+                        __reserved: 0,
+                    });
+                }
+                Tracker::DeviceLog(dev) => {
+                    let _ = dev.dma_logging_stop();
+                }
+                Tracker::Everything => {}
             }
-            Tracker::DeviceLog(dev) => {
-                let _ = dev.dma_logging_stop();
-            }
-            Tracker::NoDevice | Tracker::Everything => {}
         }
     }
 }

@@ -109,6 +109,8 @@ pub struct LivemigInfo {
     pub mode: String,
     pub cpu_dirty_log: String,
     pub channels: u16,
+    /// Devices the VM has (each with its VFIO migration state).
+    pub devices: u32,
     pub compressed_pages: u64,
     pub compressed_bytes: u64,
     /// Pages dirtied per second by the vCPUs / by the device, over the pre-copy iterations.

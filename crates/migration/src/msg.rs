@@ -3,7 +3,8 @@
 
 use crate::error::WireError;
 
-pub const VERSION: u16 = 2;
+/// 3: the VM configuration carries a list of devices instead of one accelerator.
+pub const VERSION: u16 = 3;
 /// Capability bits of `Hello`.
 pub const CAP_LZ4: u64 = 1;
 pub const CAP_VERIFY: u64 = 2;
@@ -11,8 +12,9 @@ pub const CAP_VERIFY: u64 = 2;
 pub const CAP_PSK: u64 = 4;
 /// Pages per `Pages` frame at most.
 pub const MAX_RUN_PAGES: u32 = 64;
-const MAX_NAME: usize = 64;
 const MAX_REGIONS: u32 = 64;
+/// Longest device list (`VmConfigMsg::devices`) a side reads.
+pub const MAX_DEVICE_LIST: usize = 4096;
 
 type R<T> = Result<T, WireError>;
 
@@ -148,20 +150,6 @@ impl Hello {
     }
 }
 
-/// The accelerator as the source has it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AccelDesc {
-    pub name: String,
-    pub flags: u32,
-    pub format: u8,
-    pub huge_pages: bool,
-    pub qp_num: u32,
-    pub dev_id: u32,
-    pub que_iso_cfg: u32,
-    pub qp_base: u32,
-    pub dma_logging: bool,
-}
-
 /// How a migration proves that the destination holds the source's guest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -220,7 +208,9 @@ pub struct VmConfigMsg {
     /// half of the shorter of the two after its `Ready`, so it never resumes after the source
     /// stopped waiting for it.
     pub peer_timeout_ms: u32,
-    pub accel: Option<AccelDesc>,
+    /// The VM's devices as its VMM describes them (`vmm::DeviceSet::encode`): the engine
+    /// carries the list and the destination's VMM rebuilds and checks it.
+    pub devices: Vec<u8>,
 }
 
 impl VmConfigMsg {
@@ -233,15 +223,8 @@ impl VmConfigMsg {
         w.u16(self.channels)
             .u8(self.verify as u8)
             .u32(self.peer_timeout_ms)
-            .u8(self.accel.is_some() as u8);
-        if let Some(a) = &self.accel {
-            w.str(&a.name).u32(a.flags).u8(a.format).u8(a.huge_pages as u8);
-            w.u32(a.qp_num)
-                .u32(a.dev_id)
-                .u32(a.que_iso_cfg)
-                .u32(a.qp_base)
-                .u8(a.dma_logging as u8);
-        }
+            .u16(self.devices.len() as u16)
+            .bytes(&self.devices);
         w.0
     }
     pub fn decode(b: &[u8]) -> R<Self> {
@@ -262,21 +245,11 @@ impl VmConfigMsg {
         if peer_timeout_ms == 0 {
             return Err(WireError::Malformed("a zero peer timeout"));
         }
-        let accel = if r.bool()? {
-            Some(AccelDesc {
-                name: r.str(MAX_NAME)?,
-                flags: r.u32()?,
-                format: r.u8()?,
-                huge_pages: r.bool()?,
-                qp_num: r.u32()?,
-                dev_id: r.u32()?,
-                que_iso_cfg: r.u32()?,
-                qp_base: r.u32()?,
-                dma_logging: r.bool()?,
-            })
-        } else {
-            None
-        };
+        let n = r.u16()? as usize;
+        if n > MAX_DEVICE_LIST {
+            return Err(WireError::Malformed("device list too long"));
+        }
+        let devices = r.take(n)?.to_vec();
         r.end()?;
         Ok(Self {
             mem_mib,
@@ -285,7 +258,7 @@ impl VmConfigMsg {
             channels,
             verify,
             peer_timeout_ms,
-            accel,
+            devices,
         })
     }
 }

@@ -1,5 +1,5 @@
-//! The guest's blackout as the guest sees it: the host watches the guest programs' counters
-//! (pages written, the dirtier's TSC stamp, accel jobs completed) and notes, on the monotonic
+//! The guest's blackout as the guest sees it: the host watches the guest's progress word
+//! (`vmm::GuestProbe`) and notes, on the monotonic
 //! clock, the last change before the source pauses and the first after the destination
 //! resumes.
 
@@ -8,20 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use vmm::Vm;
+use vmm::{GuestProbe, Vm};
 
 /// How often the watcher looks; its resolution.
 const PERIOD: Duration = Duration::from_micros(20);
-
-/// One number that changes whenever any vCPU's program makes progress.
-pub fn word(vm: &Vm) -> u64 {
-    (0..vm.vcpu_count())
-        .map(|v| {
-            let c = vm.counters(v);
-            c.pages_written.wrapping_add(c.tsc_now).wrapping_add(c.jobs_completed)
-        })
-        .fold(0u64, u64::wrapping_add)
-}
 
 /// Watches a running guest until stopped; remembers the time of the last change it saw.
 pub struct LastProgress {
@@ -38,10 +28,10 @@ impl LastProgress {
         let thread = std::thread::Builder::new()
             .name("progress-last".into())
             .spawn(move || {
-                let mut w = word(&vm);
+                let mut w = vm.progress_word();
                 while !s.load(Ordering::Acquire) {
                     std::thread::sleep(PERIOD);
-                    let now = word(&vm);
+                    let now = vm.progress_word();
                     if now != w {
                         w = now;
                         l.store(mono_ns(), Ordering::Release);
@@ -75,7 +65,7 @@ impl LastProgress {
 pub fn first_change(vm: &Vm, baseline: u64, limit: Duration) -> Option<u64> {
     let end = mono_ns() + limit.as_nanos() as u64;
     while mono_ns() < end {
-        if word(vm) != baseline {
+        if vm.progress_word() != baseline {
             return Some(mono_ns());
         }
         std::thread::sleep(PERIOD);

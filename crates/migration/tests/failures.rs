@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vfio::MigState;
+use vmm::{AccelSetup, DeviceSet};
 use vmm::{DirtyLogMode, Vm};
 
 /// The source is back to normal: vCPUs, the dirtier and the accelerator run, the device is
@@ -33,8 +34,8 @@ fn assert_source_running(vm: &Vm, info: &MigrationInfo) {
         "accel jobs complete: {c0:?} -> {c1:?}"
     );
     assert_eq!(c1.errors, 0);
-    let io = vm.iommu().unwrap();
-    assert_eq!(io.accel.migration().get_state(), MigState::Running);
+    let io = &vm.devices()[0];
+    assert_eq!(io.migration.get_state(), MigState::Running);
     assert!(
         !io.fd.hwpt_dirty_tracking(io.hwpt).unwrap(),
         "HWPT dirty tracking is off again"
@@ -133,7 +134,7 @@ fn incompatible_device_is_refused_during_precopy() {
     need_kvm!();
     let vm = source_vm(128, 16.0, DirtyLogMode::Bitmap);
     let (addr, dest) = spawn_dest(DestOptions {
-        accel_dev_id: Some(0xbeef),
+        dev_id: Some(0xbeef),
         ..Default::default()
     });
     let ctl = MigrationControl::default();
@@ -179,11 +180,8 @@ fn cancel_leaves_the_source_running() {
     let d = dest.join().unwrap();
     assert!(d.is_err(), "the destination never resumed");
     assert_source_running(&vm, &ctl.snapshot());
-    let e = vm
-        .iommu()
-        .unwrap()
-        .accel
-        .migration()
+    let e = vm.devices()[0]
+        .migration
         .dma_logging_report(0, 4096, 4096, &mut [0u8; 1])
         .unwrap_err();
     assert_eq!(e.code(), iommu::errno::EINVAL, "DMA logging was stopped");
@@ -226,7 +224,7 @@ fn raw_session(mem_mib: u64) -> RawSession {
         channels: 0,
         verify: VerifyMode::Off,
         peer_timeout_ms: 10_000,
-        accel: None,
+        devices: DeviceSet::default().encode(),
     };
     w.send(Kind::Config, &cfg.encode()).unwrap();
     assert_eq!(r.expect().unwrap().kind, Kind::ConfigOk);
@@ -368,7 +366,7 @@ fn a_config_beyond_this_host_is_refused_up_front() {
         channels: 0,
         verify: VerifyMode::Off,
         peer_timeout_ms: 10_000,
-        accel: None,
+        devices: DeviceSet::default().encode(),
     };
     w.send(Kind::Config, &cfg.encode()).unwrap();
     let why = error_frame(&mut r);
@@ -377,6 +375,62 @@ fn a_config_beyond_this_host_is_refused_up_front() {
         "{why}"
     );
     assert!(matches!(dest.join().unwrap(), Err(MigError::Incompatible(_))));
+}
+
+/// A device list this VMM cannot build is refused before anything is allocated: too many
+/// devices, an unknown IOMMU format, shared devices that disagree, bytes cut short.
+#[test]
+fn a_device_list_this_vmm_cannot_build_is_refused() {
+    need_kvm!();
+    let two = DeviceSet {
+        accels: vec![AccelSetup::default(); 2],
+        shared_domain: true,
+    }
+    .encode();
+    let mut unknown_format = two.clone();
+    unknown_format[3] = 9;
+    let mut disagree = two.clone();
+    disagree[4] ^= 1; // the first device's huge-leaf flag
+    let mut four = two.clone();
+    four[2] = 4;
+    for (devices, want) in [
+        (unknown_format, "unknown IOMMU format 9"),
+        (disagree, "must have the same format and page sizes"),
+        (four, "at most 3"),
+        (two[..two.len() - 1].to_vec(), "cut short"),
+    ] {
+        let (addr, dest) = spawn_dest(DestOptions::default());
+        let s = TcpStream::connect(addr).unwrap();
+        let mut w = FrameWriter::new(s.try_clone().unwrap());
+        let mut r = FrameReader::new(s);
+        let hello = Hello {
+            version: VERSION,
+            role: Role::Control,
+            nonce: 7,
+            caps: 0,
+        };
+        w.send(Kind::Hello, &hello.encode()).unwrap();
+        let h = Hello::decode(&r.expect().unwrap().payload).unwrap();
+        let key = migration::session::key(7, h.nonce);
+        w.set_key(key);
+        r.set_key(key);
+        let cfg = VmConfigMsg {
+            mem_mib: 64,
+            vcpus: 1,
+            regions: vec![(0, 64 << 20)],
+            channels: 0,
+            verify: VerifyMode::Off,
+            peer_timeout_ms: 10_000,
+            devices,
+        };
+        w.send(Kind::Config, &cfg.encode()).unwrap();
+        let why = error_frame(&mut r);
+        assert!(
+            why.contains("the source's devices") && why.contains(want),
+            "{want}: {why}"
+        );
+        assert!(matches!(dest.join().unwrap(), Err(MigError::Incompatible(_))));
+    }
 }
 
 /// Records what a source sends; a replay of it to another destination fails at its first

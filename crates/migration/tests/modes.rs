@@ -69,7 +69,7 @@ fn outrunning_guest(auto_converge: bool, max_iterations: u32) -> MigrationInfo {
         regions: 1,
         vcpus: 1,
         dirty: DirtyLogMode::Bitmap,
-        accel: Some(AccelSetup::default()),
+        devices: DeviceSet::one(AccelSetup::default()),
     };
     let vm = Vm::new(cfg).unwrap();
     let mut p = Program::dirtier(vmm::layout::WORKSET_BASE, 4096, 0.0, Pattern::Uniform);
@@ -137,7 +137,7 @@ fn every_iommu_format() {
             regions: 1,
             vcpus: 1,
             dirty: DirtyLogMode::Ring { entries: 65536 },
-            accel: Some(AccelSetup {
+            devices: DeviceSet::one(AccelSetup {
                 format,
                 eager_split: true,
                 ..Default::default()

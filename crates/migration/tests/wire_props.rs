@@ -10,43 +10,14 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-fn accel() -> impl Strategy<Value = Option<AccelDesc>> {
-    proptest::option::of(
-        (
-            "[a-z]{0,12}",
-            any::<u32>(),
-            0u8..3,
-            any::<bool>(),
-            any::<u32>(),
-            any::<u32>(),
-            any::<u32>(),
-            any::<u32>(),
-            any::<bool>(),
-        )
-            .prop_map(
-                |(name, flags, format, huge_pages, qp_num, dev_id, que_iso_cfg, qp_base, dma_logging)| AccelDesc {
-                    name,
-                    flags,
-                    format,
-                    huge_pages,
-                    qp_num,
-                    dev_id,
-                    que_iso_cfg,
-                    qp_base,
-                    dma_logging,
-                },
-            ),
-    )
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
     fn config_round_trips(mem_mib in any::<u64>(), vcpus in any::<u32>(), regions in proptest::collection::vec((any::<u64>(), any::<u64>()), 1..8),
-                          channels in any::<u16>(), verify in 0u8..3, peer_timeout_ms in 1u32.., accel in accel()) {
+                          channels in any::<u16>(), verify in 0u8..3, peer_timeout_ms in 1u32.., devices in proptest::collection::vec(any::<u8>(), 0..200)) {
         let verify = [VerifyMode::Off, VerifyMode::Gate, VerifyMode::Audit][verify as usize];
-        let m = VmConfigMsg { mem_mib, vcpus, regions, channels, verify, peer_timeout_ms, accel };
+        let m = VmConfigMsg { mem_mib, vcpus, regions, channels, verify, peer_timeout_ms, devices };
         prop_assert_eq!(VmConfigMsg::decode(&m.encode()).unwrap(), m.clone());
         // Any strict prefix is refused, never misread.
         let b = m.encode();

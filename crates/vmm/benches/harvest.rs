@@ -4,6 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::time::{Duration, Instant};
+use vmm::DeviceSet;
 use vmm::{DirtyLogMode, PageBitmap, Pattern, Program, Vm, VmConfig};
 
 fn harvest(c: &mut Criterion) {
@@ -22,7 +23,7 @@ fn harvest(c: &mut Criterion) {
             regions: 1,
             vcpus: 1,
             dirty: mode,
-            accel: None,
+            devices: DeviceSet::default(),
         })
         .unwrap();
         let ws = vmm::layout::WORKSET_BASE;

@@ -2,6 +2,7 @@
 //! cpu-dirty`: a real guest dirties memory at a configured rate while the host harvests at a
 //! fixed interval, ring or bitmap.
 
+use crate::devices::DeviceSet;
 use crate::{layout, DirtyLogMode, PageBitmap, Pattern, Program, Vm, VmConfig, VmError};
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,7 @@ pub fn measure(
         regions: 1,
         vcpus,
         dirty: mode,
-        accel: None,
+        devices: DeviceSet::default(),
     })?;
     let mem = vm.mem_size();
     if mem <= layout::WORKSET_BASE + ((vcpus as u64) << 20) {

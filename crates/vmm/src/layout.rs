@@ -10,9 +10,9 @@
 //! | 0x0001_0000 | 4 KiB × vCPU | per-vCPU control page: program config and counters ([`crate::programs::ctrl`]) |
 //! | 0x0008_0000 | 4 KiB × vCPU | per-vCPU stacks (top of each page) |
 //! | 0x0010_0000 | 64 KiB × vCPU | per-vCPU program code |
-//! | 0x0040_0000 | 4 MiB | the accel-client's rings, buffers and CRC table |
+//! | 0x0040_0000 | 4 MiB × device | each accel-client's rings, buffers and CRC table (device 0, 1, 2) |
 //! | 0x0100_0000 | to the end of RAM | the dirtier's working sets |
-//! | 0xd000_0000 | 64 KiB | accelerator MMIO registers (`accel::regs`) |
+//! | 0xd000_0000 | 64 KiB × device | each accelerator's MMIO registers (`accel::regs`) |
 //!
 //! The device sees guest RAM at IOVA = GPA except inside its IOMMU's reserved regions, which
 //! stay unmapped in the IOAS: on Arm the SMMU driver's software MSI window
@@ -35,6 +35,8 @@ pub const ACCEL_AREA: u64 = 0x40_0000;
 pub const ACCEL_AREA_SIZE: u64 = 0x40_0000;
 pub const WORKSET_BASE: u64 = 0x100_0000;
 pub const ACCEL_MMIO: u64 = 0xd000_0000;
+/// Most devices the layout has room for: their clients' areas fill 4 to 16 MiB.
+pub const MAX_DEVICES: u32 = 3;
 /// Most vCPUs the layout has room for.
 pub const MAX_VCPUS: u32 = 32;
 /// Smallest guest RAM the layout fits in.
@@ -48,4 +50,13 @@ pub fn stack_top(vcpu: u32) -> u64 {
 }
 pub fn code(vcpu: u32) -> u64 {
     CODE_BASE + vcpu as u64 * CODE_SIZE
+}
+
+/// Where device `dev`'s registers sit.
+pub fn accel_mmio(dev: u32) -> u64 {
+    ACCEL_MMIO + dev as u64 * accel::regs::MMIO_SIZE
+}
+/// The area the accel-client driving device `dev` keeps its rings and buffers in.
+pub fn accel_area(dev: u32) -> u64 {
+    ACCEL_AREA + dev as u64 * ACCEL_AREA_SIZE
 }

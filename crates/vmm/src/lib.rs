@@ -14,21 +14,25 @@
 
 #[cfg(feature = "bench")]
 pub mod bench_kit;
+pub mod devices;
 pub mod dirty;
 mod kvm_sys;
 pub mod layout;
 pub mod mmio;
 pub mod programs;
+pub mod progress;
 pub mod state;
 pub mod vcpu;
 mod vm;
 mod x86;
 
+pub use devices::{AccelSetup, AttachedDevice, DeviceSet};
 pub use dirty::{DirtyError, DirtyLogMode, HarvestStats, PageBitmap, Slot};
 pub use programs::{Pattern, Program};
+pub use progress::{GuestProbe, GuestProgress};
 pub use state::{StateError, VcpuState};
 pub use vcpu::VcpuStop;
-pub use vm::{AccelSetup, Counters, IommuSetup, Vm, VmConfig, VmSnapshot};
+pub use vm::{Counters, Vm, VmConfig, VmSnapshot};
 
 use iommu::Errno;
 

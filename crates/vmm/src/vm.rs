@@ -2,6 +2,7 @@
 //! the emulated IOMMU, CPU dirty tracking, guest programs, and the snapshot/restore hooks the
 //! migration engine calls.
 
+use crate::devices::{self, AccelSetup, AttachedDevice, DeviceSet};
 use crate::dirty::{CpuDirty, DirtyLogMode, HarvestStats, PageBitmap, Slot};
 use crate::layout::*;
 use crate::mmio::MmioBus;
@@ -9,41 +10,14 @@ use crate::programs::{ctrl::*, workload, Pattern, Program};
 use crate::state::{self, VcpuState};
 use crate::vcpu::{self, RunState, VcpuCtl, VcpuEnv, VcpuHandle, VcpuStop};
 use crate::{kvm_sys, x86, VmError};
-use accel::{Accel, AccelConfig};
-use iommu::mem::GuestRamRegion;
-use iommu::{FormatKind, HostMemory};
-use iommufd::*;
+use accel::Accel;
+use iommu::Errno;
 use kvm_bindings::{kvm_enable_cap, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-/// The accelerator and the IOMMU in front of it.
-#[derive(Clone, Debug)]
-pub struct AccelSetup {
-    pub format: FormatKind,
-    pub config: AccelConfig,
-    /// Allocate the HWPT with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`.
-    pub dirty_tracking: bool,
-    /// Use livemig's eager split/collapse policy on that HWPT.
-    pub eager_split: bool,
-    /// Allow huge IOMMU leaves.
-    pub huge_pages: bool,
-}
-
-impl Default for AccelSetup {
-    fn default() -> Self {
-        Self {
-            format: FormatKind::VtdSs,
-            config: AccelConfig::default(),
-            dirty_tracking: true,
-            eager_split: false,
-            huge_pages: true,
-        }
-    }
-}
 
 /// How a VM is built.
 #[derive(Clone, Debug)]
@@ -54,7 +28,7 @@ pub struct VmConfig {
     pub regions: u32,
     pub vcpus: u32,
     pub dirty: DirtyLogMode,
-    pub accel: Option<AccelSetup>,
+    pub devices: DeviceSet,
 }
 
 impl Default for VmConfig {
@@ -64,7 +38,7 @@ impl Default for VmConfig {
             regions: 1,
             vcpus: 1,
             dirty: DirtyLogMode::default(),
-            accel: Some(AccelSetup::default()),
+            devices: DeviceSet::one(AccelSetup::default()),
         }
     }
 }
@@ -79,15 +53,6 @@ pub struct Counters {
     pub jobs_completed: u64,
     pub errors: u64,
     pub loops: u64,
-}
-
-/// The accelerator side of the VM.
-pub struct IommuSetup {
-    pub fd: Arc<IommuFd>,
-    pub ioas: u32,
-    pub hwpt: u32,
-    pub dev: u32,
-    pub accel: Arc<Accel>,
 }
 
 /// Device and vCPU state, as `Vm::snapshot_devices_and_vcpus` takes it.
@@ -108,7 +73,7 @@ pub struct Vm {
     dirty: Arc<CpuDirty>,
     vcpus: Vec<VcpuHandle>,
     tsc_khz: u32,
-    iommu: Option<IommuSetup>,
+    devices: Vec<AttachedDevice>,
     port_signal: Arc<AtomicU64>,
     reaper: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
     _kvm: Kvm,
@@ -128,6 +93,7 @@ impl Vm {
                 ACCEL_MMIO >> 20
             )));
         }
+        cfg.devices.check()?;
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
             return Err(VmError::Config(format!("vcpus must be between 1 and {MAX_VCPUS}")));
         }
@@ -213,6 +179,12 @@ impl Vm {
             vcpu.set_sregs(&x86::long_mode_sregs(sregs))
                 .map_err(kvm("KVM_SET_SREGS"))?;
             vcpu.set_regs(&x86::start_regs(id)).map_err(kvm("KVM_SET_REGS"))?;
+            // With the in-kernel LAPIC every vCPU but the first would wait for INIT and SIPI
+            // from a guest that sends none: each starts at its own entry point instead.
+            vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
             tsc_khz = vcpu.get_tsc_khz().map_err(kvm("KVM_GET_TSC_KHZ"))?;
             if let DirtyLogMode::Ring { entries } = cfg.dirty {
                 dirty.add_ring(
@@ -264,88 +236,17 @@ impl Vm {
             dirty,
             vcpus,
             tsc_khz,
-            iommu: None,
+            devices: Vec::new(),
             port_signal,
             reaper,
             _kvm: kvm_h,
         };
-        if let Some(a) = &cfg.accel {
-            vm.iommu = Some(vm.attach_accel(a)?);
+        for (i, a) in cfg.devices.accels.iter().enumerate() {
+            let join = vm.devices.first().filter(|_| cfg.devices.shared_domain);
+            let d = devices::attach(i as u32, a, join, &vm.mem, &vm.slots, &vm.bus)?;
+            vm.devices.push(d);
         }
         Ok(vm)
-    }
-
-    /// Allocates a HWPT in front of a new accelerator, maps guest RAM into its IOAS at
-    /// IOVA = GPA around the device's reserved regions, and puts its registers on the MMIO
-    /// bus at [`ACCEL_MMIO`].
-    ///
-    /// The device is attached before anything is mapped, as a VMM on iommufd does, so the
-    /// IOAS knows the device's reserved regions (the x86 interrupt window, the Arm SMMU's
-    /// software MSI window at 128 MiB) and RAM is mapped only in the ranges
-    /// `IOMMU_IOAS_IOVA_RANGES` allows. Guest RAM inside a reserved region stays CPU-only:
-    /// a DMA there faults, as it would on real hardware (the guest programs never DMA
-    /// there; see `layout`).
-    fn attach_accel(&self, a: &AccelSetup) -> Result<IommuSetup, VmError> {
-        let io = |what: &'static str| move |e: Errno| VmError::Iommu { what, errno: e };
-        let fd = Arc::new(IommuFd::new());
-        let mut alloc = IoasAlloc::default();
-        fd.ioas_alloc(&mut alloc).map_err(io("IOAS_ALLOC"))?;
-        let ioas = alloc.out_ioas_id;
-        if !a.huge_pages {
-            let mut o = IommuOption {
-                option_id: IOMMU_OPTION_HUGE_PAGES,
-                op: IOMMU_OPTION_OP_SET,
-                object_id: ioas,
-                ..Default::default()
-            };
-            fd.option(&mut o).map_err(io("OPTION HUGE_PAGES"))?;
-        }
-        let mut spec = DeviceSpec::new("accel", a.format);
-        spec.huge_iova = a.huge_pages;
-        let dev = fd.bind_device(spec);
-        let mut flags = 0;
-        if a.dirty_tracking {
-            flags |= IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
-        }
-        if a.eager_split {
-            flags |= LIVEMIG_HWPT_ALLOC_EAGER_SPLIT;
-        }
-        let mut h = HwptAlloc {
-            flags,
-            dev_id: dev,
-            pt_id: ioas,
-            ..Default::default()
-        };
-        fd.hwpt_alloc(&mut h).map_err(io("HWPT_ALLOC"))?;
-        fd.attach(dev, h.out_hwpt_id).map_err(io("ATTACH"))?;
-        let allowed = allowed_iovas(&fd, ioas).map_err(io("IOAS_IOVA_RANGES"))?;
-        for s in &self.slots {
-            let region = GuestRamRegion::new(self.mem.clone(), s.gpa).ok_or(VmError::Internal("guest RAM region"))?;
-            let va = fd.register_user_memory(Arc::new(region) as Arc<dyn HostMemory>);
-            for (start, end) in clip(s.gpa, s.gpa + s.size, &allowed) {
-                let mut m = IoasMap {
-                    flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-                    ioas_id: ioas,
-                    user_va: va + (start - s.gpa),
-                    length: end - start,
-                    iova: start,
-                    ..Default::default()
-                };
-                fd.ioas_map(&mut m).map_err(io("IOAS_MAP"))?;
-            }
-        }
-        let dma = fd.device_dma(dev).map_err(io("device DMA"))?;
-        let accel = Arc::new(Accel::new(a.config.clone(), dma).map_err(io("accel"))?);
-        if !self.bus.register(ACCEL_MMIO, accel::regs::MMIO_SIZE, accel.clone()) {
-            return Err(VmError::Internal("MMIO range taken"));
-        }
-        Ok(IommuSetup {
-            fd,
-            ioas,
-            hwpt: h.out_hwpt_id,
-            dev,
-            accel,
-        })
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -367,11 +268,13 @@ impl Vm {
     pub fn tsc_khz(&self) -> u32 {
         self.tsc_khz
     }
-    pub fn iommu(&self) -> Option<&IommuSetup> {
-        self.iommu.as_ref()
+    /// The attached devices, in configuration order.
+    pub fn devices(&self) -> &[AttachedDevice] {
+        &self.devices
     }
+    /// The first accelerator (tests and benchmarks drive it directly).
     pub fn accel(&self) -> Option<&Arc<Accel>> {
-        self.iommu.as_ref().map(|i| &i.accel)
+        self.devices.first().map(|d| &d.accel)
     }
     pub fn mmio_bus(&self) -> &Arc<MmioBus> {
         &self.bus
@@ -425,17 +328,22 @@ impl Vm {
             )));
         }
         if let Some(q) = prog.accel_queue {
-            let Some(io) = &self.iommu else {
-                return Err(VmError::Config("the accel-client needs the accelerator".into()));
+            let Some(d) = self.devices.get(prog.accel_device as usize) else {
+                return Err(VmError::Config(format!(
+                    "the accel-client needs accelerator {}; the VM has {}",
+                    prog.accel_device,
+                    self.devices.len()
+                )));
             };
-            if q as u32 >= io.accel.config().qp_num {
+            if q as u32 >= d.accel.config().qp_num {
                 return Err(VmError::Config(format!("accel queue {q} out of range")));
             }
         }
         if !(0.0..=1e6).contains(&prog.rate_mib_s) {
             return Err(VmError::Config("rate must be between 0 and 1e6 MiB/s".into()));
         }
-        if prog.accel_queue.is_some() && self.dma_reach(prog.ws_base, prog.ws_pages) == 0 {
+        let dev = prog.accel_device;
+        if prog.accel_queue.is_some() && self.dma_reach(dev, prog.ws_base, prog.ws_pages) == 0 {
             return Err(VmError::Config(format!(
                 "the accelerator cannot reach the working set at {:#x} (a reserved IOVA window)",
                 prog.ws_base
@@ -481,21 +389,21 @@ impl Vm {
             (C_HOT_PCT, hot_pct),
             (C_SEED, prog.seed | 1),
             (C_VCPU, vcpu as u64),
-            (C_MMIO, ACCEL_MMIO),
-            (C_AREA, ACCEL_AREA),
+            (C_MMIO, accel_mmio(dev)),
+            (C_AREA, accel_area(dev)),
             (C_QN, prog.accel_queue.unwrap_or(0) as u64),
             (C_BURST, workload::DEFAULT_BURST),
-            (C_DMA_PAGES, self.dma_reach(prog.ws_base, prog.ws_pages)),
+            (C_DMA_PAGES, self.dma_reach(dev, prog.ws_base, prog.ws_pages)),
         ] {
             w(off, v).map_err(merr)?;
         }
         if prog.accel_queue.is_some() {
             self.mem
-                .write_slice(&vec![0u8; ACCEL_AREA_SIZE as usize], GuestAddress(ACCEL_AREA))
+                .write_slice(&vec![0u8; ACCEL_AREA_SIZE as usize], GuestAddress(accel_area(dev)))
                 .map_err(merr)?;
             let table: Vec<u8> = crc32c_table().iter().flat_map(|v| v.to_le_bytes()).collect();
             self.mem
-                .write_slice(&table, GuestAddress(ACCEL_AREA + A_CRC_TABLE))
+                .write_slice(&table, GuestAddress(accel_area(dev) + A_CRC_TABLE))
                 .map_err(merr)?;
         }
         Ok(())
@@ -503,8 +411,10 @@ impl Vm {
 
     /// Pages from `base` (at most `pages`) the accelerator can DMA to without leaving the
     /// IOAS's mapped areas.
-    fn dma_reach(&self, base: u64, pages: u64) -> u64 {
-        let Some(io) = &self.iommu else { return pages };
+    fn dma_reach(&self, dev: u32, base: u64, pages: u64) -> u64 {
+        let Some(io) = self.devices.get(dev as usize) else {
+            return pages;
+        };
         let areas = io.fd.ioas_areas(io.ioas).unwrap_or_default();
         let mut end = base;
         while let Some(&(iova, len, _)) = areas.iter().find(|&&(iova, len, _)| iova <= end && end < iova + len) {
@@ -657,18 +567,17 @@ impl Vm {
     pub fn snapshot_devices_and_vcpus(&self) -> Result<VmSnapshot, VmError> {
         let vcpus = state::encode(&self.save_vcpus()?);
         let mut devices = Vec::new();
-        if let Some(io) = &self.iommu {
-            let dev = io.accel.migration();
+        for d in &self.devices {
             let map = |e: Errno| VmError::Device {
-                what: "accel",
+                what: "stop-copy",
                 errno: e,
             };
-            let stream = dev.set_state(vfio::MigState::StopCopy).map_err(map)?;
+            let stream = d.migration.set_state(vfio::MigState::StopCopy).map_err(map)?;
             let data = match stream {
                 Some(s) => read_all(&s).map_err(map)?,
                 None => return Err(VmError::Internal("no stop-copy stream")),
             };
-            devices.push(("accel".to_string(), data));
+            devices.push((d.name.clone(), data));
         }
         Ok(VmSnapshot { vcpus, devices })
     }
@@ -677,25 +586,25 @@ impl Vm {
     /// VM. The devices are left in STOP; `resume_devices` and `resume` start everything.
     pub fn restore(&self, snap: &VmSnapshot) -> Result<(), VmError> {
         let states = state::decode(&snap.vcpus, self.vcpus.len() as u32).map_err(VmError::State)?;
-        let have = self.iommu.is_some() as usize;
-        if snap.devices.len() != have {
+        if snap.devices.len() != self.devices.len() {
             return Err(VmError::Config(format!(
-                "snapshot has {} devices, this VM {have}",
-                snap.devices.len()
+                "snapshot has {} devices, this VM {}",
+                snap.devices.len(),
+                self.devices.len()
             )));
         }
-        if let Some(io) = &self.iommu {
-            let dev = io.accel.migration();
+        for (d, (_, data)) in self.devices.iter().zip(&snap.devices) {
             let map = |e: Errno| VmError::Device {
-                what: "accel",
+                what: "resume",
                 errno: e,
             };
+            let dev = &d.migration;
             dev.set_state(vfio::MigState::Stop).map_err(map)?;
             let s = dev
                 .set_state(vfio::MigState::Resuming)
                 .map_err(map)?
                 .ok_or(VmError::Internal("no resume stream"))?;
-            s.write(&snap.devices[0].1).map_err(map)?;
+            s.write(data).map_err(map)?;
             dev.set_state(vfio::MigState::Stop).map_err(map)?;
         }
         self.restore_vcpus(&states)
@@ -703,46 +612,16 @@ impl Vm {
 
     /// Devices to RUNNING (after a restore or an aborted migration).
     pub fn resume_devices(&self) -> Result<(), VmError> {
-        if let Some(io) = &self.iommu {
-            io.accel
-                .migration()
+        for d in &self.devices {
+            d.migration
                 .set_state(vfio::MigState::Running)
                 .map_err(|e| VmError::Device {
-                    what: "accel",
+                    what: "to RUNNING",
                     errno: e,
                 })?;
         }
         Ok(())
     }
-}
-
-/// The IOVA ranges an IOAS allows, as half-open `(start, end)` pairs.
-fn allowed_iovas(fd: &IommuFd, ioas: u32) -> Result<Vec<(u64, u64)>, Errno> {
-    let mut ranges = vec![IovaRange::default(); 16];
-    let mut cmd = IoasIovaRanges {
-        ioas_id: ioas,
-        num_iovas: ranges.len() as u32,
-        __reserved: 0,
-        allowed_iovas: &mut ranges,
-        out_iova_alignment: 0,
-    };
-    fd.ioas_iova_ranges(&mut cmd)?;
-    let n = cmd.num_iovas as usize;
-    Ok(ranges[..n]
-        .iter()
-        .map(|r| (r.start, r.last.saturating_add(1)))
-        .collect())
-}
-
-/// The parts of `[start, end)` inside `allowed` (half-open, sorted, disjoint).
-fn clip(start: u64, end: u64, allowed: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    allowed
-        .iter()
-        .filter_map(|&(a, b)| {
-            let (s, e) = (start.max(a), end.min(b));
-            (s < e).then_some((s, e))
-        })
-        .collect()
 }
 
 fn read_all(s: &vfio::DataStream) -> Result<Vec<u8>, Errno> {

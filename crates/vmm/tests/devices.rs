@@ -21,7 +21,7 @@ fn with_accel(dirtier: bool, rate: f64) -> (Vm, Program) {
         regions: 2,
         vcpus: 1,
         dirty: DirtyLogMode::Bitmap,
-        accel: Some(accel),
+        devices: DeviceSet::one(accel),
     })
     .unwrap();
     let mut p = Program::dirtier(WORKSET_BASE, 4096, rate, Pattern::Uniform);
@@ -32,7 +32,7 @@ fn with_accel(dirtier: bool, rate: f64) -> (Vm, Program) {
 }
 
 fn hwpt_dirty(vm: &Vm) -> BTreeSet<u64> {
-    let io = vm.iommu().unwrap();
+    let io = &vm.devices()[0];
     let pages = vm.mem_size() / 4096;
     let mut bm = vec![0u8; pages.div_ceil(8) as usize];
     io.fd
@@ -55,7 +55,7 @@ fn hwpt_dirty(vm: &Vm) -> BTreeSet<u64> {
 fn accel_client_through_the_iommu() {
     need_kvm!();
     let (vm, _) = with_accel(false, 0.0);
-    let io = vm.iommu().unwrap();
+    let io = &vm.devices()[0];
     io.fd
         .hwpt_set_dirty_tracking(&HwptSetDirtyTracking {
             flags: IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
@@ -231,13 +231,13 @@ fn guest_ram_is_mapped_around_each_formats_reserved_window() {
             regions: 2,
             vcpus: 1,
             dirty: DirtyLogMode::Bitmap,
-            accel: Some(AccelSetup {
+            devices: DeviceSet::one(AccelSetup {
                 format,
                 ..Default::default()
             }),
         })
         .unwrap_or_else(|e| panic!("{format:?}: {e}"));
-        let io = vm.iommu().unwrap();
+        let io = &vm.devices()[0];
         let areas: Vec<(u64, u64)> = io
             .fd
             .ioas_areas(io.ioas)

@@ -211,3 +211,29 @@ fn memory_sizes_that_overflow_are_refused() {
         assert!(e.to_string().contains("memory must be between"), "{mem_mib}: {e}");
     }
 }
+
+/// Every vCPU runs its own program from the start: with the in-kernel LAPIC, a vCPU other than
+/// the first used to wait for an INIT and SIPI nobody sends, and ran nothing (found when a
+/// second accelerator's client never started).
+#[test]
+fn every_vcpu_runs_its_program() {
+    need_kvm!();
+    let vm = Vm::new(VmConfig {
+        vcpus: 4,
+        ..small(128, DirtyLogMode::Bitmap, false)
+    })
+    .unwrap();
+    for v in 0..4 {
+        vm.load_program(
+            v,
+            &Program::dirtier(WS + v as u64 * PAGES * 4096, PAGES, 8.0, Pattern::Sequential),
+        )
+        .unwrap();
+    }
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    vm.pause().unwrap();
+    assert_eq!(vm.vcpu_stopped(), None);
+    let pages: Vec<u64> = (0..4).map(|v| vm.counters(v).pages_written).collect();
+    assert!(pages.iter().all(|&p| p > 0), "pages written per vCPU: {pages:?}");
+}

@@ -3,10 +3,7 @@
 use super::DestOptions;
 use crate::error::MigError;
 use crate::msg::VmConfigMsg;
-use accel::AccelConfig;
-use iommu::FormatKind;
-use vfio::MigFlags;
-use vmm::{AccelSetup, DirtyLogMode, Vm, VmConfig};
+use vmm::{DeviceSet, DirtyLogMode, Vm, VmConfig};
 
 /// Most page connections a destination accepts.
 pub const MAX_CHANNELS: u16 = 64;
@@ -61,44 +58,14 @@ pub(super) fn check_config(cfg: &VmConfigMsg) -> Result<(), MigError> {
 }
 
 pub(super) fn build_vm(cfg: &VmConfigMsg, opts: &DestOptions) -> Result<Vm, MigError> {
-    let accel = match &cfg.accel {
-        None => None,
-        Some(a) => {
-            let format = *FormatKind::ALL
-                .get(a.format as usize)
-                .ok_or_else(|| MigError::Incompatible(format!("unknown IOMMU format {}", a.format)))?;
-            let flags = MigFlags(a.flags as u64);
-            if !MigFlags::DEFINED.contains(&flags) {
-                return Err(MigError::Incompatible(format!(
-                    "device migration flags {:#x} are not a defined set",
-                    a.flags
-                )));
-            }
-            Some(AccelSetup {
-                format,
-                config: AccelConfig {
-                    qp_num: a.qp_num,
-                    flags,
-                    dev_id: opts.accel_dev_id.unwrap_or(a.dev_id),
-                    que_iso_cfg: a.que_iso_cfg,
-                    qp_base: a.qp_base,
-                    dma_logging: a.dma_logging,
-                },
-                dirty_tracking: true,
-                eager_split: false,
-                huge_pages: a.huge_pages,
-            })
-        }
-    };
-    if cfg.accel.as_ref().is_some_and(|a| a.qp_num == 0 || a.qp_num > 64) {
-        return Err(MigError::Incompatible("device queue count out of range".into()));
-    }
+    let devices = DeviceSet::decode(&cfg.devices, opts.dev_id)
+        .map_err(|e| MigError::Incompatible(format!("the source's devices: {e}")))?;
     let vm = Vm::new(VmConfig {
         mem_mib: cfg.mem_mib,
         regions: cfg.regions.len() as u32,
         vcpus: cfg.vcpus,
         dirty: DirtyLogMode::Bitmap,
-        accel,
+        devices,
     })
     .map_err(|e| MigError::Incompatible(format!("cannot build the announced VM: {}", MigError::Vm(e).chain())))?;
     let mine: Vec<(u64, u64)> = vm.slots().iter().map(|s| (s.gpa, s.size)).collect();

@@ -16,8 +16,7 @@ use std::io::BufReader;
 use std::sync::Arc;
 use std::time::Duration;
 use vfio::{MigFlags, MigState};
-use vmm::programs::ctrl::{C_FLAGS, FLAG_ACCEL, FLAG_DIRTIER};
-use vmm::{layout, Vm};
+use vmm::{GuestProbe, GuestProgress, Vm};
 
 /// The destination's side of the conversation, and what it goes by.
 pub(super) struct Talk<'a> {
@@ -25,21 +24,6 @@ pub(super) struct Talk<'a> {
     pub r: &'a mut FrameReader<BufReader<Conn>>,
     pub cfg: &'a VmConfigMsg,
     pub opts: &'a DestOptions,
-}
-
-/// Pages written, jobs completed, errors, and which programs run, over every vCPU.
-fn counters(vm: &Vm) -> (u64, u64, u64, u64) {
-    let (mut pages, mut jobs, mut errors, mut flags) = (0, 0, 0, 0);
-    for v in 0..vm.vcpu_count() {
-        let c = vm.counters(v);
-        pages += c.pages_written;
-        jobs += c.jobs_completed;
-        errors += c.errors;
-        flags |=
-            vm_memory::Bytes::read_obj::<u64>(&**vm.memory(), vm_memory::GuestAddress(layout::ctrl_page(v) + C_FLAGS))
-                .unwrap_or(0);
-    }
-    (pages, jobs, errors, flags)
 }
 
 /// This side's digest, taken with everything loaded and before the guest resumes: the page
@@ -141,8 +125,8 @@ pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received)
         d.set_state(MigState::Running)
             .map_err(|e| MigError::Other(format!("device to RUNNING: {e}")))?;
     }
-    let before = counters(&vm);
-    let base = progress::word(&vm);
+    let before = vm.progress();
+    let base = vm.progress_word();
     vm.resume()?;
     let t_resumed = mono_ns();
     rx.report.resume_time = Duration::from_nanos(t_resumed.saturating_sub(rx.t_switch));
@@ -184,8 +168,8 @@ pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received)
 struct Resumed {
     /// Its digest (with verification).
     mine: Option<Digest>,
-    /// The guest's counters (`counters`).
-    before: (u64, u64, u64, u64),
+    /// What the guest's programs had done.
+    before: GuestProgress,
     /// The guest's progress word.
     base: u64,
     t_resumed: u64,
@@ -209,26 +193,12 @@ fn after_resume(t: Talk<'_>, vm: Arc<Vm>, mut rx: Received, at: Resumed) -> Resu
     if cfg.verify != VerifyMode::Off {
         let ran = Duration::from_nanos(mono_ns() - t_resumed);
         std::thread::sleep(opts.progress_check.saturating_sub(ran));
-        let after = counters(&vm);
+        let after = vm.progress();
         let mut reasons = Vec::new();
         if let Some(s) = vm.vcpu_stopped() {
             reasons.push(format!("a vCPU stopped: {s:?}"));
         }
-        if before.3 & FLAG_DIRTIER != 0 && after.0 <= before.0 {
-            reasons.push(format!(
-                "the dirtier made no progress ({} pages written before and after)",
-                after.0
-            ));
-        }
-        if before.3 & FLAG_ACCEL != 0 && after.1 <= before.1 {
-            reasons.push(format!("no accelerator job completed ({} before and after)", after.1));
-        }
-        if after.2 > before.2 {
-            reasons.push(format!(
-                "the guest counted {} new error(s) after resuming",
-                after.2 - before.2
-            ));
-        }
+        reasons.extend(before.stalled_in(&after));
         if cfg.verify == VerifyMode::Audit {
             match read_digest(r) {
                 Ok(theirs) => {
@@ -253,11 +223,11 @@ fn after_resume(t: Talk<'_>, vm: Arc<Vm>, mut rx: Received, at: Resumed) -> Resu
             }
         }
         rep.checked = true;
-        rep.pages_before = before.0;
-        rep.pages_after = after.0;
-        rep.jobs_before = before.1;
-        rep.jobs_after = after.1;
-        rep.guest_errors = after.2;
+        rep.pages_before = before.count(vmm::progress::PAGES);
+        rep.pages_after = after.count(vmm::progress::PAGES);
+        rep.jobs_before = before.count(vmm::progress::JOBS);
+        rep.jobs_after = after.count(vmm::progress::JOBS);
+        rep.guest_errors = after.errors;
         rep.reason = reasons.join("; ");
     }
     if !rep.reason.is_empty() {

@@ -23,9 +23,9 @@ use vmm::Vm;
 /// How the destination behaves.
 #[derive(Clone, Debug)]
 pub struct DestOptions {
-    /// This host's accelerator identity, when it differs from the source's (`dev_id`): the
-    /// device's own compatibility check then refuses the migration during pre-copy.
-    pub accel_dev_id: Option<u32>,
+    /// This host's device identity, when it differs from the source's (`dev_id`): the
+    /// devices' own compatibility check then refuses the migration during pre-copy.
+    pub dev_id: Option<u32>,
     /// With verification, how long the guest runs before its progress is checked.
     pub progress_check: Duration,
     /// The longest the destination waits on the source: for the next bytes of a
@@ -61,7 +61,7 @@ impl std::fmt::Debug for OnRunning {
 impl Default for DestOptions {
     fn default() -> Self {
         Self {
-            accel_dev_id: None,
+            dev_id: None,
             progress_check: Duration::from_millis(300),
             peer_timeout: Duration::from_secs(10),
             security: crate::transport::Security::Plain,
@@ -176,7 +176,7 @@ fn run(
     tracing::info!(
         mem_mib = cfg.mem_mib,
         vcpus = cfg.vcpus,
-        accel = cfg.accel.is_some(),
+        devices = vm.devices().len(),
         channels = cfg.channels,
         verify = %cfg.verify,
         transport = opts.security.name(),

@@ -85,8 +85,7 @@ pub(super) fn receive_stream(
     let map = MemoryMap {
         regions: cfg.regions.clone(),
     };
-    let mut devices =
-        vfio::vmm::Destination::new(vm.iommu().map(|s| s.accel.migration().clone()).into_iter().collect());
+    let mut devices = vfio::vmm::Destination::new(vm.devices().iter().map(|d| d.migration.clone()).collect());
     for d in devices.devices() {
         d.set_state(MigState::Stop)
             .map_err(|e| MigError::Other(format!("device to STOP: {e}")))?;

@@ -15,8 +15,7 @@ use crate::control::MigrationControl;
 use crate::dirty_source::DeviceTracking;
 use crate::error::MigError;
 use crate::info::{DestState, MigrationInfo, Outcome, Status};
-use crate::msg::{AccelDesc, VerifyMode, VmConfigMsg};
-use iommu::FormatKind;
+use crate::msg::{VerifyMode, VmConfigMsg};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmm::{DirtyLogMode, Vm};
@@ -79,17 +78,6 @@ pub enum Sabotage {
 
 /// The VM's shape as the destination must rebuild it.
 pub fn vm_config_msg(vm: &Vm, opts: &SourceOptions) -> VmConfigMsg {
-    let accel = vm.config().accel.as_ref().map(|a| AccelDesc {
-        name: "accel".into(),
-        flags: a.config.flags.bits() as u32,
-        format: FormatKind::ALL.iter().position(|k| *k == a.format).unwrap_or(0) as u8,
-        huge_pages: a.huge_pages,
-        qp_num: a.config.qp_num,
-        dev_id: a.config.dev_id,
-        que_iso_cfg: a.config.que_iso_cfg,
-        qp_base: a.config.qp_base,
-        dma_logging: a.config.dma_logging,
-    });
     VmConfigMsg {
         mem_mib: vm.config().mem_mib,
         vcpus: vm.vcpu_count(),
@@ -97,7 +85,7 @@ pub fn vm_config_msg(vm: &Vm, opts: &SourceOptions) -> VmConfigMsg {
         channels: opts.channels,
         verify: opts.verify,
         peer_timeout_ms: opts.peer_timeout.as_millis().clamp(1, u32::MAX as u128) as u32,
-        accel,
+        devices: vm.config().devices.encode(),
     }
 }
 
@@ -131,6 +119,7 @@ pub fn migrate(
         i.livemig.verify = opts.verify.to_string();
         i.livemig.transport = opts.security.name().into();
         i.livemig.channels = opts.channels;
+        i.livemig.devices = vm.devices().len() as u32;
         i.livemig.downtime_limit_ms = opts.downtime_limit.as_millis() as u64;
         i.livemig.cpu_dirty_log = match vm.dirty_mode() {
             DirtyLogMode::Ring { entries } => format!("ring-{entries}"),

@@ -208,7 +208,7 @@ pub(super) fn open(
         })
         .map_err(|e| MigError::Other(format!("spawning the return-path reader: {e}")))?;
 
-    let devices = vfio::vmm::Source::new(vm.iommu().map(|s| s.accel.migration().clone()).into_iter().collect());
+    let devices = vfio::vmm::Source::new(vm.devices().iter().map(|d| d.migration.clone()).collect());
     let link = Box::new(Link {
         vm: vm.clone(),
         control,

@@ -16,7 +16,7 @@ pub fn source_vm(mem_mib: u64, rate: f64, dirty: DirtyLogMode) -> Arc<Vm> {
         regions: 2,
         vcpus: 1,
         dirty,
-        accel: Some(AccelSetup::default()),
+        devices: DeviceSet::one(AccelSetup::default()),
     })
     .unwrap();
     let mut p = Program::dirtier(WORKSET_BASE, 16384, rate, Pattern::Uniform);

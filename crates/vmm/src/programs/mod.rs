@@ -31,6 +31,8 @@ pub struct Program {
     pub seed: u64,
     /// Run the accel-client on this queue pair.
     pub accel_queue: Option<u16>,
+    /// Of this accelerator (its index in the VM's device list).
+    pub accel_device: u32,
 }
 
 impl Program {
@@ -44,6 +46,7 @@ impl Program {
             pattern,
             seed: 0x2545_f491_4f6c_dd1d,
             accel_queue: None,
+            accel_device: 0,
         }
     }
 }

@@ -46,6 +46,10 @@ pub fn small(mem_mib: u64, dirty: DirtyLogMode, accel: bool) -> VmConfig {
         regions: 1,
         vcpus: 1,
         dirty,
-        accel: accel.then(AccelSetup::default),
+        devices: if accel {
+            DeviceSet::one(AccelSetup::default())
+        } else {
+            DeviceSet::default()
+        },
     }
 }

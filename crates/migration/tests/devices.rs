@@ -1,0 +1,98 @@
+//! Migrations of a VM with several accelerators, each behind its own IOMMU domain or all
+//! behind one, in each device-tracking mode: the destination rebuilds the same devices from
+//! the list that went over the wire, and every device's client keeps completing jobs there.
+
+mod common;
+use common::*;
+use migration::*;
+use std::sync::Arc;
+use vmm::layout::WORKSET_BASE;
+use vmm::*;
+
+/// A source with `n` accelerators and `n` vCPUs: vCPU k runs the dirtier and drives device k.
+fn source(n: u32, shared_domain: bool) -> Arc<Vm> {
+    let vm = Vm::new(VmConfig {
+        mem_mib: 256,
+        regions: 1,
+        vcpus: n,
+        dirty: DirtyLogMode::Bitmap,
+        devices: DeviceSet {
+            accels: vec![AccelSetup::default(); n as usize],
+            shared_domain,
+        },
+    })
+    .unwrap();
+    for k in 0..n {
+        let mut p = Program::dirtier(WORKSET_BASE + k as u64 * (16 << 20), 4096, 8.0, Pattern::Uniform);
+        p.accel_queue = Some(1);
+        p.accel_device = k;
+        vm.load_program(k, &p).unwrap();
+    }
+    vm.resume().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    Arc::new(vm)
+}
+
+fn jobs(vm: &Vm) -> Vec<u64> {
+    (0..vm.vcpu_count()).map(|v| vm.counters(v).jobs_completed).collect()
+}
+
+fn migrate_devices(n: u32, shared_domain: bool, mode: DeviceTracking) {
+    let vm = source(n, shared_domain);
+    let before = jobs(&vm);
+    assert!(
+        before.iter().all(|&j| j > 0),
+        "every device works on the source: {before:?}"
+    );
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let info = migrate(&vm, &addr, &opts(mode), &MigrationControl::default())
+        .unwrap_or_else(|e| panic!("{n} devices, shared {shared_domain}, {mode}: {}", e.chain()));
+    let incoming = dest.join().unwrap().unwrap();
+    assert_eq!(info.status, Status::Completed);
+    assert_eq!(info.livemig.devices, n);
+    assert_eq!(info.livemig.verified, Some(true), "{}", info.livemig.verify_detail);
+    if mode != DeviceTracking::None {
+        assert!(info.livemig.device_dirty_pages > 0, "device writes were tracked");
+    }
+    let d = &incoming.vm;
+    assert_eq!(d.devices().len(), n as usize);
+    assert_eq!(d.config().devices.shared_domain, shared_domain);
+    let domains = d
+        .devices()
+        .iter()
+        .filter(|x| std::ptr::eq(*x, &d.devices()[0]) || !x.same_domain(&d.devices()[0]))
+        .count();
+    assert_eq!(
+        domains,
+        if shared_domain { 1 } else { n as usize },
+        "IOMMU domains on the destination"
+    );
+    // Each device's client goes on completing jobs on the destination.
+    let at = jobs(d);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let later = jobs(d);
+    for k in 0..n as usize {
+        assert!(
+            later[k] > at[k],
+            "device {k} completes jobs on the destination: {at:?} -> {later:?}"
+        );
+    }
+}
+
+#[test]
+fn two_devices_each_behind_its_own_domain() {
+    need_kvm!();
+    migrate_devices(2, false, DeviceTracking::Iommu);
+}
+
+#[test]
+fn two_devices_behind_one_domain() {
+    need_kvm!();
+    migrate_devices(2, true, DeviceTracking::Iommu);
+}
+
+#[test]
+fn three_devices_with_their_own_dma_logs() {
+    need_kvm!();
+    migrate_devices(3, false, DeviceTracking::DeviceLog);
+}
