@@ -79,6 +79,7 @@ pub fn vm_args(o: &VmOpts) -> Vec<String> {
     if o.shared_domain {
         a.push("--shared-domain".into());
     }
+    a.extend(["--content".into(), o.content.to_string()]);
     if o.iommu_4k {
         a.push("--iommu-4k".into());
     }

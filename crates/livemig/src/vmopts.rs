@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use iommu::FormatKind;
 use vmm::layout::WORKSET_BASE;
-use vmm::{AccelSetup, DeviceSet, DirtyLogMode, Pattern, Program, Vm, VmConfig};
+use vmm::{AccelSetup, Content, DeviceSet, DirtyLogMode, Pattern, Program, Vm, VmConfig};
 
 #[derive(Args, Clone, Debug)]
 pub struct VmOpts {
@@ -41,6 +41,10 @@ pub struct VmOpts {
     /// Put every accelerator behind one IOMMU domain (one HWPT, one dirty bitmap).
     #[arg(long)]
     pub shared_domain: bool,
+    /// What the working set's pages hold: stamp (compressible), random (incompressible) or
+    /// mixed:P (P % of the pages random).
+    #[arg(long, default_value = "stamp", value_parser = Content::parse)]
+    pub content: Content,
     /// IOMMU page-table format: amd-v1, vtd-ss or arm-lpae-s1.
     #[arg(long, default_value = "vtd-ss", value_parser = parse_format)]
     pub iommu_format: FormatKind,
@@ -157,6 +161,7 @@ impl VmOpts {
                 self.pattern,
             );
             p.dirtier = self.rate > 0.0;
+            p.content = self.content;
             // vCPU k also drives accelerator k.
             if v < self.device_count() {
                 p.accel_queue = Some(1);

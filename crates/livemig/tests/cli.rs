@@ -56,6 +56,8 @@ fn bad_input_gets_a_clear_error() {
         (vec!["demo", "--channels", "65"], "--channels"),
         (vec!["demo", "--devices", "4"], "--devices"),
         (vec!["demo", "--devices", "2", "--no-accel"], "--no-accel"),
+        (vec!["demo", "--content", "mixed:101"], "--content"),
+        (vec!["demo", "--content", "zeros"], "--content"),
         (vec!["demo", "--verify", "sometimes"], "--verify"),
         (vec!["demo", "--verify", "gate", "--no-verify"], "--no-verify"),
         (
@@ -114,7 +116,7 @@ fn demo_json_reports_a_verified_migration() {
 }
 
 #[test]
-fn demo_with_two_devices_behind_one_domain_is_verified() {
+fn demo_with_two_devices_and_random_content_is_verified() {
     vmm::need_kvm!();
     let out = Command::new(BIN)
         .args([
@@ -133,6 +135,8 @@ fn demo_with_two_devices_behind_one_domain_is_verified() {
             "--vcpus",
             "2",
             "--shared-domain",
+            "--content",
+            "random",
         ])
         .output()
         .unwrap();
@@ -141,6 +145,12 @@ fn demo_with_two_devices_behind_one_domain_is_verified() {
     assert_eq!(v["status"], "completed");
     assert_eq!(v["livemig"]["verified"], true, "{}", v["livemig"]["verify-detail"]);
     assert_eq!(v["livemig"]["devices"], 2);
+    // 128 MiB of random pages do not compress: at least that much crossed the wire.
+    let sent = v["ram"]["transferred"].as_u64().unwrap();
+    assert!(
+        sent >= 128 << 20,
+        "{sent} bytes on the wire for 128 MiB of random pages"
+    );
 }
 
 #[test]

@@ -1,0 +1,181 @@
+//! Loading guest programs into a VM: code, control page and the accel-client's area, and
+//! reading back the counters they keep.
+
+use super::*;
+
+impl Vm {
+    /// Fills guest RAM from `from` to its end with bytes that do not compress: a benchmark's
+    /// stand-in for memory a guest uses (zero pages cross the wire as a few bytes). The guest
+    /// programs never touch RAM past their working set, so that is where it belongs.
+    pub fn fill_incompressible(&self, from: u64) -> Result<u64, VmError> {
+        let end = self.mem_size();
+        use rand::{RngCore, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(from);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = from;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            rng.fill_bytes(&mut buf[..n]);
+            self.memory()
+                .write_slice(&buf[..n], GuestAddress(at))
+                .map_err(|e| VmError::Config(format!("filling guest RAM at {at:#x}: {e}")))?;
+            at += n as u64;
+        }
+        Ok(end.saturating_sub(from))
+    }
+
+    /// Loads `prog` for `vcpu`: code, control page, and the accel-client's area. Call before
+    /// the vCPU first runs.
+    pub fn load_program(&self, vcpu: u32, prog: &Program) -> Result<(), VmError> {
+        if vcpu >= self.cfg.vcpus {
+            return Err(VmError::Config(format!("no vCPU {vcpu}")));
+        }
+        let end = prog.ws_base.saturating_add(prog.ws_pages.saturating_mul(4096));
+        if prog.ws_pages == 0
+            || prog.ws_base < WORKSET_BASE
+            || !prog.ws_base.is_multiple_of(4096)
+            || end > self.mem_size()
+        {
+            return Err(VmError::Config(format!(
+                "working set must be a non-empty page range in [{WORKSET_BASE:#x}, {:#x})",
+                self.mem_size()
+            )));
+        }
+        if let Some(q) = prog.accel_queue {
+            let Some(d) = self.devices.get(prog.accel_device as usize) else {
+                return Err(VmError::Config(format!(
+                    "the accel-client needs accelerator {}; the VM has {}",
+                    prog.accel_device,
+                    self.devices.len()
+                )));
+            };
+            if q as u32 >= d.accel.config().qp_num {
+                return Err(VmError::Config(format!("accel queue {q} out of range")));
+            }
+        }
+        if !(0.0..=1e6).contains(&prog.rate_mib_s) {
+            return Err(VmError::Config("rate must be between 0 and 1e6 MiB/s".into()));
+        }
+        let dev = prog.accel_device;
+        if prog.accel_queue.is_some() && self.dma_reach(dev, prog.ws_base, prog.ws_pages) == 0 {
+            return Err(VmError::Config(format!(
+                "the accelerator cannot reach the working set at {:#x} (a reserved IOVA window)",
+                prog.ws_base
+            )));
+        }
+        let spec = workload::Spec {
+            dirtier: prog.dirtier.then_some(prog.pattern),
+            accel: prog.accel_queue.is_some(),
+        };
+        let text = workload::assemble(code(vcpu), spec).map_err(|e| VmError::Assemble(e.to_string()))?;
+        if text.len() as u64 > CODE_SIZE {
+            return Err(VmError::Internal("program too large"));
+        }
+        self.fill_content(prog)?;
+        let w = |off: u64, v: u64| self.mem.write_obj(v, GuestAddress(ctrl_page(vcpu) + off));
+        let merr = |e: vm_memory::GuestMemoryError| VmError::Memory(e.to_string());
+        self.mem.write_slice(&text, GuestAddress(code(vcpu))).map_err(merr)?;
+        self.mem
+            .write_slice(&[0u8; 4096], GuestAddress(ctrl_page(vcpu)))
+            .map_err(merr)?;
+        let tpp = if prog.rate_mib_s == 0.0 {
+            0
+        } else {
+            ((self.tsc_khz as f64 * 1000.0) * 4096.0 / (prog.rate_mib_s * 1048576.0))
+                .round()
+                .max(1.0) as u64
+        };
+        let (pattern, hot_pages, hot_pct) = match prog.pattern {
+            Pattern::Sequential => (0, 0, 0),
+            Pattern::Uniform => (1, 0, 0),
+            Pattern::HotCold { hot_pages, hot_pct } => (2, hot_pages.clamp(1, prog.ws_pages), hot_pct.min(100)),
+        };
+        let flags =
+            if prog.dirtier { FLAG_DIRTIER } else { 0 } | if prog.accel_queue.is_some() { FLAG_ACCEL } else { 0 };
+        for (off, v) in [
+            (C_MAGIC, MAGIC),
+            (C_FLAGS, flags),
+            (C_TSC_KHZ, self.tsc_khz as u64),
+            (C_TICKS_PER_PAGE, tpp),
+            (C_WS_BASE, prog.ws_base),
+            (C_WS_PAGES, prog.ws_pages),
+            (C_PATTERN, pattern),
+            (C_HOT_PAGES, hot_pages),
+            (C_HOT_PCT, hot_pct),
+            (C_SEED, prog.seed | 1),
+            (C_VCPU, vcpu as u64),
+            (C_MMIO, accel_mmio(dev)),
+            (C_AREA, accel_area(dev)),
+            (C_QN, prog.accel_queue.unwrap_or(0) as u64),
+            (C_BURST, workload::DEFAULT_BURST),
+            (C_DMA_PAGES, self.dma_reach(dev, prog.ws_base, prog.ws_pages)),
+        ] {
+            w(off, v).map_err(merr)?;
+        }
+        if prog.accel_queue.is_some() {
+            self.mem
+                .write_slice(&vec![0u8; ACCEL_AREA_SIZE as usize], GuestAddress(accel_area(dev)))
+                .map_err(merr)?;
+            let table: Vec<u8> = crc32c_table().iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.mem
+                .write_slice(&table, GuestAddress(accel_area(dev) + A_CRC_TABLE))
+                .map_err(merr)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the working set's pages as `prog.content` asks: random pages get random bytes
+    /// after the stamp's 32 (which stay zero until the dirtier writes the page, as the
+    /// accel-client's check of a copied, never-written page expects); the others are zeroed.
+    fn fill_content(&self, prog: &Program) -> Result<(), VmError> {
+        use rand::{RngCore, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(prog.seed ^ prog.ws_base);
+        let mut page = [0u8; 4096];
+        for pfn in prog.ws_base / 4096..prog.ws_base / 4096 + prog.ws_pages {
+            let random = prog.content.is_random(pfn);
+            if random {
+                rng.fill_bytes(&mut page[32..]);
+            } else {
+                page[32..].fill(0);
+            }
+            if random || prog.content != Content::Stamp {
+                self.mem
+                    .write_slice(&page, GuestAddress(pfn * 4096))
+                    .map_err(|e| VmError::Memory(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pages from `base` (at most `pages`) the accelerator can DMA to without leaving the
+    /// IOAS's mapped areas.
+    fn dma_reach(&self, dev: u32, base: u64, pages: u64) -> u64 {
+        let Some(io) = self.devices.get(dev as usize) else {
+            return pages;
+        };
+        let areas = io.fd.ioas_areas(io.ioas).unwrap_or_default();
+        let mut end = base;
+        while let Some(&(iova, len, _)) = areas.iter().find(|&&(iova, len, _)| iova <= end && end < iova + len) {
+            end = iova + len;
+        }
+        ((end - base) / 4096).min(pages)
+    }
+
+    /// The program counters of `vcpu`.
+    pub fn counters(&self, vcpu: u32) -> Counters {
+        let r = |off: u64| {
+            self.mem
+                .read_obj::<u64>(GuestAddress(ctrl_page(vcpu) + off))
+                .unwrap_or(0)
+        };
+        Counters {
+            pages_written: r(K_PAGES),
+            tsc_start: r(K_TSC_START),
+            tsc_now: r(K_TSC_NOW),
+            jobs_submitted: r(K_SUBMITTED),
+            jobs_completed: r(K_COMPLETED),
+            errors: r(K_ERRORS),
+            loops: r(K_LOOPS),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Saving and loading a VM's vCPUs and devices: the hooks a migration calls at switchover.
+
+use super::*;
+
+impl Vm {
+    /// Saves every vCPU (they must be paused).
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmError> {
+        self.vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if matches!(v.ctl.run_state(), RunState::Running) {
+                    return Err(VmError::NotPaused);
+                }
+                let mut s = v.save()?;
+                s.id = i as u32;
+                Ok(s)
+            })
+            .collect()
+    }
+
+    /// Loads vCPU states (the vCPUs must be paused).
+    pub fn restore_vcpus(&self, states: &[VcpuState]) -> Result<(), VmError> {
+        if states.len() != self.vcpus.len() {
+            return Err(VmError::State(state::StateError::WrongVcpuCount {
+                found: states.len() as u32,
+                expected: self.vcpus.len() as u32,
+            }));
+        }
+        for (v, s) in self.vcpus.iter().zip(states) {
+            if matches!(v.ctl.run_state(), RunState::Running) {
+                return Err(VmError::NotPaused);
+            }
+            v.restore(s.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The hook for a migration source: vCPU states and every device's stop-copy data. The
+    /// vCPUs must be paused; devices end in STOP_COPY.
+    pub fn snapshot_devices_and_vcpus(&self) -> Result<VmSnapshot, VmError> {
+        let vcpus = state::encode(&self.save_vcpus()?);
+        let mut devices = Vec::new();
+        for d in &self.devices {
+            let map = |e: Errno| VmError::Device {
+                what: "stop-copy",
+                errno: e,
+            };
+            let stream = d.migration.set_state(vfio::MigState::StopCopy).map_err(map)?;
+            let data = match stream {
+                Some(s) => read_all(&s).map_err(map)?,
+                None => return Err(VmError::Internal("no stop-copy stream")),
+            };
+            devices.push((d.name.clone(), data));
+        }
+        Ok(VmSnapshot { vcpus, devices })
+    }
+
+    /// The hook for a migration destination: loads a snapshot into this (paused, never run)
+    /// VM. The devices are left in STOP; `resume_devices` and `resume` start everything.
+    pub fn restore(&self, snap: &VmSnapshot) -> Result<(), VmError> {
+        let states = state::decode(&snap.vcpus, self.vcpus.len() as u32).map_err(VmError::State)?;
+        if snap.devices.len() != self.devices.len() {
+            return Err(VmError::Config(format!(
+                "snapshot has {} devices, this VM {}",
+                snap.devices.len(),
+                self.devices.len()
+            )));
+        }
+        for (d, (_, data)) in self.devices.iter().zip(&snap.devices) {
+            let map = |e: Errno| VmError::Device {
+                what: "resume",
+                errno: e,
+            };
+            let dev = &d.migration;
+            dev.set_state(vfio::MigState::Stop).map_err(map)?;
+            let s = dev
+                .set_state(vfio::MigState::Resuming)
+                .map_err(map)?
+                .ok_or(VmError::Internal("no resume stream"))?;
+            s.write(data).map_err(map)?;
+            dev.set_state(vfio::MigState::Stop).map_err(map)?;
+        }
+        self.restore_vcpus(&states)
+    }
+
+    /// Devices to RUNNING (after a restore or an aborted migration).
+    pub fn resume_devices(&self) -> Result<(), VmError> {
+        for d in &self.devices {
+            d.migration
+                .set_state(vfio::MigState::Running)
+                .map_err(|e| VmError::Device {
+                    what: "to RUNNING",
+                    errno: e,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+fn read_all(s: &vfio::DataStream) -> Result<Vec<u8>, Errno> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
