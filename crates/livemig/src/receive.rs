@@ -6,6 +6,8 @@ use migration::DestOptions;
 use std::io::Write;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
+use vmm::progress::{JOBS, PAGES};
+use vmm::GuestProbe;
 
 pub fn receive(listen: &str, opts: DestOptions, exit_after_ms: Option<u64>) -> Result<()> {
     let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
@@ -42,11 +44,11 @@ pub fn receive(listen: &str, opts: DestOptions, exit_after_ms: Option<u64>) -> R
         std::thread::sleep(Duration::from_millis(50));
         if last.elapsed() >= Duration::from_secs(1) {
             last = Instant::now();
-            let c = inc.vm.counters(0);
+            let p = inc.vm.progress();
             tracing::info!(
-                pages_written = c.pages_written,
-                jobs_completed = c.jobs_completed,
-                errors = c.errors,
+                pages_written = p.count(PAGES),
+                jobs_completed = p.count(JOBS),
+                errors = p.errors,
                 "guest progress"
             );
             if let Some(s) = inc.vm.vcpu_stopped() {
@@ -54,13 +56,13 @@ pub fn receive(listen: &str, opts: DestOptions, exit_after_ms: Option<u64>) -> R
             }
         }
     }
-    let c = inc.vm.counters(0);
+    let p = inc.vm.progress();
     out!(
         "guest after {:.1} s on this host: {} pages written, {} accel jobs completed, {} errors",
         t.elapsed().as_secs_f64(),
-        c.pages_written,
-        c.jobs_completed,
-        c.errors
+        p.count(PAGES),
+        p.count(JOBS),
+        p.errors
     );
     Ok(())
 }

@@ -86,6 +86,9 @@ impl DeviceDirty {
                     .into_iter()
                     .map(|(i, l, _)| (i, l))
                     .collect();
+            if mode == DeviceTracking::None && me.trackers.iter().any(|(_, a)| *a == areas) {
+                continue; // the same RAM, already counted whole at every sync
+            }
             let tracker = match mode {
                 DeviceTracking::Iommu => {
                     let cmd = HwptSetDirtyTracking {

@@ -14,7 +14,7 @@ pub const CAP_PSK: u64 = 4;
 pub const MAX_RUN_PAGES: u32 = 64;
 const MAX_REGIONS: u32 = 64;
 /// Longest device list (`VmConfigMsg::devices`) a side reads.
-pub const MAX_DEVICE_LIST: usize = 4096;
+pub const MAX_DEVICE_LIST: usize = 256;
 
 type R<T> = Result<T, WireError>;
 

@@ -6,20 +6,21 @@ mod common;
 use common::*;
 use migration::*;
 use std::sync::Arc;
+use vfio::MigFlags;
 use vmm::layout::WORKSET_BASE;
 use vmm::*;
 
 /// A source with `n` accelerators and `n` vCPUs: vCPU k runs the dirtier and drives device k.
-fn source(n: u32, shared_domain: bool) -> Arc<Vm> {
+/// Device 0 has the migration flags `first_flags`.
+fn source(n: u32, shared_domain: bool, first_flags: MigFlags) -> Arc<Vm> {
+    let mut accels = vec![AccelSetup::default(); n as usize];
+    accels[0].config.flags = first_flags;
     let vm = Vm::new(VmConfig {
         mem_mib: 256,
         regions: 1,
         vcpus: n,
         dirty: DirtyLogMode::Bitmap,
-        devices: DeviceSet {
-            accels: vec![AccelSetup::default(); n as usize],
-            shared_domain,
-        },
+        devices: DeviceSet { accels, shared_domain },
     })
     .unwrap();
     for k in 0..n {
@@ -38,7 +39,16 @@ fn jobs(vm: &Vm) -> Vec<u64> {
 }
 
 fn migrate_devices(n: u32, shared_domain: bool, mode: DeviceTracking) {
-    let vm = source(n, shared_domain);
+    migrate_with(
+        n,
+        shared_domain,
+        mode,
+        MigFlags::STOP_COPY | MigFlags::P2P | MigFlags::PRE_COPY,
+    );
+}
+
+fn migrate_with(n: u32, shared_domain: bool, mode: DeviceTracking, first_flags: MigFlags) {
+    let vm = source(n, shared_domain, first_flags);
     let before = jobs(&vm);
     assert!(
         before.iter().all(|&j| j > 0),
@@ -95,4 +105,20 @@ fn two_devices_behind_one_domain() {
 fn three_devices_with_their_own_dma_logs() {
     need_kvm!();
     migrate_devices(3, false, DeviceTracking::DeviceLog);
+}
+
+#[test]
+fn two_devices_behind_one_domain_with_their_own_dma_logs() {
+    need_kvm!();
+    migrate_devices(2, true, DeviceTracking::DeviceLog);
+}
+
+/// Every flag set on the first device, beside two devices with P2P: one device may lack P2P
+/// (it stops first), and each set migrates verified.
+#[test]
+fn devices_with_and_without_p2p_mixed() {
+    need_kvm!();
+    for flags in MigFlags::DEFINED {
+        migrate_with(3, false, DeviceTracking::Iommu, flags);
+    }
 }

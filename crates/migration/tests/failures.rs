@@ -395,7 +395,7 @@ fn a_device_list_this_vmm_cannot_build_is_refused() {
     four[2] = 4;
     for (devices, want) in [
         (unknown_format, "unknown IOMMU format 9"),
-        (disagree, "must have the same format and page sizes"),
+        (disagree, "must have the same format, page sizes and tracking"),
         (four, "at most 3"),
         (two[..two.len() - 1].to_vec(), "cut short"),
     ] {

@@ -121,6 +121,7 @@ impl Source {
             Record::EndOfState.encode(&mut b);
             out.push((i, b));
         }
+        out.sort_by_key(|(i, _)| *i);
         Ok(out)
     }
 
@@ -196,9 +197,16 @@ impl Source {
 
     /// `save_live_complete_precopy`: STOP_COPY (fallback STOP) and the stream read to EOF,
     /// then the config section. Returns the sections.
+    ///
+    /// A device without P2P stops first (a VM has at most one): until then it may still write
+    /// to its peers, which are in RUNNING_P2P and accept those writes; once it is stopped
+    /// nothing initiates DMA and the others can stop in any order.
     pub fn stop_copy(&mut self) -> Result<Vec<Section>, VfioMigError> {
         let mut out = Vec::new();
-        for (i, d) in self.devs.iter_mut().enumerate() {
+        let mut order: Vec<usize> = (0..self.devs.len()).collect();
+        order.sort_by_key(|&i| self.devs[i].flags.contains(MigFlags::P2P));
+        for i in order {
+            let d = &mut self.devs[i];
             match d.dev.set_state(MigState::StopCopy) {
                 Ok(Some(s)) => d.stream = Some(s),
                 Ok(None) => {}
@@ -238,11 +246,18 @@ impl Source {
         }
     }
 
-    /// On failure: every device back to RUNNING (a reset where the transition fails).
+    /// On failure: every device back to RUNNING (a reset where the transition fails), the
+    /// P2P-capable ones through RUNNING_P2P first, so that none initiates DMA towards a peer
+    /// that is still stopped.
     pub fn abort(&mut self) {
         for d in &mut self.devs {
             d.stream = None;
             d.init_sent = false;
+            if d.flags.contains(MigFlags::P2P) && !d.dev.get_state().is_precopy() {
+                let _ = d.dev.set_state(MigState::RunningP2p);
+            }
+        }
+        for d in &mut self.devs {
             if d.dev.set_state(MigState::Running).is_err() || d.dev.get_state() != MigState::Running {
                 d.dev.reset();
             }

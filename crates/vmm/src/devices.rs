@@ -97,15 +97,25 @@ impl DeviceSet {
                 )));
             }
         }
+        // A device without P2P can only go from running to stopped, so it must be the last to
+        // stop that may still write to a peer: with two of them, the first to stop could miss
+        // the other's writes (docs/vfio.md#several-devices).
+        let no_p2p = self
+            .accels
+            .iter()
+            .filter(|a| !a.config.flags.contains(MigFlags::P2P))
+            .count();
+        if self.accels.len() > 1 && no_p2p > 1 {
+            return Err(VmError::Config(format!(
+                "{no_p2p} devices without P2P: with several devices, at most one may lack it"
+            )));
+        }
         if self.shared_domain {
             if let Some(first) = self.accels.first() {
-                if self
-                    .accels
-                    .iter()
-                    .any(|a| a.format != first.format || a.huge_pages != first.huge_pages)
-                {
+                let key = |a: &AccelSetup| (a.format, a.huge_pages, a.dirty_tracking, a.eager_split);
+                if self.accels.iter().any(|a| key(a) != key(first)) {
                     return Err(VmError::Config(
-                        "devices sharing one IOMMU domain must have the same format and page sizes".into(),
+                        "devices sharing one IOMMU domain must have the same format, page sizes and tracking".into(),
                     ));
                 }
             }
@@ -359,6 +369,21 @@ mod tests {
         }
         let back = DeviceSet::decode(&set(2).encode(), Some(9)).expect("decodes");
         assert!(back.accels.iter().all(|a| a.config.dev_id == 9));
+    }
+
+    #[test]
+    fn several_devices_need_p2p_on_all_but_one() {
+        let mut s = set(3);
+        s.shared_domain = false;
+        s.check().expect("all with P2P");
+        s.accels[1].config.flags = MigFlags::STOP_COPY;
+        s.check().expect("one without P2P stops first");
+        s.accels[2].config.flags = MigFlags::STOP_COPY | MigFlags::PRE_COPY;
+        assert!(s.check().unwrap_err().to_string().contains("2 devices without P2P"));
+        // A device alone needs no peer protocol.
+        let mut one = set(1);
+        one.accels[0].config.flags = MigFlags::STOP_COPY;
+        one.check().expect("one device");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::programs::ctrl::{C_FLAGS, FLAG_ACCEL, FLAG_DIRTIER};
 use crate::Vm;
 use vm_memory::{Bytes, GuestAddress};
 
-/// What the dirtier counts.
+/// What the dirtiers count.
 pub const PAGES: &str = "pages written by the dirtier";
 /// What the accel-clients count.
 pub const JOBS: &str = "accelerator jobs completed";
@@ -19,29 +19,48 @@ pub trait GuestProbe {
     fn progress(&self) -> GuestProgress;
 }
 
+/// One running program's count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Measure {
+    /// What it counts ([`PAGES`], [`JOBS`]).
+    pub what: &'static str,
+    /// The vCPU it runs on.
+    pub vcpu: u32,
+    pub count: u64,
+}
+
 /// A guest's progress at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GuestProgress {
-    /// Per running program: what it counts, and the count.
-    pub measures: Vec<(&'static str, u64)>,
+    /// One per running program (a vCPU may run a dirtier and an accel-client).
+    pub measures: Vec<Measure>,
     /// Errors the guest's programs counted.
     pub errors: u64,
 }
 
 impl GuestProgress {
-    /// The count of `what`, 0 if no running program counts it.
+    /// The total of `what` over every vCPU.
     pub fn count(&self, what: &str) -> u64 {
-        self.measures.iter().find(|m| m.0 == what).map_or(0, |m| m.1)
+        self.measures.iter().filter(|m| m.what == what).map(|m| m.count).sum()
     }
 
-    /// Why `later` shows no progress over `self`: one reason per program that stood still,
-    /// and the errors counted in between. Empty when the guest moved and counted none.
+    /// Why `later` shows no progress over `self`: one reason per program that stood still
+    /// (each vCPU's on its own, so one stalled device or vCPU is seen however busy the others
+    /// are), and the errors counted in between. Empty when every program moved and none
+    /// counted an error.
     pub fn stalled_in(&self, later: &GuestProgress) -> Vec<String> {
         let mut why = Vec::new();
-        for &(what, before) in &self.measures {
-            let after = later.count(what);
-            if after <= before {
-                why.push(format!("no progress in {what} ({before} before, {after} after)"));
+        for m in &self.measures {
+            let after = later
+                .measures
+                .iter()
+                .find(|n| n.what == m.what && n.vcpu == m.vcpu)
+                .map_or(0, |n| n.count);
+            if after <= m.count {
+                why.push(format!(
+                    "no progress in {} on vCPU {} ({} before, {after} after)",
+                    m.what, m.vcpu, m.count
+                ));
             }
         }
         if later.errors > self.errors {
@@ -65,25 +84,24 @@ impl GuestProbe for Vm {
     }
 
     fn progress(&self) -> GuestProgress {
-        let (mut pages, mut jobs, mut errors, mut flags) = (0, 0, 0, 0);
-        for v in 0..self.vcpu_count() {
-            let c = self.counters(v);
-            pages += c.pages_written;
-            jobs += c.jobs_completed;
-            errors += c.errors;
-            flags |= self
+        let mut p = GuestProgress::default();
+        for vcpu in 0..self.vcpu_count() {
+            let c = self.counters(vcpu);
+            p.errors += c.errors;
+            let flags = self
                 .memory()
-                .read_obj::<u64>(GuestAddress(ctrl_page(v) + C_FLAGS))
+                .read_obj::<u64>(GuestAddress(ctrl_page(vcpu) + C_FLAGS))
                 .unwrap_or(0);
+            for (flag, what, count) in [
+                (FLAG_DIRTIER, PAGES, c.pages_written),
+                (FLAG_ACCEL, JOBS, c.jobs_completed),
+            ] {
+                if flags & flag != 0 {
+                    p.measures.push(Measure { what, vcpu, count });
+                }
+            }
         }
-        let mut measures = Vec::new();
-        if flags & FLAG_DIRTIER != 0 {
-            measures.push((PAGES, pages));
-        }
-        if flags & FLAG_ACCEL != 0 {
-            measures.push((JOBS, jobs));
-        }
-        GuestProgress { measures, errors }
+        p
     }
 }
 
@@ -91,23 +109,35 @@ impl GuestProbe for Vm {
 mod tests {
     use super::*;
 
+    fn p(counts: &[(&'static str, u32, u64)], errors: u64) -> GuestProgress {
+        GuestProgress {
+            measures: counts
+                .iter()
+                .map(|&(what, vcpu, count)| Measure { what, vcpu, count })
+                .collect(),
+            errors,
+        }
+    }
+
     #[test]
     fn a_program_that_stood_still_or_new_errors_are_named() {
-        let p = |pages, jobs, errors| GuestProgress {
-            measures: vec![("pages", pages), ("jobs", jobs)],
-            errors,
-        };
-        assert!(p(1, 1, 0).stalled_in(&p(2, 2, 0)).is_empty());
+        let before = p(&[(PAGES, 0, 1), (JOBS, 0, 1), (JOBS, 1, 5)], 0);
+        assert!(before
+            .stalled_in(&p(&[(PAGES, 0, 2), (JOBS, 0, 2), (JOBS, 1, 6)], 0))
+            .is_empty());
+        // One vCPU's client stalled while the other's went on: seen.
         assert_eq!(
-            p(1, 1, 0).stalled_in(&p(2, 1, 0)),
-            ["no progress in jobs (1 before, 1 after)"]
+            before.stalled_in(&p(&[(PAGES, 0, 2), (JOBS, 0, 90), (JOBS, 1, 5)], 0)),
+            ["no progress in accelerator jobs completed on vCPU 1 (5 before, 5 after)"]
         );
-        assert_eq!(p(1, 1, 0).stalled_in(&p(2, 2, 3)).len(), 1);
+        assert_eq!(
+            before
+                .stalled_in(&p(&[(PAGES, 0, 2), (JOBS, 0, 2), (JOBS, 1, 6)], 3))
+                .len(),
+            1
+        );
         // A program that vanished counts as standing still.
-        let gone = GuestProgress {
-            measures: vec![("pages", 5)],
-            errors: 0,
-        };
-        assert_eq!(p(1, 1, 0).stalled_in(&gone).len(), 1);
+        assert_eq!(before.stalled_in(&p(&[(PAGES, 0, 2)], 0)).len(), 2);
+        assert_eq!(before.count(JOBS), 6);
     }
 }

@@ -78,6 +78,9 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     tsc_khz: u32,
     devices: Vec<AttachedDevice>,
+    /// Per vCPU: the device its loaded program drives, if any (one client per device: the
+    /// client's area is the device's).
+    drivers: std::sync::Mutex<Vec<Option<u32>>>,
     port_signal: Arc<AtomicU64>,
     reaper: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
     _kvm: Kvm,
@@ -158,6 +161,12 @@ impl Vm {
         fd.set_tss_address(0xfffb_d000).map_err(kvm("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
         x86::write_boot_structures(&mem).map_err(|e| VmError::Memory(e.to_string()))?;
+        // Until a program is loaded, each vCPU's entry point halts: a vCPU given no program
+        // waits there instead of executing zeroed memory (`hlt; jmp $-1`).
+        for id in 0..cfg.vcpus {
+            mem.write_slice(&[0xf4, 0xeb, 0xfd], GuestAddress(code(id)))
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+        }
 
         let mut cpuid = kvm_h
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -241,6 +250,7 @@ impl Vm {
             vcpus,
             tsc_khz,
             devices: Vec::new(),
+            drivers: std::sync::Mutex::new(vec![None; cfg.vcpus as usize]),
             port_signal,
             reaper,
             _kvm: kvm_h,

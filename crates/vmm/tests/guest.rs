@@ -242,3 +242,36 @@ fn every_vcpu_runs_its_program() {
     let pages: Vec<u64> = (0..4).map(|v| vm.counters(v).pages_written).collect();
     assert!(pages.iter().all(|&p| p > 0), "pages written per vCPU: {pages:?}");
 }
+
+/// A vCPU given no program halts at its entry point: it neither runs zeroed memory nor stops,
+/// and it pauses and resumes like the others.
+#[test]
+fn a_vcpu_without_a_program_waits() {
+    need_kvm!();
+    let vm = Vm::new(VmConfig {
+        vcpus: 2,
+        ..small(64, DirtyLogMode::Bitmap, false)
+    })
+    .unwrap();
+    vm.load_program(0, &Program::dirtier(WS, PAGES, 8.0, Pattern::Sequential))
+        .unwrap();
+    vm.set_cpu_dirty_logging(true).unwrap();
+    let mut dirty = PageBitmap::new(vm.mem_size() / 4096);
+    vm.harvest_cpu_dirty(&mut dirty).unwrap();
+    dirty = PageBitmap::new(vm.mem_size() / 4096);
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    vm.pause().unwrap();
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    vm.pause().unwrap();
+    assert_eq!(vm.vcpu_stopped(), None);
+    assert_eq!(vm.counters(1), Counters::default(), "vCPU 1 ran nothing");
+    vm.harvest_cpu_dirty(&mut dirty).unwrap();
+    // Only vCPU 0's control page and working set were written.
+    let ws = WS / 4096..WS / 4096 + PAGES;
+    let stray: Vec<u64> = (0..vm.mem_size() / 4096)
+        .filter(|&p| dirty.get(p) && !ws.contains(&p) && p != ctrl_pfn(0))
+        .collect();
+    assert!(stray.is_empty(), "pages written outside vCPU 0's: {stray:?}");
+}

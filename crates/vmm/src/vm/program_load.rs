@@ -57,6 +57,14 @@ impl Vm {
             return Err(VmError::Config("rate must be between 0 and 1e6 MiB/s".into()));
         }
         let dev = prog.accel_device;
+        let drivers = self.drivers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if prog.accel_queue.is_some() {
+            if let Some(other) = (0..drivers.len()).find(|&v| v != vcpu as usize && drivers[v] == Some(dev)) {
+                return Err(VmError::Config(format!(
+                    "vCPU {other} already drives accelerator {dev}: one client per device"
+                )));
+            }
+        }
         if prog.accel_queue.is_some() && self.dma_reach(dev, prog.ws_base, prog.ws_pages) == 0 {
             return Err(VmError::Config(format!(
                 "the accelerator cannot reach the working set at {:#x} (a reserved IOVA window)",
@@ -121,12 +129,14 @@ impl Vm {
                 .write_slice(&table, GuestAddress(accel_area(dev) + A_CRC_TABLE))
                 .map_err(merr)?;
         }
+        self.drivers.lock().unwrap_or_else(|e| e.into_inner())[vcpu as usize] = prog.accel_queue.map(|_| dev);
         Ok(())
     }
 
     /// Writes the working set's pages as `prog.content` asks: random pages get random bytes
     /// after the stamp's 32 (which stay zero until the dirtier writes the page, as the
-    /// accel-client's check of a copied, never-written page expects); the others are zeroed.
+    /// accel-client's check of a copied, never-written page expects). With `Mixed`, the other
+    /// pages are zeroed; with `Stamp`, nothing is written (fresh guest RAM is zero).
     fn fill_content(&self, prog: &Program) -> Result<(), VmError> {
         use rand::{RngCore, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(prog.seed ^ prog.ws_base);

@@ -40,19 +40,29 @@ impl Vm {
     /// vCPUs must be paused; devices end in STOP_COPY.
     pub fn snapshot_devices_and_vcpus(&self) -> Result<VmSnapshot, VmError> {
         let vcpus = state::encode(&self.save_vcpus()?);
-        let mut devices = Vec::new();
-        for d in &self.devices {
-            let map = |e: Errno| VmError::Device {
-                what: "stop-copy",
-                errno: e,
-            };
+        let map = |e: Errno| VmError::Device {
+            what: "stop-copy",
+            errno: e,
+        };
+        // Every P2P-capable device stops initiating DMA before any device stops; the one
+        // device that may lack P2P stops first (`vfio::vmm::Source::stop_copy`).
+        self.devices_to_p2p().map_err(map)?;
+        let mut order: Vec<&AttachedDevice> = self.devices.iter().collect();
+        order.sort_by_key(|d| has_p2p(d));
+        let mut saved = Vec::new();
+        for d in order {
             let stream = d.migration.set_state(vfio::MigState::StopCopy).map_err(map)?;
             let data = match stream {
                 Some(s) => read_all(&s).map_err(map)?,
                 None => return Err(VmError::Internal("no stop-copy stream")),
             };
-            devices.push((d.name.clone(), data));
+            saved.push((d.name.clone(), data));
         }
+        let devices = self
+            .devices
+            .iter()
+            .filter_map(|d| saved.iter().position(|s| s.0 == d.name).map(|i| saved.swap_remove(i)))
+            .collect();
         Ok(VmSnapshot { vcpus, devices })
     }
 
@@ -84,8 +94,22 @@ impl Vm {
         self.restore_vcpus(&states)
     }
 
-    /// Devices to RUNNING (after a restore or an aborted migration).
+    /// Every P2P-capable device to RUNNING_P2P (from STOP, or from RUNNING: it then accepts
+    /// peer writes but starts none).
+    fn devices_to_p2p(&self) -> Result<(), Errno> {
+        for d in self.devices.iter().filter(|d| has_p2p(d)) {
+            d.migration.set_state(vfio::MigState::RunningP2p)?;
+        }
+        Ok(())
+    }
+
+    /// Devices to RUNNING (after a restore or an aborted migration): all P2P-capable ones to
+    /// RUNNING_P2P first, so that none initiates DMA towards a peer that is still stopped.
     pub fn resume_devices(&self) -> Result<(), VmError> {
+        self.devices_to_p2p().map_err(|e| VmError::Device {
+            what: "to RUNNING_P2P",
+            errno: e,
+        })?;
         for d in &self.devices {
             d.migration
                 .set_state(vfio::MigState::Running)
@@ -96,6 +120,10 @@ impl Vm {
         }
         Ok(())
     }
+}
+
+fn has_p2p(d: &AttachedDevice) -> bool {
+    d.migration.migration_flags().contains(vfio::MigFlags::P2P)
 }
 
 fn read_all(s: &vfio::DataStream) -> Result<Vec<u8>, Errno> {
