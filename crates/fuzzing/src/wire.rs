@@ -66,7 +66,13 @@ pub fn message(data: &[u8]) -> Verdict {
 fn payload(kind: Kind, p: &[u8]) -> bool {
     match kind {
         Kind::Hello => round_trip(Hello::decode(p), |v| Hello::decode(&v.encode())),
-        Kind::Config => round_trip(VmConfigMsg::decode(p), |v| VmConfigMsg::decode(&v.encode())),
+        Kind::Config => {
+            let cfg = VmConfigMsg::decode(p);
+            if let Ok(c) = &cfg {
+                device_list(&c.devices);
+            }
+            round_trip(cfg, |v| VmConfigMsg::decode(&v.encode()))
+        }
         Kind::ConfigOk | Kind::Switchover | Kind::Complete | Kind::Commit => msg::decode_empty(p).is_ok(),
         Kind::Pages => pages(p),
         Kind::DeviceData => match msg::decode_device_data(p) {
@@ -88,6 +94,14 @@ fn payload(kind: Kind, p: &[u8]) -> bool {
         Kind::Report => round_trip(Report::decode(p), |v| Report::decode(&v.encode())),
         Kind::Running => round_trip(Running::decode(p), |v| Running::decode(&v.encode())),
         Kind::Error => round_trip(msg::decode_str(p), |v| msg::decode_str(&msg::encode_str(v))),
+    }
+}
+
+/// The destination VMM's reading of a configuration's device list: never a panic, and a list
+/// it accepts encodes back to the same bytes (so nothing in it was ignored).
+fn device_list(b: &[u8]) {
+    if let Ok(set) = vmm::DeviceSet::decode(b, None) {
+        assert_eq!(set.encode(), b, "an accepted device list re-encodes differently");
     }
 }
 
