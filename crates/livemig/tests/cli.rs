@@ -76,9 +76,9 @@ fn bad_input_gets_a_clear_error() {
     }
 }
 
-#[test]
-fn demo_json_reports_a_verified_migration() {
-    vmm::need_kvm!();
+/// `demo --json` on a small guest with `extra` options: the summary, after checking that the
+/// migration completed and was verified.
+fn verified_demo(extra: &[&str]) -> Value {
     let out = Command::new(BIN)
         .args([
             "demo",
@@ -89,15 +89,22 @@ fn demo_json_reports_a_verified_migration() {
             "128",
             "--rate",
             "64",
-            "--warmup-ms",
-            "300",
         ])
+        .args(["--warmup-ms", "300"])
+        .args(extra)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "completed");
     assert_eq!(v["livemig"]["verified"], true, "{}", v["livemig"]["verify-detail"]);
+    v
+}
+
+#[test]
+fn demo_json_reports_a_verified_migration() {
+    vmm::need_kvm!();
+    let v = verified_demo(&[]);
     for k in ["total-time", "setup-time", "downtime", "expected-downtime"] {
         assert!(v[k].is_u64(), "{k}");
     }
@@ -118,32 +125,15 @@ fn demo_json_reports_a_verified_migration() {
 #[test]
 fn demo_with_two_devices_and_random_content_is_verified() {
     vmm::need_kvm!();
-    let out = Command::new(BIN)
-        .args([
-            "demo",
-            "--json",
-            "--memory-mib",
-            "256",
-            "--ws-mib",
-            "128",
-            "--rate",
-            "64",
-            "--warmup-ms",
-            "300",
-            "--devices",
-            "2",
-            "--vcpus",
-            "2",
-            "--shared-domain",
-            "--content",
-            "random",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["status"], "completed");
-    assert_eq!(v["livemig"]["verified"], true, "{}", v["livemig"]["verify-detail"]);
+    let v = verified_demo(&[
+        "--devices",
+        "2",
+        "--vcpus",
+        "2",
+        "--shared-domain",
+        "--content",
+        "random",
+    ]);
     assert_eq!(v["livemig"]["devices"], 2);
     // 128 MiB of random pages do not compress: at least that much crossed the wire.
     let sent = v["ram"]["transferred"].as_u64().unwrap();

@@ -196,7 +196,8 @@ type RawSession = (
     u64,
 );
 
-fn raw_session(mem_mib: u64) -> RawSession {
+/// A raw client past the handshake: the session key set on both ends.
+fn handshake() -> RawSession {
     let (addr, dest) = spawn_dest(DestOptions::default());
     let s = TcpStream::connect(addr).unwrap();
     let mut w = FrameWriter::new(s.try_clone().unwrap());
@@ -217,6 +218,21 @@ fn raw_session(mem_mib: u64) -> RawSession {
     let key = migration::session::key(1, Hello::decode(&h.payload).unwrap().nonce);
     w.set_key(key);
     r.set_key(key);
+    (w, r, dest, key)
+}
+
+/// Sends `cfg` after a handshake; the destination's refusal, after checking it gave up as
+/// incompatible.
+fn config_refused(cfg: &VmConfigMsg) -> String {
+    let (mut w, mut r, dest, _) = handshake();
+    w.send(Kind::Config, &cfg.encode()).unwrap();
+    let why = error_frame(&mut r);
+    assert!(matches!(dest.join().unwrap(), Err(MigError::Incompatible(_))));
+    why
+}
+
+fn raw_session(mem_mib: u64) -> RawSession {
+    let (mut w, mut r, dest, key) = handshake();
     let cfg = VmConfigMsg {
         mem_mib,
         vcpus: 1,
@@ -344,22 +360,7 @@ fn a_stream_without_pages_is_refused() {
 #[test]
 fn a_config_beyond_this_host_is_refused_up_front() {
     need_kvm!();
-    let (addr, dest) = spawn_dest(DestOptions::default());
-    let s = TcpStream::connect(addr).unwrap();
-    let mut w = FrameWriter::new(s.try_clone().unwrap());
-    let mut r = FrameReader::new(s);
-    let hello = Hello {
-        version: VERSION,
-        role: Role::Control,
-        nonce: 7,
-        caps: 0,
-    };
-    w.send(Kind::Hello, &hello.encode()).unwrap();
-    let h = Hello::decode(&r.expect().unwrap().payload).unwrap();
-    let key = migration::session::key(7, h.nonce);
-    w.set_key(key);
-    r.set_key(key);
-    let cfg = VmConfigMsg {
+    let why = config_refused(&VmConfigMsg {
         mem_mib: 1 << 44,
         vcpus: 1,
         regions: vec![(0, 1 << 20)],
@@ -367,14 +368,11 @@ fn a_config_beyond_this_host_is_refused_up_front() {
         verify: VerifyMode::Off,
         peer_timeout_ms: 10_000,
         devices: DeviceSet::default().encode(),
-    };
-    w.send(Kind::Config, &cfg.encode()).unwrap();
-    let why = error_frame(&mut r);
+    });
     assert!(
         why.contains("17592186044416 MiB of RAM; this VMM builds at most 3328 MiB"),
         "{why}"
     );
-    assert!(matches!(dest.join().unwrap(), Err(MigError::Incompatible(_))));
 }
 
 /// A device list this VMM cannot build is refused before anything is allocated: too many
@@ -399,22 +397,7 @@ fn a_device_list_this_vmm_cannot_build_is_refused() {
         (four, "at most 3"),
         (two[..two.len() - 1].to_vec(), "cut short"),
     ] {
-        let (addr, dest) = spawn_dest(DestOptions::default());
-        let s = TcpStream::connect(addr).unwrap();
-        let mut w = FrameWriter::new(s.try_clone().unwrap());
-        let mut r = FrameReader::new(s);
-        let hello = Hello {
-            version: VERSION,
-            role: Role::Control,
-            nonce: 7,
-            caps: 0,
-        };
-        w.send(Kind::Hello, &hello.encode()).unwrap();
-        let h = Hello::decode(&r.expect().unwrap().payload).unwrap();
-        let key = migration::session::key(7, h.nonce);
-        w.set_key(key);
-        r.set_key(key);
-        let cfg = VmConfigMsg {
+        let why = config_refused(&VmConfigMsg {
             mem_mib: 64,
             vcpus: 1,
             regions: vec![(0, 64 << 20)],
@@ -422,14 +405,11 @@ fn a_device_list_this_vmm_cannot_build_is_refused() {
             verify: VerifyMode::Off,
             peer_timeout_ms: 10_000,
             devices,
-        };
-        w.send(Kind::Config, &cfg.encode()).unwrap();
-        let why = error_frame(&mut r);
+        });
         assert!(
             why.contains("the source's devices") && why.contains(want),
             "{want}: {why}"
         );
-        assert!(matches!(dest.join().unwrap(), Err(MigError::Incompatible(_))));
     }
 }
 

@@ -47,22 +47,18 @@ impl Vm {
         // Every P2P-capable device stops initiating DMA before any device stops; the one
         // device that may lack P2P stops first (`vfio::vmm::Source::stop_copy`).
         self.devices_to_p2p().map_err(map)?;
-        let mut order: Vec<&AttachedDevice> = self.devices.iter().collect();
-        order.sort_by_key(|d| has_p2p(d));
-        let mut saved = Vec::new();
-        for d in order {
+        let mut order: Vec<usize> = (0..self.devices.len()).collect();
+        order.sort_by_key(|&i| has_p2p(&self.devices[i]));
+        let mut devices = vec![(String::new(), Vec::new()); self.devices.len()];
+        for i in order {
+            let d = &self.devices[i];
             let stream = d.migration.set_state(vfio::MigState::StopCopy).map_err(map)?;
             let data = match stream {
                 Some(s) => read_all(&s).map_err(map)?,
                 None => return Err(VmError::Internal("no stop-copy stream")),
             };
-            saved.push((d.name.clone(), data));
+            devices[i] = (d.name.clone(), data);
         }
-        let devices = self
-            .devices
-            .iter()
-            .filter_map(|d| saved.iter().position(|s| s.0 == d.name).map(|i| saved.swap_remove(i)))
-            .collect();
         Ok(VmSnapshot { vcpus, devices })
     }
 
