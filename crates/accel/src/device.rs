@@ -12,7 +12,8 @@
 
 use crate::jobs::{run, DeviceDma};
 use crate::regs::*;
-use iommu::Dma;
+use iommu::mem::AnonMemory;
+use iommu::{Dma, HostMemory};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -100,6 +101,9 @@ pub(crate) struct Shared {
     pub cv: Condvar,
     pub log: Arc<DmaLog>,
     pub dma_ops: AtomicU64,
+    /// The peer window: written by other devices' DMA through the IOMMU, whatever state this
+    /// device is in. That is why the P2P states exist (`docs/vfio.md#several-devices`).
+    pub window: Arc<AnonMemory>,
 }
 
 impl Shared {
@@ -131,7 +135,14 @@ impl Shared {
         }
         c.executing = true;
         drop(c);
+        self.window.write(0, &[0u8; PEER_WINDOW_SIZE as usize]);
         self.cv.notify_all();
+    }
+
+    pub fn window_bytes(&self) -> Vec<u8> {
+        let mut b = vec![0u8; PEER_WINDOW_SIZE as usize];
+        self.window.read(0, &mut b);
+        b
     }
 }
 
@@ -161,6 +172,10 @@ impl Accel {
             cv: Condvar::new(),
             log: DmaLog::new(4096),
             dma_ops: AtomicU64::new(0),
+            window: Arc::new(
+                AnonMemory::new(PEER_WINDOW_SIZE as usize, false)
+                    .map_err(|_| iommu::Errno::new(iommu::errno::ENOMEM, "cannot map the peer window"))?,
+            ),
             cfg,
         });
         let mig = MigrationDevice::new("accel", crate::migration::AccelMigration::new(shared.clone()))?;
@@ -200,6 +215,17 @@ impl Accel {
         self.shared.lock().queues.clone()
     }
 
+    /// The peer window's memory, for a VMM to map into IOMMU domains at
+    /// `PEER_WINDOW` of wherever it puts the register block.
+    pub fn peer_window(&self) -> Arc<dyn HostMemory> {
+        self.shared.window.clone()
+    }
+
+    /// A copy of the peer window's contents.
+    pub fn peer_window_bytes(&self) -> Vec<u8> {
+        self.shared.window_bytes()
+    }
+
     /// A snapshot of the guest-writable registers.
     pub fn regs(&self) -> Regs {
         self.shared.lock().regs
@@ -207,6 +233,10 @@ impl Accel {
 
     /// MMIO read of `data.len()` bytes (1, 2, 4 or 8) at `offset` in the register block.
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        if let Some(at) = window_offset(offset, data.len()) {
+            self.shared.window.read(at, data);
+            return;
+        }
         let c = self.shared.lock();
         let v: u64 = match offset & !3 {
             ID => ID_VALUE as u64,
@@ -231,6 +261,10 @@ impl Accel {
 
     /// MMIO write at `offset` in the register block.
     pub fn mmio_write(&self, offset: u64, data: &[u8]) {
+        if let Some(at) = window_offset(offset, data.len()) {
+            self.shared.window.write(at, data);
+            return;
+        }
         let mut raw = [0u8; 8];
         let n = data.len().min(8);
         raw[..n].copy_from_slice(&data[..n]);
@@ -259,6 +293,13 @@ impl Accel {
             _ => {}
         }
     }
+}
+
+/// Where an access of `len` bytes at register offset `offset` falls in the peer window, if it
+/// lies wholly inside it.
+fn window_offset(offset: u64, len: usize) -> Option<usize> {
+    let at = offset.checked_sub(PEER_WINDOW)?;
+    (at.checked_add(len as u64)? <= PEER_WINDOW_SIZE).then_some(at as usize)
 }
 
 fn mailbox(c: &mut Core, cmd: u32) {

@@ -10,11 +10,12 @@
 //! | 16 | 4 | que_iso_cfg |
 //! | 20 | 4 | qp_base |
 //! | 24 | 4 | vf_qm_state: 0 READY, 1 NOT_READY |
-//! | 28 | 2+2 | major version 1, minor version 0 |
+//! | 28 | 2+2 | major version 2, minor version 0 |
 //! | 32 | 8 | reserved, 0 |
 //! | 40 | 20 | registers: VF_STATE, MB_DATA_LO, MB_DATA_HI, MB_DEPTH, MB_STATUS |
 //! | 60 | 8 | jobs completed |
 //! | 68 | 44 × qp_num | per queue: sq_base u64, sq_depth u32, cq_base u64, cq_depth u32, sq_head, sq_tail, cq_head, cq_tail, cq_phase (u32 each) |
+//! | 68 + 44 × qp_num | 4096 | the peer window (`regs::PEER_WINDOW`) |
 //! | end − 4 | 4 | CRC32C of everything before |
 //!
 //! The first 40 bytes are the match prefix: pre-copy sends only them (`initial_bytes = 40`,
@@ -23,9 +24,13 @@
 //! while the source still runs. A device whose guest driver never set VF_STATE READY saves the
 //! prefix alone, and a destination given exactly the prefix loads nothing (as hisi does); the
 //! prefix alone of a READY source is refused (its state was lost on the way).
+//!
+//! Version 2 added the peer window. Peers write it by DMA whatever state this device is in,
+//! so a save is only complete if every peer had stopped initiating DMA (RUNNING_P2P) before
+//! this device stopped.
 
 use crate::device::{Queue, Regs, Shared};
-use crate::regs::VF_STATE_READY;
+use crate::regs::{PEER_WINDOW_SIZE, VF_STATE_READY};
 use iommu::errno::*;
 use iommu::Errno;
 use std::sync::Arc;
@@ -33,14 +38,18 @@ use vfio::{DmaLog, DmaLogging, MigFlags, MigState, MigrationDriver, PrecopyInfo,
 use MigState::*;
 
 pub const MAGIC: u64 = 0xAACC_FEED_DECA_DEDE;
-pub const MAJOR: u16 = 1;
+pub const MAJOR: u16 = 2;
 pub const MINOR: u16 = 0;
 pub const MATCH_SIZE: usize = 40;
 const QUEUE_SIZE: usize = 44;
 
 /// Full save-stream length for `qp_num` queues.
 pub fn state_len(qp_num: u32) -> usize {
-    MATCH_SIZE + 20 + 8 + QUEUE_SIZE * qp_num as usize + 4
+    window_at(qp_num) + PEER_WINDOW_SIZE as usize + 4
+}
+
+fn window_at(qp_num: u32) -> usize {
+    MATCH_SIZE + 20 + 8 + QUEUE_SIZE * qp_num as usize
 }
 
 pub(crate) struct AccelMigration {
@@ -106,6 +115,8 @@ impl AccelMigration {
                 b.extend_from_slice(&v.to_le_bytes());
             }
         }
+        drop(c);
+        b.extend_from_slice(&self.s.window_bytes());
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
@@ -189,6 +200,8 @@ impl AccelMigration {
             }
             queues.push(q);
         }
+        let w = window_at(self.s.cfg.qp_num);
+        self.s.window.write(0, &b[w..w + PEER_WINDOW_SIZE as usize]);
         let mut c = self.s.lock();
         c.regs = regs;
         c.queues = queues;

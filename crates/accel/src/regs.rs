@@ -18,6 +18,7 @@
 //! | 0x030c | MB_DEPTH | rw32 | ring depth in entries: a power of two from 2 to 4096 |
 //! | 0x0310 | MB_STATUS | r32 | result of the last command: 0 ok, 1 bad queue, 2 bad ring, 3 bad command |
 //! | 0x1000 | DOORBELL | w64 | `qn \| cmd << 12 \| rand << 16 \| index << 32 \| prio << 48` |
+//! | 0x2000 | PEER_WINDOW | rw, 4 KiB | device memory that peers write by DMA (peer-to-peer) |
 //!
 //! Mailbox commands: 0 SQC (load a submission-queue context: base and depth), 1 CQC (load a
 //! completion-queue context), 4 SQC_BT and 5 CQC_BT (read a context's base back into
@@ -65,6 +66,11 @@ pub const MB_DATA_HI: u64 = 0x0308;
 pub const MB_DEPTH: u64 = 0x030c;
 pub const MB_STATUS: u64 = 0x0310;
 pub const DOORBELL: u64 = 0x1000;
+/// A page of device memory in the register block: the target of peer-to-peer DMA. A VMM maps
+/// it into its IOMMU domains at the block's address + this offset, as VFIO maps BARs, so that
+/// other devices' jobs can write it. It is part of the migrated state.
+pub const PEER_WINDOW: u64 = 0x2000;
+pub const PEER_WINDOW_SIZE: u64 = 0x1000;
 /// Size of the register block.
 pub const MMIO_SIZE: u64 = 0x1_0000;
 

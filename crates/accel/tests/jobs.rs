@@ -252,3 +252,75 @@ fn client_runs_many_jobs_correctly() {
     let c = client.counters();
     assert_eq!((c.submitted, c.completed, c.errors, c.duplicates), (3000, 3000, 0, 0));
 }
+
+/// A job DMAs into a peer's window through the IOMMU (the window mapped into the IOAS as a
+/// VMM maps a BAR), the peer's saved state carries what landed there, and a fresh device
+/// loads it back.
+#[test]
+fn a_job_writes_a_peers_window_and_the_peer_migrates_it() {
+    const WINDOW_IOVA: u64 = 0xd000_0000 + PEER_WINDOW;
+    let rig = Rig::new(FormatKind::AmdV1, AccelConfig::default());
+    let peer_dev = rig.fd.bind_device(iommufd::DeviceSpec::new("peer", FormatKind::AmdV1));
+    rig.fd.attach(peer_dev, rig.hwpt).unwrap();
+    let peer = accel::Accel::new(AccelConfig::default(), rig.fd.device_dma(peer_dev).unwrap()).unwrap();
+    peer.mmio_write(VF_STATE, &VF_STATE_READY.to_le_bytes());
+    let va = rig.fd.register_user_memory(peer.peer_window());
+    let mut m = iommufd::IoasMap {
+        flags: iommufd::IOMMU_IOAS_MAP_FIXED_IOVA
+            | iommufd::IOMMU_IOAS_MAP_READABLE
+            | iommufd::IOMMU_IOAS_MAP_WRITEABLE,
+        ioas_id: rig.ioas,
+        user_va: va,
+        length: PEER_WINDOW_SIZE,
+        iova: WINDOW_IOVA,
+        ..Default::default()
+    };
+    rig.fd.ioas_map(&mut m).unwrap();
+    let mut d = Driver::new(&rig);
+    let cqe = d.run(Sqe {
+        opcode: Opcode::Fill as u8,
+        tag: 1,
+        dst: WINDOW_IOVA + 16,
+        dst_len: 8,
+        arg: 0x5a,
+        ..Default::default()
+    });
+    assert_eq!((cqe.status, cqe.result), (Status::Ok as u16, 8));
+    let w = peer.peer_window_bytes();
+    assert_eq!(&w[8..32], &[[0u8; 8], [0x5a; 8], [0u8; 8]].concat()[..]);
+    // The guest sees the same bytes through the register block.
+    let mut b = [0u8; 8];
+    peer.mmio_read(PEER_WINDOW + 16, &mut b);
+    assert_eq!(b, [0x5a; 8]);
+    // A write past the window's end faults instead of reaching anything else.
+    let cqe = d.run(Sqe {
+        opcode: Opcode::Fill as u8,
+        tag: 2,
+        dst: WINDOW_IOVA + PEER_WINDOW_SIZE - 4,
+        dst_len: 8,
+        arg: 1,
+        ..Default::default()
+    });
+    assert_eq!(cqe.status, Status::WriteFault as u16);
+
+    let save = |dev: &accel::Accel| {
+        let m = dev.migration();
+        m.set_state(vfio::MigState::Stop).unwrap();
+        let s = m.set_state(vfio::MigState::StopCopy).unwrap().unwrap();
+        let mut out = vec![0u8; 1 << 16];
+        let n = s.read(&mut out).unwrap();
+        out.truncate(n);
+        out
+    };
+    let state = save(&peer);
+    let at = accel::migration::state_len(2) - 4 - PEER_WINDOW_SIZE as usize;
+    assert_eq!(&state[at + 16..at + 24], &[0x5a; 8]);
+    let fresh_rig = Rig::new(FormatKind::AmdV1, AccelConfig::default());
+    let fresh = &fresh_rig.accel;
+    fresh.migration().set_state(vfio::MigState::Stop).unwrap();
+    let s = fresh.migration().set_state(vfio::MigState::Resuming).unwrap().unwrap();
+    assert_eq!(s.write(&state).unwrap(), state.len());
+    drop(s);
+    fresh.migration().set_state(vfio::MigState::Stop).unwrap();
+    assert_eq!(fresh.peer_window_bytes(), peer.peer_window_bytes());
+}

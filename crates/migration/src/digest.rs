@@ -182,10 +182,16 @@ impl DeviceHash {
     }
 }
 
-/// On the destination, with the device loaded and in STOP: save it again (STOP → STOP_COPY,
+/// With the device stopped (in STOP, or in STOP_COPY after its stream was read): save it again (STOP → STOP_COPY,
 /// read to the end, → STOP) and return the hash of what it saves. Equal to the source's
-/// [`DeviceHash`] when the device loaded exactly what was sent.
+/// [`DeviceHash`] when the device loaded exactly what was sent (on the destination), or when
+/// nothing changed it after it was saved (on the source).
 pub fn resave_hash(dev: &MigrationDevice) -> Result<u32, String> {
+    // A source device is still in STOP_COPY, its stream read to the end.
+    if dev.get_state() == MigState::StopCopy {
+        dev.set_state(MigState::Stop)
+            .map_err(|e| format!("STOP_COPY -> STOP: {e}"))?;
+    }
     let s = dev
         .set_state(MigState::StopCopy)
         .map_err(|e| format!("STOP -> STOP_COPY: {e}"))?

@@ -80,11 +80,15 @@ impl DeviceDirty {
             if !first_of_domain && mode != DeviceTracking::DeviceLog {
                 continue;
             }
+            // Guest RAM only: the IOAS also maps peers' windows (device memory, which moves
+            // with the device's state, not as pages).
+            let in_ram = |iova: u64, len: u64| vm.slots().iter().any(|s| s.gpa <= iova && iova + len <= s.gpa + s.size);
             let areas: Vec<(u64, u64)> =
                 d.fd.ioas_areas(d.ioas)
                     .map_err(io("IOAS areas"))?
                     .into_iter()
                     .map(|(i, l, _)| (i, l))
+                    .filter(|&(i, l)| in_ram(i, l))
                     .collect();
             if mode == DeviceTracking::None && me.trackers.iter().any(|(_, a)| *a == areas) {
                 continue; // the same RAM, already counted whole at every sync

@@ -1,6 +1,10 @@
 //! Migrations of a VM with several accelerators, each behind its own IOMMU domain or all
 //! behind one, in each device-tracking mode: the destination rebuilds the same devices from
 //! the list that went over the wire, and every device's client keeps completing jobs there.
+//!
+//! With two devices or more, each client's CRC32C jobs write into the next device's peer
+//! window (peer-to-peer DMA), so every one of these migrations also checks the P2P order: the
+//! source refuses to go on if any device's state changed after it was saved.
 
 mod common;
 use common::*;
@@ -121,4 +125,45 @@ fn devices_with_and_without_p2p_mixed() {
     for flags in MigFlags::DEFINED {
         migrate_with(3, false, DeviceTracking::Iommu, flags);
     }
+}
+
+/// The order the P2P states exist for, broken on purpose: the devices stop one at a time,
+/// without the P2P step, while the guest runs. Device 1 goes on writing CRCs into device 0's
+/// window after device 0 saved its state, so the saved state lacks those writes. The source
+/// finds device 0's state changed since it was saved and rolls back: the guest runs on at the
+/// source, and the destination discards what it received. The same VM migrates verified in
+/// the right order (`two_devices_each_behind_its_own_domain` and the tests beside it).
+#[test]
+fn breaking_the_p2p_order_loses_a_peer_write_and_is_caught() {
+    need_kvm!();
+    let vm = source(2, false, MigFlags::STOP_COPY | MigFlags::P2P | MigFlags::PRE_COPY);
+    let window_before = vm.devices()[0].peer_window();
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let ctl = MigrationControl::default();
+    let o = SourceOptions {
+        sabotage: Some(Sabotage::SkipP2p),
+        ..opts(DeviceTracking::Iommu)
+    };
+    let e = migrate(&vm, &addr, &o, &ctl).expect_err("a lost peer write must stop the migration");
+    let e = e.chain();
+    assert!(
+        e.contains("accel0: its state changed after it was saved"),
+        "the device that lost the write is named: {e}"
+    );
+    assert!(dest.join().unwrap().is_err(), "the destination discards");
+    let info = ctl.snapshot();
+    assert_eq!(
+        (info.status, info.livemig.outcome),
+        (Status::Failed, Outcome::RolledBack)
+    );
+    assert!(info.downtime.is_none(), "the destination never resumed");
+    // The loss is real: device 1 did write device 0's window meanwhile.
+    assert_ne!(vm.devices()[0].peer_window(), window_before);
+    // Rolled back: both clients complete jobs again on the source, with no error.
+    assert!(vm.running());
+    let at = jobs(&vm);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let later = jobs(&vm);
+    assert!(later[0] > at[0] && later[1] > at[1], "{at:?} -> {later:?}");
+    assert_eq!((vm.counters(0).errors, vm.counters(1).errors), (0, 0));
 }

@@ -39,6 +39,7 @@ fn expected(s: Sabotage) -> &'static str {
         Sabotage::DropFinalPage => "page(s) of guest memory differ",
         Sabotage::FlipDeviceByte => "device state differs",
         Sabotage::CorruptVcpuRegister => "vCPU state differs",
+        Sabotage::SkipP2p => "changed after it was saved",
     }
 }
 

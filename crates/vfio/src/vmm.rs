@@ -202,38 +202,46 @@ impl Source {
     /// to its peers, which are in RUNNING_P2P and accept those writes; once it is stopped
     /// nothing initiates DMA and the others can stop in any order.
     pub fn stop_copy(&mut self) -> Result<Vec<Section>, VfioMigError> {
-        let mut out = Vec::new();
         let mut order: Vec<usize> = (0..self.devs.len()).collect();
         order.sort_by_key(|&i| self.devs[i].flags.contains(MigFlags::P2P));
-        for i in order {
-            let d = &mut self.devs[i];
-            match d.dev.set_state(MigState::StopCopy) {
-                Ok(Some(s)) => d.stream = Some(s),
-                Ok(None) => {}
-                Err(e) => {
-                    d.dev
-                        .set_state(MigState::Stop)
-                        .map_err(|_| dev_err(&d.dev, "STOP_COPY")(e))?;
-                    d.stream = None;
-                }
+        order.into_iter().map(|i| self.stop_copy_one(i)).collect()
+    }
+
+    /// STOP_COPY (fallback STOP) of device `i` alone, its stream read to EOF, then its config
+    /// section. [`Source::stop_copy`] is the order that loses no peer write; this is for a
+    /// caller that must order the stops itself (and for tests that break that order).
+    pub fn stop_copy_one(&mut self, i: usize) -> Result<Section, VfioMigError> {
+        let Some(d) = self.devs.get_mut(i) else {
+            return Err(VfioMigError::Protocol {
+                device: format!("#{i}"),
+                what: "no such device".into(),
+            });
+        };
+        match d.dev.set_state(MigState::StopCopy) {
+            Ok(Some(s)) => d.stream = Some(s),
+            Ok(None) => {}
+            Err(e) => {
+                d.dev
+                    .set_state(MigState::Stop)
+                    .map_err(|_| dev_err(&d.dev, "STOP_COPY")(e))?;
+                d.stream = None;
             }
-            let mut b = Vec::new();
-            if let Some(s) = &d.stream {
-                let mut buf = vec![0u8; d.chunk as usize];
-                loop {
-                    let n = s.read(&mut buf).map_err(dev_err(&d.dev, "stop-copy read"))?;
-                    if n == 0 {
-                        break;
-                    }
-                    Record::Data(buf[..n].to_vec()).encode(&mut b);
-                }
-            }
-            Record::EndOfState.encode(&mut b);
-            Record::Config(format!("{}:{}", d.dev.name(), d.flags).into_bytes()).encode(&mut b);
-            Record::EndOfState.encode(&mut b);
-            out.push((i, b));
         }
-        Ok(out)
+        let mut b = Vec::new();
+        if let Some(s) = &d.stream {
+            let mut buf = vec![0u8; d.chunk as usize];
+            loop {
+                let n = s.read(&mut buf).map_err(dev_err(&d.dev, "stop-copy read"))?;
+                if n == 0 {
+                    break;
+                }
+                Record::Data(buf[..n].to_vec()).encode(&mut b);
+            }
+        }
+        Record::EndOfState.encode(&mut b);
+        Record::Config(format!("{}:{}", d.dev.name(), d.flags).into_bytes()).encode(&mut b);
+        Record::EndOfState.encode(&mut b);
+        Ok((i, b))
     }
 
     /// `save_cleanup` after a successful migration: STOP_COPY → STOP, outside the downtime.

@@ -2,7 +2,7 @@
 //! and shown to a migration engine, which sees only their VFIO migration interface and the
 //! IOMMU objects their writes are tracked by (docs/vmm.md#devices).
 
-use crate::layout::{accel_mmio, MAX_DEVICES};
+use crate::layout::{accel_mmio, peer_window, MAX_DEVICES};
 use crate::mmio::MmioBus;
 use crate::VmError;
 use accel::{Accel, AccelConfig};
@@ -58,6 +58,11 @@ impl AttachedDevice {
     /// Whether `self` and `other` are behind the same HWPT (one dirty bitmap serves both).
     pub fn same_domain(&self, other: &AttachedDevice) -> bool {
         Arc::ptr_eq(&self.fd, &other.fd) && self.hwpt == other.hwpt
+    }
+
+    /// What the device's peer window holds now (the bytes peers wrote there by DMA).
+    pub fn peer_window(&self) -> Vec<u8> {
+        self.accel.peer_window_bytes()
     }
 }
 
@@ -292,6 +297,36 @@ pub(crate) fn attach(
         dev,
         accel,
     })
+}
+
+/// Peer-to-peer: maps every device's peer window into the IOAS of every other device, at the
+/// window's guest-physical address (its register block's [`accel_mmio`] + `PEER_WINDOW`), as
+/// a VMM on VFIO maps the devices' BARs into the container. A job of one device can then
+/// write another's window, as real P2P DMA does. Devices that share a domain share one IOAS:
+/// each window is mapped there once.
+pub(crate) fn map_peer_windows(devices: &[AttachedDevice]) -> Result<(), VmError> {
+    let io = |what: &'static str| move |e: Errno| VmError::Iommu { what, errno: e };
+    let mut mapped: Vec<(*const IommuFd, u32, usize)> = Vec::new();
+    for d in devices {
+        for (j, peer) in devices.iter().enumerate() {
+            let key = (Arc::as_ptr(&d.fd), d.ioas, j);
+            if std::ptr::eq(d, peer) || mapped.contains(&key) {
+                continue;
+            }
+            mapped.push(key);
+            let va = d.fd.register_user_memory(peer.accel.peer_window());
+            let mut m = IoasMap {
+                flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+                ioas_id: d.ioas,
+                user_va: va,
+                length: accel::regs::PEER_WINDOW_SIZE,
+                iova: peer_window(j as u32),
+                ..Default::default()
+            };
+            d.fd.ioas_map(&mut m).map_err(io("IOAS_MAP of a peer window"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Maps every RAM slot into `ioas` at IOVA = GPA, inside the ranges the IOAS allows.

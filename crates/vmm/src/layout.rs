@@ -12,13 +12,15 @@
 //! | 0x0010_0000 | 64 KiB × vCPU | per-vCPU program code |
 //! | 0x0040_0000 | 4 MiB × device | each accel-client's rings, buffers and CRC table (device 0, 1, 2) |
 //! | 0x0100_0000 | to the end of RAM | the dirtier's working sets |
-//! | 0xd000_0000 | 64 KiB × device | each accelerator's MMIO registers (`accel::regs`) |
+//! | 0xd000_0000 | 64 KiB × device | each accelerator's MMIO registers (`accel::regs`), its peer window at + 0x2000 |
 //!
 //! The device sees guest RAM at IOVA = GPA except inside its IOMMU's reserved regions, which
 //! stay unmapped in the IOAS: on Arm the SMMU driver's software MSI window
 //! `[0x0800_0000, 0x0810_0000)` falls inside RAM of more than 128 MiB, and RAM there is
 //! reachable by the vCPUs only (the dirtier may write it; the accel-client never DMAs there).
 //! The x86 interrupt window `[0xfee0_0000, 0xfef0_0000)` lies above the largest RAM.
+//! With several devices, each device's IOAS also maps every other device's peer window at the
+//! window's guest-physical address ([`peer_window`]): that is the peer-to-peer path.
 //! Page-table entries are created with Accessed (and, for leaves, Dirty) already set, and GDT
 //! descriptors with Accessed set, so the CPU never writes them: the only pages the guest
 //! dirties are the ones its programs store to.
@@ -55,6 +57,10 @@ pub fn code(vcpu: u32) -> u64 {
 /// Where device `dev`'s registers sit.
 pub fn accel_mmio(dev: u32) -> u64 {
     ACCEL_MMIO + dev as u64 * accel::regs::MMIO_SIZE
+}
+/// Where device `dev`'s peer window sits, in guest-physical and IOVA space alike.
+pub fn peer_window(dev: u32) -> u64 {
+    accel_mmio(dev) + accel::regs::PEER_WINDOW
 }
 /// The area the accel-client driving device `dev` keeps its rings and buffers in.
 pub fn accel_area(dev: u32) -> u64 {

@@ -260,6 +260,7 @@ impl Vm {
             let d = devices::attach(i as u32, a, join, &vm.mem, &vm.slots, &vm.bus)?;
             vm.devices.push(d);
         }
+        devices::map_peer_windows(&vm.devices)?;
         Ok(vm)
     }
 

@@ -274,3 +274,64 @@ fn guest_ram_is_mapped_around_each_formats_reserved_window() {
         assert!(c.jobs_completed > 0 && c.errors == 0, "{format:?}: {c:?}");
     }
 }
+
+/// Two devices, each driven by its own vCPU: every CRC32C job of device k writes its result
+/// into device k+1's peer window through device k's IOMMU. Each window holds, at every slot
+/// the last completed jobs used, the CRC the guest checked.
+#[test]
+fn crc_jobs_write_into_the_peers_window() {
+    need_kvm!();
+    let vm = Vm::new(VmConfig {
+        mem_mib: 128,
+        regions: 1,
+        vcpus: 2,
+        dirty: DirtyLogMode::Bitmap,
+        devices: DeviceSet {
+            accels: vec![AccelSetup::default(); 2],
+            shared_domain: false,
+        },
+    })
+    .unwrap();
+    for v in 0..2u32 {
+        let mut p = Program::dirtier(WORKSET_BASE + v as u64 * (8 << 20), 2048, 0.0, Pattern::Uniform);
+        p.dirtier = false;
+        p.accel_queue = Some(0);
+        p.accel_device = v;
+        vm.load_program(v, &p).unwrap();
+    }
+    assert_eq!((vm.peer_of(0), vm.peer_of(1)), (Some(1), Some(0)));
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    vm.pause().unwrap();
+    for v in 0..2u32 {
+        let c = vm.counters(v);
+        assert!(c.jobs_completed > 100, "vCPU {v}: {c:?}");
+        assert_eq!(c.errors, 0);
+        let window = vm.devices()[vm.peer_of(v).unwrap() as usize].peer_window();
+        let mut checked = 0;
+        for t in c.jobs_completed.saturating_sub(PEER_SLOTS - A_DEPTH)..c.jobs_completed {
+            if t % 3 != 1 {
+                continue;
+            }
+            let src = [t.to_le_bytes(), (!t).to_le_bytes()].concat();
+            let at = ((t % PEER_SLOTS) * 4) as usize;
+            assert_eq!(
+                u32::from_le_bytes(window[at..at + 4].try_into().unwrap()),
+                crc32c::crc32c(&src),
+                "vCPU {v}'s job {t} in its peer's window"
+            );
+            checked += 1;
+        }
+        assert!(checked > 30, "{checked} jobs checked");
+    }
+    // A device's own window is written by its peer alone.
+    let one = Vm::new(VmConfig {
+        mem_mib: 128,
+        regions: 1,
+        vcpus: 1,
+        dirty: DirtyLogMode::Bitmap,
+        devices: DeviceSet::one(AccelSetup::default()),
+    })
+    .unwrap();
+    assert_eq!(one.peer_of(0), None);
+}

@@ -63,13 +63,25 @@ pub(super) fn switch_over(
     link.stop_throttle();
     let watcher = LastProgress::start(vm.clone());
     watcher.wait_active(std::time::Duration::from_millis(20));
-    link.devices.enter_p2p()?;
+    let skip_p2p = opts.sabotage == Some(Sabotage::SkipP2p);
+    let mut sections = Vec::new();
+    if skip_p2p {
+        for i in 0..vm.devices().len() {
+            sections.push(link.devices.stop_copy_one(i)?);
+            // Long enough for the guest to submit, and the running peers to run, new jobs.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    } else {
+        link.devices.enter_p2p()?;
+    }
     let t_pause = mono_ns();
     let paused = vm.pause();
     let t_paused = mono_ns();
     let last_progress = watcher.stop();
     paused?;
-    let sections = link.devices.stop_copy()?;
+    if !skip_p2p {
+        sections = link.devices.stop_copy()?;
+    }
     let t_stopped = mono_ns();
     // Devices are stopped: no more DMA. The last harvest covers both kinds of writers.
     let mut fin = std::mem::replace(&mut pre.pending, PageBitmap::new(0));
@@ -88,6 +100,7 @@ pub(super) fn switch_over(
     let t_pages = mono_ns();
     let flip = opts.sabotage == Some(Sabotage::FlipDeviceByte);
     send_stop_copy(link, &sections, &mut pre.devp, flip)?;
+    unchanged_since_saved(link, &pre.devp)?;
     let t_devsent = mono_ns();
     let vcpus = vm.save_vcpus()?;
     let vcpu_digest = vmm::state::digest(&vcpus);
@@ -129,6 +142,23 @@ pub(super) fn switch_over(
         vcpu_digest,
         ready,
     })
+}
+
+/// With every device stopped, each must still hold exactly the state it saved. A device whose
+/// state changed since received a peer's DMA after it stopped (the P2P order was broken), and
+/// what was sent lacks that write: the migration must not go on.
+fn unchanged_since_saved(link: &Link, devp: &DeviceProgress) -> Result<(), MigError> {
+    for ((d, sent), attached) in link.devices.devices().zip(devp.hashes()).zip(link.vm.devices()) {
+        let now = digest::resave_hash(d).map_err(MigError::Other)?;
+        if now != sent {
+            return Err(MigError::Verification(format!(
+                "{}: its state changed after it was saved (a peer wrote to it after it stopped); \
+                 the saved state would lose that write",
+                attached.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Sends the stop-copy sections. With the `FlipDeviceByte` sabotage, one byte of the

@@ -74,6 +74,9 @@ pub enum Sabotage {
     FlipDeviceByte,
     /// One general-purpose register of the sent vCPU state is changed.
     CorruptVcpuRegister,
+    /// The devices stop one at a time in index order, without the P2P step, while the vCPUs
+    /// still run: a device's peers go on writing to its window after its state was saved.
+    SkipP2p,
 }
 
 /// The VM's shape as the destination must rebuild it.

@@ -22,6 +22,10 @@ pub const C_BURST: u64 = 0x070;
 /// Pages of the working set, from its base, that the accelerator can reach: all of them,
 /// unless an IOVA window its IOMMU reserves (unmapped) cuts the working set short.
 pub const C_DMA_PAGES: u64 = 0x078;
+/// IOVA of a peer device's window: CRC32C jobs write their result there, at
+/// `(tag % PEER_SLOTS) * 4` (peer-to-peer DMA). 0: into the job's own destination slot.
+pub const C_PEER: u64 = 0x080;
+pub const PEER_SLOTS: u64 = accel::regs::PEER_WINDOW_SIZE / 4;
 
 /// Counters (guest → host).
 pub const K_PAGES: u64 = 0x800;

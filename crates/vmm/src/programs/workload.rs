@@ -26,7 +26,8 @@
 //! a length within the destination), ring the CQ doorbell; then submit while fewer than 31 are
 //! outstanding (job `tag` is COPY, CRC32C or LZ4_COMPRESS by `tag % 3`; COPY and LZ4 read
 //! working-set page `tag % dma_pages`, `C_DMA_PAGES` being the part of the working set the
-//! device can reach) and ring the SQ doorbell once.
+//! device can reach) and ring the SQ doorbell once. With a peer (`C_PEER`), a CRC32C job
+//! writes its result into the peer device's window instead of its own slot: peer-to-peer DMA.
 
 use super::ctrl::*;
 use super::Pattern;
@@ -403,6 +404,15 @@ fn emit_accel_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(qword_ptr(rax + 8), rcx)?;
     a.mov(qword_ptr(rdi + 8), rax)?;
     a.mov(dword_ptr(rdi + 24), A_CRC_LEN as u32)?;
+    // Peer-to-peer: the CRC goes to the peer's window instead of this slot.
+    a.mov(rax, qword_ptr(r15 + C_PEER))?;
+    a.test(rax, rax)?;
+    a.jz(sqe_out)?;
+    a.mov(rcx, r8)?;
+    a.and(rcx, (PEER_SLOTS - 1) as i32)?;
+    a.lea(rax, ptr(rax + rcx * 4))?;
+    a.mov(qword_ptr(rdi + 16), rax)?;
+    a.mov(dword_ptr(rdi + 28), 4u32)?;
     a.set_label(&mut sqe_out)?;
     a.mov(rax, qword_ptr(rbp + A_TAIL))?;
     a.inc(rax)?;

@@ -117,6 +117,7 @@ impl Vm {
             (C_QN, prog.accel_queue.unwrap_or(0) as u64),
             (C_BURST, workload::DEFAULT_BURST),
             (C_DMA_PAGES, self.dma_reach(dev, prog.ws_base, prog.ws_pages)),
+            (C_PEER, self.peer_of(dev).map_or(0, peer_window)),
         ] {
             w(off, v).map_err(merr)?;
         }
@@ -155,6 +156,13 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// The device whose window device `dev`'s client sends its peer-to-peer writes to: the
+    /// next one, when there are several.
+    pub fn peer_of(&self, dev: u32) -> Option<u32> {
+        let n = self.devices.len() as u32;
+        (n > 1).then(|| (dev + 1) % n)
     }
 
     /// Pages from `base` (at most `pages`) the accelerator can DMA to without leaving the
