@@ -80,6 +80,8 @@ pub fn vm_args(o: &VmOpts) -> Vec<String> {
         a.push("--shared-domain".into());
     }
     a.extend(["--content".into(), o.content.to_string()]);
+    a.extend(["--dma-rate".into(), o.dma_rate.to_string()]);
+    a.extend(["--dma-mib".into(), o.dma_mib.to_string()]);
     if o.iommu_4k {
         a.push("--iommu-4k".into());
     }

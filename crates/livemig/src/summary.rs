@@ -153,6 +153,11 @@ pub fn print(i: &Value) {
         u(i, "livemig.cpu-dirty-pages"),
         u(i, "livemig.device-dirty-pages"),
     );
+    out!(
+        "  guest wrote       CPU {:.1} MiB/s, device DMA {:.1} MiB/s (achieved over pre-copy, by the guest's counters)",
+        f(i, "livemig.guest-cpu-write-mib-s"),
+        f(i, "livemig.guest-dma-write-mib-s"),
+    );
     if u(i, "livemig.dest-pages-after") > 0 {
         out!(
             "  destination       guest pages written {} -> {}, accel jobs {} -> {}",

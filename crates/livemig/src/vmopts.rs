@@ -5,7 +5,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use iommu::FormatKind;
 use vmm::layout::WORKSET_BASE;
-use vmm::{AccelSetup, Content, DeviceSet, DirtyLogMode, Pattern, Program, Vm, VmConfig};
+use vmm::programs::ctrl::DMA_CHUNK;
+use vmm::{AccelSetup, Content, DeviceSet, DirtyLogMode, DmaLoad, Pattern, Program, Vm, VmConfig};
 
 #[derive(Args, Clone, Debug)]
 pub struct VmOpts {
@@ -45,6 +46,14 @@ pub struct VmOpts {
     /// mixed:P (P % of the pages random).
     #[arg(long, default_value = "stamp", value_parser = Content::parse)]
     pub content: Content,
+    /// Device DMA rate in MiB/s per VM, split over the accelerators that have a client (0:
+    /// none). Each client's device copies 64 KiB chunks into a working set of its own, paced
+    /// like the dirtier; the migration reports the rate achieved.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub dma_rate: f64,
+    /// The devices' DMA working set in MiB, after the dirtier's, split over the devices.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub dma_mib: u64,
     /// IOMMU page-table format: amd-v1, vtd-ss or arm-lpae-s1.
     #[arg(long, default_value = "vtd-ss", value_parser = parse_format)]
     pub iommu_format: FormatKind,
@@ -118,17 +127,37 @@ impl VmOpts {
         }
     }
 
-    /// The working set in MiB, checked against the memory size.
+    /// The working set in MiB, checked against the memory size (and the DMA writers' set,
+    /// which follows it).
     pub fn ws(&self) -> Result<u64> {
-        let avail = self.memory_mib.saturating_mul(1 << 20).saturating_sub(WORKSET_BASE) >> 20;
+        let avail = (self.memory_mib.saturating_mul(1 << 20).saturating_sub(WORKSET_BASE) >> 20)
+            .saturating_sub(self.dma_set_mib());
         let ws = self.ws_mib.unwrap_or(avail.min(512));
         if ws == 0 || ws > avail {
             bail!(
-                "--ws-mib must be between 1 and {avail} for {} MiB of RAM",
-                self.memory_mib
+                "--ws-mib must be between 1 and {avail} for {} MiB of RAM{}",
+                self.memory_mib,
+                match self.dma_set_mib() {
+                    0 => String::new(),
+                    d => format!(" and a {d} MiB DMA working set"),
+                }
             );
         }
         Ok(ws)
+    }
+
+    /// Accelerators with a client (vCPU k drives device k), which run the DMA writers.
+    fn driven_devices(&self) -> u32 {
+        self.device_count().min(self.vcpus)
+    }
+
+    /// MiB the DMA writers' working set takes (0 without writers).
+    fn dma_set_mib(&self) -> u64 {
+        if self.dma_rate > 0.0 && self.driven_devices() > 0 {
+            self.dma_mib
+        } else {
+            0
+        }
     }
 
     /// Checks everything that can be checked without KVM.
@@ -141,6 +170,18 @@ impl VmOpts {
         }
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.memory_mib) {
             bail!("--memory-mib must be between {MIN_MEM_MIB} and {MAX_MEM_MIB}");
+        }
+        if !(self.dma_rate.is_finite() && (0.0..=1e6).contains(&self.dma_rate)) {
+            bail!("--dma-rate must be a number of MiB/s from 0 to 1000000");
+        }
+        if self.dma_rate > 0.0 && self.driven_devices() == 0 {
+            bail!("--dma-rate needs an accelerator driven by a vCPU (--devices 1 or more)");
+        }
+        if self.dma_set_mib() > 0 && self.dma_mib < self.driven_devices() as u64 {
+            bail!(
+                "--dma-mib must give each of the {} devices at least 1 MiB",
+                self.driven_devices()
+            );
         }
         self.ws().map(|_| ())
     }
@@ -166,6 +207,14 @@ impl VmOpts {
             if v < self.device_count() {
                 p.accel_queue = Some(1);
                 p.accel_device = v;
+                if self.dma_set_mib() > 0 {
+                    let per = (self.dma_mib << 20) / self.driven_devices() as u64 / DMA_CHUNK * DMA_CHUNK;
+                    p.dma = Some(DmaLoad {
+                        rate_mib_s: self.dma_rate / self.driven_devices() as f64,
+                        base: WORKSET_BASE + (self.ws()? << 20) + v as u64 * per,
+                        pages: per / 4096,
+                    });
+                }
             }
             vm.load_program(v, &p)?;
         }

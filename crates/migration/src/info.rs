@@ -118,6 +118,10 @@ pub struct LivemigInfo {
     pub device_dirty_pages_rate: u64,
     pub cpu_dirty_pages: u64,
     pub device_dirty_pages: u64,
+    /// What the guest's programs achieved over pre-copy, by their own counters (not what was
+    /// asked): MiB/s written by the vCPUs' dirtiers and by the devices' DMA writers.
+    pub guest_cpu_write_mib_s: f64,
+    pub guest_dma_write_mib_s: f64,
     pub downtime_limit_ms: u64,
     /// Dirty pages sent while the vCPUs were paused.
     pub final_pages: u64,

@@ -28,7 +28,7 @@ mod x86;
 
 pub use devices::{AccelSetup, AttachedDevice, DeviceSet};
 pub use dirty::{DirtyError, DirtyLogMode, HarvestStats, PageBitmap, Slot};
-pub use programs::{Content, Pattern, Program};
+pub use programs::{Content, DmaLoad, Pattern, Program};
 pub use progress::{GuestProbe, GuestProgress};
 pub use state::{StateError, VcpuState};
 pub use vcpu::VcpuStop;

@@ -2,7 +2,7 @@
 //! learns whether the guest moves without knowing its programs or their control pages.
 
 use crate::layout::ctrl_page;
-use crate::programs::ctrl::{C_FLAGS, FLAG_ACCEL, FLAG_DIRTIER};
+use crate::programs::ctrl::{C_FLAGS, FLAG_ACCEL, FLAG_DIRTIER, FLAG_DMA};
 use crate::Vm;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -10,6 +10,8 @@ use vm_memory::{Bytes, GuestAddress};
 pub const PAGES: &str = "pages written by the dirtier";
 /// What the accel-clients count.
 pub const JOBS: &str = "accelerator jobs completed";
+/// What the DMA writers count.
+pub const DMA_CHUNKS: &str = "DMA-writer chunks completed";
 
 /// A guest whose progress can be watched.
 pub trait GuestProbe {
@@ -38,7 +40,22 @@ pub struct GuestProgress {
     pub errors: u64,
 }
 
+/// Bytes one count of `what` stands for (0: it does not count bytes).
+pub fn unit_bytes(what: &str) -> u64 {
+    match what {
+        PAGES => 4096,
+        DMA_CHUNKS => crate::programs::ctrl::DMA_CHUNK,
+        _ => 0,
+    }
+}
+
 impl GuestProgress {
+    /// MiB per second of `what` written from `self` to `later`, `secs` apart.
+    pub fn mib_s(&self, later: &GuestProgress, what: &str, secs: f64) -> f64 {
+        let n = later.count(what).saturating_sub(self.count(what));
+        (n * unit_bytes(what)) as f64 / 1048576.0 / secs.max(1e-9)
+    }
+
     /// The total of `what` over every vCPU.
     pub fn count(&self, what: &str) -> u64 {
         self.measures.iter().filter(|m| m.what == what).map(|m| m.count).sum()
@@ -78,7 +95,10 @@ impl GuestProbe for Vm {
         (0..self.vcpu_count())
             .map(|v| {
                 let c = self.counters(v);
-                c.pages_written.wrapping_add(c.tsc_now).wrapping_add(c.jobs_completed)
+                c.pages_written
+                    .wrapping_add(c.tsc_now)
+                    .wrapping_add(c.jobs_completed)
+                    .wrapping_add(c.dma_chunks)
             })
             .fold(0u64, u64::wrapping_add)
     }
@@ -95,6 +115,7 @@ impl GuestProbe for Vm {
             for (flag, what, count) in [
                 (FLAG_DIRTIER, PAGES, c.pages_written),
                 (FLAG_ACCEL, JOBS, c.jobs_completed),
+                (FLAG_DMA, DMA_CHUNKS, c.dma_chunks),
             ] {
                 if flags & flag != 0 {
                     p.measures.push(Measure { what, vcpu, count });

@@ -57,6 +57,8 @@ pub struct Counters {
     pub jobs_completed: u64,
     pub errors: u64,
     pub loops: u64,
+    /// Chunks of `ctrl::DMA_CHUNK` bytes the DMA writer's device completed.
+    pub dma_chunks: u64,
 }
 
 /// Device and vCPU state, as `Vm::snapshot_devices_and_vcpus` takes it.

@@ -335,3 +335,133 @@ fn crc_jobs_write_into_the_peers_window() {
     .unwrap();
     assert_eq!(one.peer_of(0), None);
 }
+
+fn dma_vm(rate: f64, dma_mib: u64) -> (Vm, Program) {
+    let vm = Vm::new(VmConfig {
+        mem_mib: 128,
+        regions: 1,
+        vcpus: 1,
+        dirty: DirtyLogMode::Bitmap,
+        devices: DeviceSet::one(AccelSetup {
+            huge_pages: false,
+            ..Default::default()
+        }),
+    })
+    .unwrap();
+    let mut p = Program::dirtier(WORKSET_BASE, 1024, 8.0, Pattern::Uniform);
+    p.accel_queue = Some(1);
+    p.dma = Some(DmaLoad {
+        rate_mib_s: rate,
+        base: WORKSET_BASE + (16 << 20),
+        pages: dma_mib << 8,
+    });
+    (vm, p)
+}
+
+/// The paced DMA writer: the device dirties its working set at the rate asked (within 15 %,
+/// measured from the chunks it completed), each write through the IOMMU (the HWPT bitmap
+/// holds those pages and the CPU log does not), and the pages hold the source's bytes.
+#[test]
+fn the_dma_writer_dirties_at_the_rate_asked() {
+    need_kvm!();
+    for rate in [16.0, 96.0] {
+        let (vm, p) = dma_vm(rate, 8);
+        vm.load_program(0, &p).unwrap();
+        let io = &vm.devices()[0];
+        io.fd
+            .hwpt_set_dirty_tracking(&HwptSetDirtyTracking {
+                flags: IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
+                hwpt_id: io.hwpt,
+                __reserved: 0,
+            })
+            .unwrap();
+        vm.set_cpu_dirty_logging(true).unwrap();
+        vm.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let (c0, t0) = (vm.counters(0).dma_chunks, std::time::Instant::now());
+        std::thread::sleep(Duration::from_millis(1000));
+        let (c1, t1) = (vm.counters(0).dma_chunks, std::time::Instant::now());
+        vm.pause().unwrap();
+        let achieved = (c1 - c0) as f64 * (DMA_CHUNK as f64 / 1048576.0) / (t1 - t0).as_secs_f64();
+        println!("asked {rate} MiB/s, achieved {achieved:.1} MiB/s");
+        assert!(
+            (achieved / rate - 1.0).abs() < 0.15,
+            "asked {rate}, achieved {achieved:.1}"
+        );
+        let c = vm.counters(0);
+        assert_eq!(c.errors, 0, "{c:?}");
+        assert!(
+            c.jobs_completed > 0 && c.pages_written > 0,
+            "the rest of the program runs"
+        );
+        let dma = p.dma.unwrap();
+        let set: BTreeSet<u64> = (dma.base / 4096..dma.base / 4096 + dma.pages).collect();
+        let iommu = hwpt_dirty(&vm);
+        let mut kvm = PageBitmap::new(vm.mem_size() / 4096);
+        vm.harvest_cpu_dirty(&mut kvm).unwrap();
+        let kvm: BTreeSet<u64> = kvm.iter().collect();
+        // 8 MiB at 16 MiB/s and more: every page of the set was written in the second.
+        assert!(set.is_subset(&iommu), "the IOMMU saw every page of the DMA set");
+        assert!(kvm.is_disjoint(&set), "no CPU write in the DMA set");
+        // Chunk 0 holds a copy of the source megabyte, from some 64-byte-aligned offset.
+        let mut chunk = vec![0u8; DMA_CHUNK as usize];
+        let mut src = vec![0u8; A_DMA_SRC_SIZE as usize];
+        use vm_memory::Bytes;
+        vm.memory()
+            .read_slice(&mut chunk, vm_memory::GuestAddress(dma.base))
+            .unwrap();
+        vm.memory()
+            .read_slice(&mut src, vm_memory::GuestAddress(ACCEL_AREA + A_DMA_SRC))
+            .unwrap();
+        assert!(
+            (0..src.len() - chunk.len())
+                .step_by(64)
+                .any(|o| src[o..o + chunk.len()] == chunk[..]),
+            "the DMA set holds copies of the source"
+        );
+    }
+}
+
+#[test]
+fn a_dma_writer_that_cannot_work_is_refused() {
+    need_kvm!();
+    let (vm, p) = dma_vm(16.0, 8);
+    let refuse = |p: &Program, what: &str| {
+        let e = vm.load_program(0, p).unwrap_err().to_string();
+        assert!(e.contains(what), "{what}: {e}");
+    };
+    let mut q = p.clone();
+    q.accel_queue = None;
+    refuse(&q, "accel-client");
+    let mut q = p.clone();
+    q.dma.as_mut().unwrap().base = WORKSET_BASE;
+    refuse(&q, "overlaps the dirtier's");
+    let mut q = p.clone();
+    q.dma.as_mut().unwrap().pages = 15;
+    refuse(&q, "whole 64 KiB chunks");
+    let mut q = p.clone();
+    q.dma.as_mut().unwrap().base = (128 << 20) - 4096 * 16;
+    q.dma.as_mut().unwrap().pages = 32;
+    refuse(&q, "whole 64 KiB chunks");
+    let mut q = p.clone();
+    q.dma.as_mut().unwrap().rate_mib_s = 0.0;
+    refuse(&q, "rate");
+    let one_queue = Vm::new(VmConfig {
+        mem_mib: 128,
+        regions: 1,
+        vcpus: 1,
+        dirty: DirtyLogMode::Bitmap,
+        devices: DeviceSet::one(AccelSetup {
+            config: accel::AccelConfig {
+                qp_num: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
+    })
+    .unwrap();
+    let mut q = p.clone();
+    q.accel_queue = Some(0);
+    let e = one_queue.load_program(0, &q).unwrap_err().to_string();
+    assert!(e.contains("second queue pair"), "{e}");
+}

@@ -243,6 +243,8 @@ pub(super) fn after_commit(
         i.livemig.expected_downtime_at_switchover_ms = pre.expected.as_millis() as u64;
         i.livemig.cpu_dirty_pages = pre.cpu_dirty_total;
         i.livemig.device_dirty_pages = pre.dev_dirty_total;
+        i.livemig.guest_cpu_write_mib_s = pre.guest_cpu_mib_s;
+        i.livemig.guest_dma_write_mib_s = pre.guest_dma_mib_s;
         i.livemig.cpu_dirty_pages_rate = (pre.cpu_dirty_total as f64 / pre.seconds) as u64;
         i.livemig.device_dirty_pages_rate = (pre.dev_dirty_total as f64 / pre.seconds) as u64;
         i.livemig.dest_verify_ms = sw.ready.verify_ns as f64 / 1e6;

@@ -13,7 +13,7 @@ use crate::throttle::Throttle;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm::{PageBitmap, Vm};
+use vmm::{GuestProbe, PageBitmap, Vm};
 
 /// Where pre-copy left off.
 pub(super) struct Precopy {
@@ -28,6 +28,10 @@ pub(super) struct Precopy {
     pub sending: f64,
     pub bytes: u64,
     pub devp: DeviceProgress,
+    /// What the guest's programs wrote over pre-copy, by their own counters: the vCPUs'
+    /// dirtiers and the devices' DMA writers, in MiB/s.
+    pub guest_cpu_mib_s: f64,
+    pub guest_dma_mib_s: f64,
     /// Pages the last sync found dirty and that were not sent: the final round sends them
     /// with what the last harvest finds.
     pub pending: PageBitmap,
@@ -42,6 +46,7 @@ pub(super) fn run(
     stats: &Arc<PageStats>,
 ) -> Result<Precopy, MigError> {
     // ---- setup: trackers, then the devices' pre-copy streams ----
+    let (guest_t0, guest0) = (Instant::now(), vm.progress());
     let pages = vm.mem_size() / 4096;
     let mut scratch = PageBitmap::new(pages);
     vm.set_cpu_dirty_logging(true)?;
@@ -161,7 +166,10 @@ pub(super) fn run(
         link.end_iteration(iteration as u32, dirty)?;
         link.flush_all()?;
     }
+    let (secs, guest1) = (guest_t0.elapsed().as_secs_f64(), vm.progress());
     Ok(Precopy {
+        guest_cpu_mib_s: guest0.mib_s(&guest1, vmm::progress::PAGES, secs),
+        guest_dma_mib_s: guest0.mib_s(&guest1, vmm::progress::DMA_CHUNKS, secs),
         reason,
         iteration,
         expected: conv.expected_downtime,

@@ -26,6 +26,12 @@ pub const C_DMA_PAGES: u64 = 0x078;
 /// `(tag % PEER_SLOTS) * 4` (peer-to-peer DMA). 0: into the job's own destination slot.
 pub const C_PEER: u64 = 0x080;
 pub const PEER_SLOTS: u64 = accel::regs::PEER_WINDOW_SIZE / 4;
+/// The paced DMA writer: TSC ticks per chunk (0: off), where it writes, how many chunks its
+/// working set holds, and the queue it submits on.
+pub const C_DMA_TICKS: u64 = 0x088;
+pub const C_DMA_BASE: u64 = 0x090;
+pub const C_DMA_CHUNKS: u64 = 0x098;
+pub const C_DMA_QN: u64 = 0x0a0;
 
 /// Counters (guest → host).
 pub const K_PAGES: u64 = 0x800;
@@ -36,12 +42,16 @@ pub const K_COMPLETED: u64 = 0x820;
 pub const K_ERRORS: u64 = 0x828;
 /// Reserved (was a loop counter; see `workload.rs` on why the loop does not store).
 pub const K_LOOPS: u64 = 0x830;
+/// The DMA writer's chunks submitted and completed.
+pub const K_DMA_SUBMITTED: u64 = 0x838;
+pub const K_DMA_DONE: u64 = 0x840;
 /// Register spill slots of the accel-client step.
 pub const S_SPILL: u64 = 0x900;
 
 pub const MAGIC: u64 = 0x4c4d_4947_4354_524c; // "LMIGCTRL"
 pub const FLAG_DIRTIER: u64 = 1;
 pub const FLAG_ACCEL: u64 = 2;
+pub const FLAG_DMA: u64 = 4;
 
 /// The accel-client's area (from `layout::ACCEL_AREA`).
 pub const A_NEXT: u64 = 0x00;
@@ -54,6 +64,19 @@ pub const A_CRC_TABLE: u64 = 0x3000;
 pub const A_SRC: u64 = 0x1_0000;
 pub const A_DST: u64 = 0x3_0000;
 pub const A_DEPTH: u64 = 32;
+/// The DMA writer's state (pacing start, ring indices) and rings, and the 1 MiB it copies from.
+pub const A_DMA_TAIL: u64 = 0x20;
+pub const A_DMA_HEAD: u64 = 0x28;
+pub const A_DMA_PHASE: u64 = 0x30;
+pub const A_DMA_START: u64 = 0x38;
+pub const A_DMA_SQ: u64 = 0x7_0000;
+pub const A_DMA_CQ: u64 = 0x7_1000;
+pub const A_DMA_SRC: u64 = 0x10_0000;
+pub const A_DMA_SRC_SIZE: u64 = 0x10_0000;
+/// Bytes per DMA-writer job: the unit the working set and the rate are counted in.
+pub const DMA_CHUNK: u64 = 64 << 10;
+/// Most chunks the DMA writer catches up after falling behind (a pause).
+pub const DMA_BURST: u64 = 64;
 /// CRC jobs run over this many bytes of the slot's private source: the tag and its complement.
 pub const A_CRC_LEN: u64 = 16;
 pub const A_SRC_SIZE: u64 = 4096;

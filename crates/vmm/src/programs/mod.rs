@@ -75,6 +75,16 @@ impl std::fmt::Display for Content {
 }
 
 /// What one vCPU runs.
+/// The accel-client's paced DMA writer: its device copies `rate_mib_s` MiB/s into
+/// `[base, base + pages × 4 KiB)`, one [`ctrl::DMA_CHUNK`] after another, round and round.
+/// The range must be the writer's alone (the dirtier's stamps would not survive it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DmaLoad {
+    pub rate_mib_s: f64,
+    pub base: u64,
+    pub pages: u64,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Program {
     /// Run the dirtier.
@@ -92,6 +102,8 @@ pub struct Program {
     pub accel_device: u32,
     /// What the working set holds.
     pub content: Content,
+    /// The accel-client's DMA writer, if any (needs `accel_queue`).
+    pub dma: Option<DmaLoad>,
 }
 
 impl Program {
@@ -107,6 +119,7 @@ impl Program {
             accel_queue: None,
             accel_device: 0,
             content: Content::Stamp,
+            dma: None,
         }
     }
 }

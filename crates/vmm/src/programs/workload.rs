@@ -28,6 +28,10 @@
 //! working-set page `tag % dma_pages`, `C_DMA_PAGES` being the part of the working set the
 //! device can reach) and ring the SQ doorbell once. With a peer (`C_PEER`), a CRC32C job
 //! writes its result into the peer device's window instead of its own slot: peer-to-peer DMA.
+//!
+//! DMA writer (optional, on a second queue): the device copies [`DMA_CHUNK`]-byte chunks into
+//! a working set of its own at a paced rate (`C_DMA_TICKS` per chunk), so how much memory the
+//! device dirties is a knob; `K_DMA_DONE` counts the chunks it completed.
 
 use super::ctrl::*;
 use super::Pattern;
@@ -49,6 +53,8 @@ const UNLIMITED_BATCH: u32 = 64;
 pub struct Spec {
     pub dirtier: Option<Pattern>,
     pub accel: bool,
+    /// The accel-client also runs the paced DMA writer (needs `accel`).
+    pub dma: bool,
 }
 
 fn xorshift(a: &mut CodeAssembler) -> Result<(), IcedError> {
@@ -95,13 +101,19 @@ pub fn assemble(at: u64, spec: Spec) -> Result<Vec<u8>, IcedError> {
         // Program SQC and CQC through the mailbox, then mark the function READY.
         a.mov(rsi, qword_ptr(r15 + C_MMIO))?;
         a.mov(rdi, qword_ptr(r15 + C_AREA))?;
-        for (ring, cmd) in [(A_SQ, MB_SQC), (A_CQ, MB_CQC)] {
+        let mut rings = vec![(C_QN, A_SQ, MB_SQC), (C_QN, A_CQ, MB_CQC)];
+        if spec.dma {
+            rings.extend([(C_DMA_QN, A_DMA_SQ, MB_SQC), (C_DMA_QN, A_DMA_CQ, MB_CQC)]);
+            a.mov(qword_ptr(rdi + A_DMA_PHASE), 1i32)?;
+            a.mov(qword_ptr(rdi + A_DMA_START), r10)?;
+        }
+        for (qn, ring, cmd) in rings {
             a.lea(rax, ptr(rdi + ring))?;
             a.mov(dword_ptr(rsi + MB_DATA_LO), eax)?;
             a.shr(rax, 32u32)?;
             a.mov(dword_ptr(rsi + MB_DATA_HI), eax)?;
             a.mov(dword_ptr(rsi + MB_DEPTH), A_DEPTH as u32)?;
-            a.mov(rax, qword_ptr(r15 + C_QN))?;
+            a.mov(rax, qword_ptr(r15 + qn))?;
             a.shl(eax, 16u32)?;
             a.or(eax, cmd)?;
             a.mov(dword_ptr(rsi + MB_CMD), eax)?;
@@ -220,7 +232,7 @@ pub fn assemble(at: u64, spec: Spec) -> Result<Vec<u8>, IcedError> {
     a.nop()?;
     if spec.accel {
         a.set_label(&mut accel_step)?;
-        emit_accel_step(&mut a)?;
+        emit_accel_step(&mut a, spec.dma)?;
     }
     a.pause()?;
     a.jmp(main)?;
@@ -228,8 +240,9 @@ pub fn assemble(at: u64, spec: Spec) -> Result<Vec<u8>, IcedError> {
     a.assemble(at)
 }
 
-/// One accel step: reap, then submit. Spills and restores r8–r11 and rbp.
-fn emit_accel_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
+/// One accel step: reap, then submit (then the DMA writer's step, with `dma`). Spills and
+/// restores r8–r11 and rbp.
+fn emit_accel_step(a: &mut CodeAssembler, dma: bool) -> Result<(), IcedError> {
     let mut reap = a.create_label();
     let mut reap_done = a.create_label();
     let mut bad = a.create_label();
@@ -433,8 +446,133 @@ fn emit_accel_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.or(rax, rcx)?;
     a.mov(qword_ptr(rsi + DOORBELL), rax)?;
     a.set_label(&mut no_sq_bell)?;
+    if dma {
+        emit_dma_step(a)?;
+    }
     for (i, r) in spill.into_iter().enumerate() {
         a.mov(r, qword_ptr(r15 + S_SPILL + i as u64 * 8))?;
     }
     Ok(())
+}
+
+/// Rings doorbell `cmd` of queue `C_DMA_QN` with the index at `[rbp + index]`.
+fn dma_doorbell(a: &mut CodeAssembler, cmd: u64, index: u64) -> Result<(), IcedError> {
+    a.mov(rsi, qword_ptr(r15 + C_MMIO))?;
+    a.mov(rax, qword_ptr(rbp + index))?;
+    a.shl(rax, 32u32)?;
+    a.or(rax, qword_ptr(r15 + C_DMA_QN))?;
+    a.mov(rcx, doorbell(0, cmd, 0))?;
+    a.or(rax, rcx)?;
+    a.mov(qword_ptr(rsi + DOORBELL), rax)
+}
+
+/// The DMA writer's step (inside the accel step: rbp is the area, r8–r11 are free). Reap its
+/// completions (a status other than 0 counts an error), then submit COPY jobs of
+/// [`DMA_CHUNK`] bytes while the chunks due by the TSC exceed those submitted: chunk `n`
+/// goes to `C_DMA_BASE + (n % C_DMA_CHUNKS) * DMA_CHUNK`, from a 64-byte-aligned offset of
+/// the area's source megabyte that moves with `n`, so a page's new contents differ from its
+/// old. After a pause, at most [`DMA_BURST`] chunks are caught up.
+fn emit_dma_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut reap = a.create_label();
+    let mut reap_done = a.create_label();
+    let mut ok = a.create_label();
+    let mut no_wrap = a.create_label();
+    let mut no_cq_bell = a.create_label();
+    let mut no_debt = a.create_label();
+    let mut submit = a.create_label();
+    let mut submit_done = a.create_label();
+    let mut no_sq_bell = a.create_label();
+    let mut done = a.create_label();
+
+    a.xor(r11, r11)?;
+    a.set_label(&mut reap)?;
+    a.mov(rax, qword_ptr(rbp + A_DMA_HEAD))?;
+    a.shl(rax, 4u32)?;
+    a.lea(rdi, ptr(rbp + rax + A_DMA_CQ))?;
+    a.movzx(eax, word_ptr(rdi + 14))?;
+    a.and(eax, 1i32)?;
+    a.cmp(rax, qword_ptr(rbp + A_DMA_PHASE))?;
+    a.jne(reap_done)?;
+    a.cmp(word_ptr(rdi + 12), 0i32)?;
+    a.je(ok)?;
+    a.inc(qword_ptr(r15 + K_ERRORS))?;
+    a.set_label(&mut ok)?;
+    a.inc(qword_ptr(r15 + K_DMA_DONE))?;
+    a.inc(r11)?;
+    a.mov(rax, qword_ptr(rbp + A_DMA_HEAD))?;
+    a.inc(rax)?;
+    a.and(rax, (A_DEPTH - 1) as i32)?;
+    a.mov(qword_ptr(rbp + A_DMA_HEAD), rax)?;
+    a.jnz(no_wrap)?;
+    a.xor(qword_ptr(rbp + A_DMA_PHASE), 1i32)?;
+    a.set_label(&mut no_wrap)?;
+    a.jmp(reap)?;
+    a.set_label(&mut reap_done)?;
+    a.test(r11, r11)?;
+    a.jz(no_cq_bell)?;
+    dma_doorbell(a, DB_CQ, A_DMA_HEAD)?;
+    a.set_label(&mut no_cq_bell)?;
+
+    // -- pacing: r10 = chunks due in all --
+    read_tsc(a)?;
+    a.sub(rax, qword_ptr(rbp + A_DMA_START))?;
+    a.xor(edx, edx)?;
+    a.div(qword_ptr(r15 + C_DMA_TICKS))?;
+    a.mov(r10, rax)?;
+    a.mov(rcx, rax)?;
+    a.sub(rcx, qword_ptr(r15 + K_DMA_SUBMITTED))?;
+    a.jbe(done)?;
+    a.cmp(rcx, DMA_BURST as i32)?;
+    a.jbe(no_debt)?;
+    // Fell far behind (a pause): move the pacing start so the catch-up is bounded.
+    a.sub(rcx, DMA_BURST as i32)?;
+    a.imul_2(rcx, qword_ptr(r15 + C_DMA_TICKS))?;
+    a.add(qword_ptr(rbp + A_DMA_START), rcx)?;
+    a.mov(r10, qword_ptr(r15 + K_DMA_SUBMITTED))?;
+    a.add(r10, DMA_BURST as i32)?;
+    a.set_label(&mut no_debt)?;
+
+    // -- submit while due and fewer than DEPTH - 1 are outstanding --
+    a.xor(r11, r11)?;
+    a.set_label(&mut submit)?;
+    a.mov(r8, qword_ptr(r15 + K_DMA_SUBMITTED))?;
+    a.cmp(r8, r10)?;
+    a.jae(submit_done)?;
+    a.mov(rax, r8)?;
+    a.sub(rax, qword_ptr(r15 + K_DMA_DONE))?;
+    a.cmp(rax, (A_DEPTH - 1) as i32)?;
+    a.jae(submit_done)?;
+    a.mov(rdi, qword_ptr(rbp + A_DMA_TAIL))?;
+    a.shl(rdi, 6u32)?;
+    a.lea(rdi, ptr(rbp + rdi + A_DMA_SQ))?;
+    a.mov(qword_ptr(rdi), 1i32)?; // COPY, reserved bytes zero
+    a.mov(dword_ptr(rdi + 4), r8d)?;
+    a.imul_3(rax, r8, 0x1040i32)?;
+    a.and(eax, ((A_DMA_SRC_SIZE - DMA_CHUNK - 1) & !63) as i32)?;
+    a.lea(rax, ptr(rbp + rax + A_DMA_SRC))?;
+    a.mov(qword_ptr(rdi + 8), rax)?;
+    a.mov(rax, r8)?;
+    a.xor(edx, edx)?;
+    a.div(qword_ptr(r15 + C_DMA_CHUNKS))?;
+    a.shl(rdx, DMA_CHUNK.trailing_zeros())?;
+    a.add(rdx, qword_ptr(r15 + C_DMA_BASE))?;
+    a.mov(qword_ptr(rdi + 16), rdx)?;
+    a.mov(dword_ptr(rdi + 24), DMA_CHUNK as u32)?;
+    a.mov(dword_ptr(rdi + 28), DMA_CHUNK as u32)?;
+    a.mov(qword_ptr(rdi + 32), 0i32)?;
+    a.mov(rax, qword_ptr(rbp + A_DMA_TAIL))?;
+    a.inc(rax)?;
+    a.and(rax, (A_DEPTH - 1) as i32)?;
+    a.mov(qword_ptr(rbp + A_DMA_TAIL), rax)?;
+    a.inc(qword_ptr(r15 + K_DMA_SUBMITTED))?;
+    a.inc(r11)?;
+    a.jmp(submit)?;
+    a.set_label(&mut submit_done)?;
+    a.test(r11, r11)?;
+    a.jz(no_sq_bell)?;
+    dma_doorbell(a, DB_SQ, A_DMA_TAIL)?;
+    a.set_label(&mut no_sq_bell)?;
+    a.nop()?;
+    a.set_label(&mut done)?;
+    a.nop()
 }

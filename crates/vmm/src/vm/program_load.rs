@@ -71,9 +71,11 @@ impl Vm {
                 prog.ws_base
             )));
         }
+        let dma_qn = self.check_dma(prog)?;
         let spec = workload::Spec {
             dirtier: prog.dirtier.then_some(prog.pattern),
             accel: prog.accel_queue.is_some(),
+            dma: prog.dma.is_some(),
         };
         let text = workload::assemble(code(vcpu), spec).map_err(|e| VmError::Assemble(e.to_string()))?;
         if text.len() as u64 > CODE_SIZE {
@@ -89,17 +91,16 @@ impl Vm {
         let tpp = if prog.rate_mib_s == 0.0 {
             0
         } else {
-            ((self.tsc_khz as f64 * 1000.0) * 4096.0 / (prog.rate_mib_s * 1048576.0))
-                .round()
-                .max(1.0) as u64
+            self.ticks_per(4096, prog.rate_mib_s)
         };
         let (pattern, hot_pages, hot_pct) = match prog.pattern {
             Pattern::Sequential => (0, 0, 0),
             Pattern::Uniform => (1, 0, 0),
             Pattern::HotCold { hot_pages, hot_pct } => (2, hot_pages.clamp(1, prog.ws_pages), hot_pct.min(100)),
         };
-        let flags =
-            if prog.dirtier { FLAG_DIRTIER } else { 0 } | if prog.accel_queue.is_some() { FLAG_ACCEL } else { 0 };
+        let flags = if prog.dirtier { FLAG_DIRTIER } else { 0 }
+            | if prog.accel_queue.is_some() { FLAG_ACCEL } else { 0 }
+            | if prog.dma.is_some() { FLAG_DMA } else { 0 };
         for (off, v) in [
             (C_MAGIC, MAGIC),
             (C_FLAGS, flags),
@@ -118,6 +119,13 @@ impl Vm {
             (C_BURST, workload::DEFAULT_BURST),
             (C_DMA_PAGES, self.dma_reach(dev, prog.ws_base, prog.ws_pages)),
             (C_PEER, self.peer_of(dev).map_or(0, peer_window)),
+            (
+                C_DMA_TICKS,
+                prog.dma.map_or(0, |d| self.ticks_per(DMA_CHUNK, d.rate_mib_s)),
+            ),
+            (C_DMA_BASE, prog.dma.map_or(0, |d| d.base)),
+            (C_DMA_CHUNKS, prog.dma.map_or(0, |d| d.pages * 4096 / DMA_CHUNK)),
+            (C_DMA_QN, dma_qn),
         ] {
             w(off, v).map_err(merr)?;
         }
@@ -129,8 +137,79 @@ impl Vm {
             self.mem
                 .write_slice(&table, GuestAddress(accel_area(dev) + A_CRC_TABLE))
                 .map_err(merr)?;
+            if prog.dma.is_some() {
+                self.fill_dma_source(prog, accel_area(dev) + A_DMA_SRC)?;
+            }
         }
         self.drivers.lock().unwrap_or_else(|e| e.into_inner())[vcpu as usize] = prog.accel_queue.map(|_| dev);
+        Ok(())
+    }
+
+    /// TSC ticks per `bytes` at `rate_mib_s` (at least 1).
+    fn ticks_per(&self, bytes: u64, rate_mib_s: f64) -> u64 {
+        ((self.tsc_khz as f64 * 1000.0) * bytes as f64 / (rate_mib_s * 1048576.0))
+            .round()
+            .max(1.0) as u64
+    }
+
+    /// Checks `prog`'s DMA writer and returns the queue it submits on (the one after the
+    /// client's); 0 without a writer.
+    fn check_dma(&self, prog: &Program) -> Result<u64, VmError> {
+        let Some(d) = prog.dma else { return Ok(0) };
+        let bad = |why: String| Err(VmError::Config(format!("DMA writer: {why}")));
+        let Some(q) = prog.accel_queue else {
+            return bad("it runs in the accel-client, and this program has none".into());
+        };
+        let qp_num = self.devices[prog.accel_device as usize].accel.config().qp_num;
+        if qp_num < 2 {
+            return bad("it needs a second queue pair on the device".into());
+        }
+        if !(d.rate_mib_s > 0.0 && d.rate_mib_s <= 1e6) {
+            return bad(format!("rate {} MiB/s is not in (0, 1000000]", d.rate_mib_s));
+        }
+        let chunk_pages = DMA_CHUNK / 4096;
+        let end = d.base.saturating_add(d.pages.saturating_mul(4096));
+        if d.pages < chunk_pages
+            || !d.pages.is_multiple_of(chunk_pages)
+            || !d.base.is_multiple_of(4096)
+            || d.base < WORKSET_BASE
+            || end > self.mem_size()
+        {
+            return bad(format!(
+                "its working set must be whole {} KiB chunks in [{WORKSET_BASE:#x}, {:#x})",
+                DMA_CHUNK >> 10,
+                self.mem_size()
+            ));
+        }
+        let ws_end = prog.ws_base + prog.ws_pages * 4096;
+        if prog.dirtier && d.base < ws_end && prog.ws_base < end {
+            return bad("its working set overlaps the dirtier's".into());
+        }
+        if self.dma_reach(prog.accel_device, d.base, d.pages) != d.pages {
+            return bad(format!(
+                "the device cannot reach all of [{:#x}, {end:#x}) (a reserved IOVA window)",
+                d.base
+            ));
+        }
+        Ok((q as u64 + 1) % qp_num as u64)
+    }
+
+    /// The megabyte the DMA writer copies from: per 4 KiB page, random bytes where
+    /// `prog.content` makes pages random, a constant byte elsewhere (compressible, like stamps).
+    fn fill_dma_source(&self, prog: &Program, at: u64) -> Result<(), VmError> {
+        use rand::{RngCore, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(prog.seed ^ at);
+        let mut page = [0u8; 4096];
+        for i in 0..A_DMA_SRC_SIZE / 4096 {
+            if prog.content.is_random(i) {
+                rng.fill_bytes(&mut page);
+            } else {
+                page.fill(0x5a);
+            }
+            self.mem
+                .write_slice(&page, GuestAddress(at + i * 4096))
+                .map_err(|e| VmError::Memory(e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -194,6 +273,7 @@ impl Vm {
             jobs_completed: r(K_COMPLETED),
             errors: r(K_ERRORS),
             loops: r(K_LOOPS),
+            dma_chunks: r(K_DMA_DONE),
         }
     }
 }
