@@ -10,7 +10,8 @@ use vmm::{AccelSetup, Content, DeviceSet, DirtyLogMode, DmaLoad, Pattern, Progra
 
 #[derive(Args, Clone, Debug)]
 pub struct VmOpts {
-    /// Guest RAM in MiB (18 to 3328: RAM ends below the accelerator's registers at 3.25 GiB).
+    /// Guest RAM in MiB (18 to 8192, the ceiling for a source and a destination sharing this
+    /// 24 GiB host; past 3 GiB the RAM goes on at 4 GiB, above the devices' registers).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(MIN_MEM_MIB..=MAX_MEM_MIB))]
     pub memory_mib: u64,
     /// vCPUs (1 to 32); each runs the dirtier over its own slice of the working set.
@@ -64,7 +65,7 @@ pub struct VmOpts {
 }
 
 const MIN_MEM_MIB: u64 = vmm::layout::MIN_MEM >> 20;
-const MAX_MEM_MIB: u64 = vmm::layout::ACCEL_MMIO >> 20;
+const MAX_MEM_MIB: u64 = vmm::layout::MAX_MEM >> 20;
 use vmm::layout::MAX_VCPUS;
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -130,12 +131,13 @@ impl VmOpts {
     /// The working set in MiB, checked against the memory size (and the DMA writers' set,
     /// which follows it).
     pub fn ws(&self) -> Result<u64> {
-        let avail = (self.memory_mib.saturating_mul(1 << 20).saturating_sub(WORKSET_BASE) >> 20)
-            .saturating_sub(self.dma_set_mib());
+        // Both working sets sit in RAM below the hole at 3 GiB.
+        let low = self.memory_mib.saturating_mul(1 << 20).min(vmm::layout::LOW_RAM_MAX);
+        let avail = (low.saturating_sub(WORKSET_BASE) >> 20).saturating_sub(self.dma_set_mib());
         let ws = self.ws_mib.unwrap_or(avail.min(512));
         if ws == 0 || ws > avail {
             bail!(
-                "--ws-mib must be between 1 and {avail} for {} MiB of RAM{}",
+                "--ws-mib must be between 1 and {avail} for {} MiB of RAM{} (the working sets stay below 3 GiB)",
                 self.memory_mib,
                 match self.dma_set_mib() {
                     0 => String::new(),

@@ -14,9 +14,13 @@ use std::io::{Read, Write};
 /// "LMIG", little-endian.
 pub const MAGIC: u32 = 0x4749_4d4c;
 pub const HEADER_LEN: usize = 24;
-/// The largest payload a peer may send: a 64-page run plus its header, or a 1 MiB device
-/// chunk, with room; anything longer is refused before it is read.
-pub const MAX_PAYLOAD: u32 = 4 << 20;
+/// The largest payload a peer may send; anything longer is refused before it is read. Page
+/// runs (64 pages) and device chunks (1 MiB) are far smaller; the bound is set by the gate's
+/// digest, one u32 per page up to the end of the largest guest's RAM (checked below).
+pub const MAX_PAYLOAD: u32 = 12 << 20;
+const _: () = assert!(
+    (vmm::layout::HIGH_RAM + vmm::layout::MAX_MEM - vmm::layout::LOW_RAM_MAX) / 4096 * 4 + 1024 <= MAX_PAYLOAD as u64
+);
 
 /// Frame kinds. The numbers are the wire values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -167,3 +167,51 @@ fn breaking_the_p2p_order_loses_a_peer_write_and_is_caught() {
     assert!(later[0] > at[0] && later[1] > at[1], "{at:?} -> {later:?}");
     assert_eq!((vm.counters(0).errors, vm.counters(1).errors), (0, 0));
 }
+
+/// A guest of more than 3 GiB: RAM goes on at 4 GiB, past the hole. The device's DMA writer
+/// copies into that high RAM at IOVA = GPA above 4 GiB, the dirtier writes there too, and
+/// the migration carries both, verified, with the IOMMU's dirty bits as the device tracker.
+#[test]
+fn a_guest_with_ram_past_the_hole_migrates() {
+    need_kvm!();
+    let vm = Vm::new(VmConfig {
+        mem_mib: 3072 + 64,
+        regions: 1,
+        vcpus: 1,
+        dirty: DirtyLogMode::Bitmap,
+        devices: DeviceSet::one(AccelSetup::default()),
+    })
+    .unwrap();
+    let mut p = Program::dirtier(1 << 32, 4096, 16.0, Pattern::Uniform);
+    p.accel_queue = Some(1);
+    p.dma = Some(DmaLoad {
+        rate_mib_s: 32.0,
+        base: (1 << 32) + (32 << 20),
+        pages: 8 << 8,
+    });
+    vm.load_program(0, &p).unwrap();
+    vm.resume().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let vm = Arc::new(vm);
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let info = migrate(&vm, &addr, &opts(DeviceTracking::Iommu), &MigrationControl::default())
+        .unwrap_or_else(|e| panic!("{}", e.chain()));
+    let incoming = dest.join().unwrap().unwrap();
+    assert_eq!(info.livemig.verified, Some(true), "{}", info.livemig.verify_detail);
+    assert!(
+        info.livemig.guest_dma_write_mib_s > 16.0,
+        "{}",
+        info.livemig.guest_dma_write_mib_s
+    );
+    assert!(
+        info.livemig.device_dirty_pages >= 8 << 8,
+        "the DMA set's pages were tracked"
+    );
+    let d = &incoming.vm;
+    assert_eq!(d.ram_end(), (1 << 32) + (64 << 20));
+    let at = d.counters(0);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let later = d.counters(0);
+    assert!(later.dma_chunks > at.dma_chunks && later.pages_written > at.pages_written);
+    assert_eq!(later.errors, 0);
+}

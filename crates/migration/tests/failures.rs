@@ -370,7 +370,7 @@ fn a_config_beyond_this_host_is_refused_up_front() {
         devices: DeviceSet::default().encode(),
     });
     assert!(
-        why.contains("17592186044416 MiB of RAM; this VMM builds at most 3328 MiB"),
+        why.contains("17592186044416 MiB of RAM; this VMM builds at most 8192 MiB"),
         "{why}"
     );
 }

@@ -34,7 +34,7 @@ fn harvest(c: &mut Criterion) {
         .unwrap();
         vm.set_cpu_dirty_logging(true).unwrap();
         vm.resume().unwrap();
-        let mut out = PageBitmap::new(vm.mem_size() / 4096);
+        let mut out = PageBitmap::new(vm.ram_end() / 4096);
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;

@@ -47,7 +47,7 @@ pub fn measure(
         dirty: mode,
         devices: DeviceSet::default(),
     })?;
-    let mem = vm.mem_size();
+    let mem = vm.mem_size().min(layout::LOW_RAM_MAX);
     if mem <= layout::WORKSET_BASE + ((vcpus as u64) << 20) {
         return Err(VmError::Config(format!(
             "{mem_mib} MiB leaves no working set above {:#x}",
@@ -63,7 +63,7 @@ pub fn measure(
         vm.load_program(v, &p)?;
     }
     vm.set_cpu_dirty_logging(true)?;
-    let mut out = PageBitmap::new(mem / 4096);
+    let mut out = PageBitmap::new(vm.ram_end() / 4096);
     vm.resume()?;
     // Warm-up: the first pass over a slot costs more (KVM's first write-protect).
     std::thread::sleep(interval);

@@ -6,13 +6,15 @@
 //! | 0x0000_0500 | 32 B | GDT: null, 64-bit code, data, TSS |
 //! | 0x0000_9000 | 4 KiB | PML4 |
 //! | 0x0000_a000 | 4 KiB | PDPT |
-//! | 0x0000_b000 | 16 KiB | 4 page directories: identity map of 0–4 GiB with 2 MiB pages |
+//! | 0x0030_0000 | 64 KiB | 16 page directories: identity map of 0–16 GiB with 2 MiB pages |
 //! | 0x0001_0000 | 4 KiB × vCPU | per-vCPU control page: program config and counters ([`crate::programs::ctrl`]) |
 //! | 0x0008_0000 | 4 KiB × vCPU | per-vCPU stacks (top of each page) |
 //! | 0x0010_0000 | 64 KiB × vCPU | per-vCPU program code |
 //! | 0x0040_0000 | 4 MiB × device | each accel-client's rings, buffers and CRC table (device 0, 1, 2) |
-//! | 0x0100_0000 | to the end of RAM | the dirtier's working sets |
+//! | 0x0100_0000 | to the end of low RAM | the dirtier's working sets, then the DMA writers' |
+//! | 0xc000_0000 | to 4 GiB | the hole: no RAM ([`LOW_RAM_MAX`]) |
 //! | 0xd000_0000 | 64 KiB × device | each accelerator's MMIO registers (`accel::regs`), its peer window at + 0x2000 |
+//! | 0x1_0000_0000 | the rest of RAM | high RAM, for a guest of more than 3 GiB ([`HIGH_RAM`]) |
 //!
 //! The device sees guest RAM at IOVA = GPA except inside its IOMMU's reserved regions, which
 //! stay unmapped in the IOAS: on Arm the SMMU driver's software MSI window
@@ -28,7 +30,10 @@
 pub const GDT: u64 = 0x500;
 pub const PML4: u64 = 0x9000;
 pub const PDPT: u64 = 0xa000;
-pub const PD: u64 = 0xb000;
+pub const PD: u64 = 0x30_0000;
+/// Page directories, 1 GiB each: the identity map covers `[0, PD_COUNT GiB)`, past the end of
+/// the largest guest's high RAM.
+pub const PD_COUNT: u64 = 16;
 pub const CTRL_BASE: u64 = 0x1_0000;
 pub const STACK_BASE: u64 = 0x8_0000;
 pub const CODE_BASE: u64 = 0x10_0000;
@@ -43,6 +48,23 @@ pub const MAX_DEVICES: u32 = 3;
 pub const MAX_VCPUS: u32 = 32;
 /// Smallest guest RAM the layout fits in.
 pub const MIN_MEM: u64 = WORKSET_BASE + (2 << 20);
+/// RAM below 4 GiB ends here at most; the rest of the 32-bit space is the hole for the
+/// accelerators' registers, the interrupt windows and KVM's TSS area.
+pub const LOW_RAM_MAX: u64 = 0xc000_0000;
+/// Where the RAM past [`LOW_RAM_MAX`] goes.
+pub const HIGH_RAM: u64 = 1 << 32;
+/// The memory ceiling, 8 GiB: a migration on one host holds the guest twice (source and
+/// destination), and two 8 GiB guests with their buffers fit the 24 GiB machine this was
+/// built on with room to spare. The destination also refuses a guest bigger than the memory
+/// its host has available.
+pub const MAX_MEM: u64 = 8 << 30;
+
+/// Guest RAM of `mem` bytes split as the layout puts it: `(low, high)`, low from 0, high from
+/// [`HIGH_RAM`].
+pub fn ram_split(mem: u64) -> (u64, u64) {
+    let low = mem.min(LOW_RAM_MAX);
+    (low, mem - low)
+}
 
 pub fn ctrl_page(vcpu: u32) -> u64 {
     CTRL_BASE + vcpu as u64 * 4096

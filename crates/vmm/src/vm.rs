@@ -95,20 +95,25 @@ fn kvm(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 impl Vm {
     pub fn new(cfg: VmConfig) -> Result<Vm, VmError> {
         let mem_size = cfg.mem_mib.saturating_mul(1 << 20);
-        if !(MIN_MEM..=ACCEL_MMIO).contains(&mem_size) {
+        if !(MIN_MEM..=MAX_MEM).contains(&mem_size) {
             return Err(VmError::Config(format!(
-                "memory must be between {} MiB and {} MiB",
+                "memory must be between {} MiB and {} MiB (the ceiling: see layout::MAX_MEM)",
                 MIN_MEM >> 20,
-                ACCEL_MMIO >> 20
+                MAX_MEM >> 20
             )));
         }
+        let (low, high) = ram_split(mem_size);
         cfg.devices.check()?;
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
             return Err(VmError::Config(format!("vcpus must be between 1 and {MAX_VCPUS}")));
         }
-        if cfg.regions == 0 || cfg.regions > 8 || !(mem_size / cfg.regions as u64).is_multiple_of(2 << 20) {
+        if cfg.regions == 0
+            || cfg.regions > 8
+            || !(low / cfg.regions as u64).is_multiple_of(2 << 20)
+            || !high.is_multiple_of(2 << 20)
+        {
             return Err(VmError::Config(
-                "regions must be 1 to 8, each a multiple of 2 MiB".into(),
+                "regions must be 1 to 8, each a multiple of 2 MiB (and RAM past 3 GiB a multiple of 2 MiB)".into(),
             ));
         }
         let kvm_h = Kvm::new().map_err(|e| VmError::NoKvm(e.to_string()))?;
@@ -143,10 +148,14 @@ impl Vm {
                 .map_err(kvm("enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"))?;
             }
         }
-        let region = mem_size / cfg.regions as u64;
-        let ranges: Vec<(GuestAddress, usize)> = (0..cfg.regions as u64)
+        // `regions` equal slots of low RAM, and one slot of high RAM past the hole.
+        let region = low / cfg.regions as u64;
+        let mut ranges: Vec<(GuestAddress, usize)> = (0..cfg.regions as u64)
             .map(|i| (GuestAddress(i * region), region as usize))
             .collect();
+        if high > 0 {
+            ranges.push((GuestAddress(HIGH_RAM), high as usize));
+        }
         let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| VmError::Memory(e.to_string()))?);
         let mut slots = Vec::new();
         for (i, (gpa, size)) in ranges.iter().enumerate() {
@@ -173,7 +182,8 @@ impl Vm {
         let mut cpuid = kvm_h
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut dirty = CpuDirty::new(cfg.dirty, slots.clone(), mem_size / 4096);
+        let ram_end = slots.iter().map(|s| s.gpa + s.size).max().unwrap_or(0);
+        let mut dirty = CpuDirty::new(cfg.dirty, slots.clone(), ram_end / 4096);
         let bus = Arc::new(MmioBus::default());
         let port_signal = Arc::new(AtomicU64::new(0));
         kvm_sys::install_kick_handler();
@@ -272,8 +282,25 @@ impl Vm {
     pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
         &self.mem
     }
+    /// Bytes of guest RAM.
     pub fn mem_size(&self) -> u64 {
         self.cfg.mem_mib << 20
+    }
+    /// The guest-physical address past the last byte of RAM: what page bitmaps span. Above
+    /// 3 GiB of RAM it is past the hole below 4 GiB, so it exceeds `mem_size`.
+    pub fn ram_end(&self) -> u64 {
+        self.slots.iter().map(|s| s.gpa + s.size).max().unwrap_or(0)
+    }
+    /// Whether `[start, end)` is RAM throughout (it may span adjacent slots, not the hole).
+    pub fn is_ram(&self, start: u64, end: u64) -> bool {
+        let mut at = start;
+        while at < end {
+            match self.slots.iter().find(|s| s.gpa <= at && at < s.gpa + s.size) {
+                Some(s) => at = s.gpa + s.size,
+                None => return false,
+            }
+        }
+        start < end
     }
     pub fn slots(&self) -> &[Slot] {
         &self.slots

@@ -32,7 +32,7 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap) -> Result<(), vm_memory::Gue
         mem.write_obj(*d, GuestAddress(GDT + i as u64 * 8))?;
     }
     mem.write_obj(PDPT | PTE_P | PTE_RW | PTE_A, GuestAddress(PML4))?;
-    for i in 0..4u64 {
+    for i in 0..PD_COUNT {
         let pd = PD + i * 4096;
         mem.write_obj(pd | PTE_P | PTE_RW | PTE_A, GuestAddress(PDPT + i * 8))?;
         let mut entries = [0u8; 4096];

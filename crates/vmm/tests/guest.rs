@@ -215,6 +215,54 @@ fn memory_sizes_that_overflow_are_refused() {
         .unwrap_or_else(|| panic!("{mem_mib} MiB accepted"));
         assert!(e.to_string().contains("memory must be between"), "{mem_mib}: {e}");
     }
+    // The ceiling, stated in the error.
+    let e = Vm::new(VmConfig {
+        mem_mib: 8193,
+        ..Default::default()
+    })
+    .err()
+    .expect("past the ceiling");
+    assert!(e.to_string().contains("and 8192 MiB"), "{e}");
+}
+
+/// More than 3 GiB: low RAM ends at 3 GiB and the rest is one slot at 4 GiB, past the hole
+/// where the devices' registers are. A dirtier there runs (the guest page tables map it), its
+/// pages are in the CPU dirty log at their high page numbers, and a working set across the
+/// hole is refused.
+#[test]
+fn ram_past_three_gib_continues_at_four() {
+    need_kvm!();
+    let vm = Vm::new(VmConfig {
+        mem_mib: 3072 + 64,
+        regions: 2,
+        vcpus: 1,
+        dirty: DirtyLogMode::Bitmap,
+        devices: DeviceSet::default(),
+    })
+    .unwrap();
+    let slots: Vec<(u64, u64)> = vm.slots().iter().map(|s| (s.gpa, s.size)).collect();
+    assert_eq!(slots, [(0, 1536 << 20), (1536 << 20, 1536 << 20), (1 << 32, 64 << 20)]);
+    assert_eq!((vm.mem_size(), vm.ram_end()), (3136 << 20, (1 << 32) + (64 << 20)));
+    let across = Program::dirtier((3 << 30) - (1 << 20), 512, 8.0, Pattern::Sequential);
+    let e = vm.load_program(0, &across).unwrap_err().to_string();
+    assert!(e.contains("[0x0, 0xc0000000) and [0x100000000, 0x104000000)"), "{e}");
+    vm.load_program(0, &Program::dirtier(1 << 32, 4096, 32.0, Pattern::Sequential))
+        .unwrap();
+    vm.set_cpu_dirty_logging(true).unwrap();
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    vm.pause().unwrap();
+    assert_eq!(vm.vcpu_stopped(), None);
+    let c = vm.counters(0);
+    assert!(c.pages_written > 100, "{c:?}");
+    let mut dirty = PageBitmap::new(vm.ram_end() / 4096);
+    vm.harvest_cpu_dirty(&mut dirty).unwrap();
+    let high = dirty.iter().filter(|&p| p >= (1 << 20)).count() as u64;
+    assert_eq!(
+        high,
+        c.pages_written.min(4096),
+        "every page written up there, and no other"
+    );
 }
 
 /// Every vCPU runs its own program from the start: with the in-kernel LAPIC, a vCPU other than

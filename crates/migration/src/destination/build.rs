@@ -18,7 +18,7 @@ fn available_bytes() -> Option<u64> {
 
 /// Refuses, before anything is allocated, a VM this side cannot build or hold.
 pub(super) fn check_config(cfg: &VmConfigMsg) -> Result<(), MigError> {
-    let max_mib = vmm::layout::ACCEL_MMIO >> 20;
+    let max_mib = vmm::layout::MAX_MEM >> 20;
     let Some(bytes) = cfg.mem_mib.checked_mul(1 << 20).filter(|_| cfg.mem_mib <= max_mib) else {
         return Err(MigError::Incompatible(format!(
             "the source's VM has {} MiB of RAM; this VMM builds at most {max_mib} MiB",
@@ -62,7 +62,8 @@ pub(super) fn build_vm(cfg: &VmConfigMsg, opts: &DestOptions) -> Result<Vm, MigE
         .map_err(|e| MigError::Incompatible(format!("the source's devices: {e}")))?;
     let vm = Vm::new(VmConfig {
         mem_mib: cfg.mem_mib,
-        regions: cfg.regions.len() as u32,
+        // Low-RAM slots: the slot past the hole comes with the size.
+        regions: cfg.regions.iter().filter(|r| r.0 < vmm::layout::HIGH_RAM).count() as u32,
         vcpus: cfg.vcpus,
         dirty: DirtyLogMode::Bitmap,
         devices,

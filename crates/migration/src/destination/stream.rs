@@ -92,7 +92,7 @@ pub(super) fn receive_stream(
     }
     devices.setup()?;
     ctl.send(Kind::ConfigOk, &[])?;
-    let log = Arc::new(PageLog::new(vm.mem_size() / 4096, cfg.verify != VerifyMode::Off));
+    let log = Arc::new(PageLog::new(vm.ram_end() / 4096, cfg.verify != VerifyMode::Off));
     let side = accept_pages(listener, cfg.channels, &sess, opts, &map, vm, &log, control)?;
 
     let mut report = DestReport::default();

@@ -47,7 +47,7 @@ pub(super) fn run(
 ) -> Result<Precopy, MigError> {
     // ---- setup: trackers, then the devices' pre-copy streams ----
     let (guest_t0, guest0) = (Instant::now(), vm.progress());
-    let pages = vm.mem_size() / 4096;
+    let pages = vm.ram_end() / 4096;
     let mut scratch = PageBitmap::new(pages);
     vm.set_cpu_dirty_logging(true)?;
     vm.harvest_cpu_dirty(&mut scratch)?; // the bulk round sends everything anyway

@@ -8,20 +8,23 @@ impl Vm {
     /// stand-in for memory a guest uses (zero pages cross the wire as a few bytes). The guest
     /// programs never touch RAM past their working set, so that is where it belongs.
     pub fn fill_incompressible(&self, from: u64) -> Result<u64, VmError> {
-        let end = self.mem_size();
         use rand::{RngCore, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(from);
         let mut buf = vec![0u8; 1 << 20];
-        let mut at = from;
-        while at < end {
-            let n = (end - at).min(buf.len() as u64) as usize;
-            rng.fill_bytes(&mut buf[..n]);
-            self.memory()
-                .write_slice(&buf[..n], GuestAddress(at))
-                .map_err(|e| VmError::Config(format!("filling guest RAM at {at:#x}: {e}")))?;
-            at += n as u64;
+        let mut filled = 0;
+        for s in &self.slots {
+            let (mut at, end) = (from.max(s.gpa), s.gpa + s.size);
+            while at < end {
+                let n = (end - at).min(buf.len() as u64) as usize;
+                rng.fill_bytes(&mut buf[..n]);
+                self.memory()
+                    .write_slice(&buf[..n], GuestAddress(at))
+                    .map_err(|e| VmError::Config(format!("filling guest RAM at {at:#x}: {e}")))?;
+                at += n as u64;
+                filled += n as u64;
+            }
         }
-        Ok(end.saturating_sub(from))
+        Ok(filled)
     }
 
     /// Loads `prog` for `vcpu`: code, control page, and the accel-client's area. Call before
@@ -34,11 +37,11 @@ impl Vm {
         if prog.ws_pages == 0
             || prog.ws_base < WORKSET_BASE
             || !prog.ws_base.is_multiple_of(4096)
-            || end > self.mem_size()
+            || !self.is_ram(prog.ws_base, end)
         {
             return Err(VmError::Config(format!(
-                "working set must be a non-empty page range in [{WORKSET_BASE:#x}, {:#x})",
-                self.mem_size()
+                "working set must be a non-empty page range of RAM from {WORKSET_BASE:#x} (RAM: {})",
+                self.ram_ranges()
             )));
         }
         if let Some(q) = prog.accel_queue {
@@ -145,6 +148,21 @@ impl Vm {
         Ok(())
     }
 
+    /// The RAM ranges, for error messages.
+    fn ram_ranges(&self) -> String {
+        let mut v: Vec<(u64, u64)> = Vec::new();
+        for s in &self.slots {
+            match v.last_mut() {
+                Some(last) if last.1 == s.gpa => last.1 += s.size,
+                _ => v.push((s.gpa, s.gpa + s.size)),
+            }
+        }
+        v.iter()
+            .map(|(a, b)| format!("[{a:#x}, {b:#x})"))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
+
     /// TSC ticks per `bytes` at `rate_mib_s` (at least 1).
     fn ticks_per(&self, bytes: u64, rate_mib_s: f64) -> u64 {
         ((self.tsc_khz as f64 * 1000.0) * bytes as f64 / (rate_mib_s * 1048576.0))
@@ -173,12 +191,12 @@ impl Vm {
             || !d.pages.is_multiple_of(chunk_pages)
             || !d.base.is_multiple_of(4096)
             || d.base < WORKSET_BASE
-            || end > self.mem_size()
+            || !self.is_ram(d.base, end)
         {
             return bad(format!(
-                "its working set must be whole {} KiB chunks in [{WORKSET_BASE:#x}, {:#x})",
+                "its working set must be whole {} KiB chunks of RAM from {WORKSET_BASE:#x} (RAM: {})",
                 DMA_CHUNK >> 10,
-                self.mem_size()
+                self.ram_ranges()
             ));
         }
         let ws_end = prog.ws_base + prog.ws_pages * 4096;
