@@ -13,6 +13,8 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v make >/dev/null 2>&1 || need_apt+=(make) # AFL++ is built from source by cargo-afl
 # ip and tc make the two-host tests' network namespaces, veth pair and shaped links.
 { command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; } || need_apt+=(iproute2)
+# The sweep's charts need a TrueType font for their text (crates/livemig/src/sweep_charts.rs).
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 if ((${#need_apt[@]})); then
     log "installing ${need_apt[*]}"
     SUDO=""

@@ -29,27 +29,57 @@ pub struct Args {
 
 /// Raw loopback TCP throughput in bytes/s: the ceiling for any migration stream.
 fn loopback_tcp(bytes: u64) -> Result<f64> {
+    loopback_tcp_n(1, bytes)
+}
+
+/// Raw loopback TCP throughput in bytes/s over `conns` connections sending `bytes` between
+/// them at once: what a migration on as many connections is compared against.
+pub(crate) fn loopback_tcp_n(conns: u16, bytes: u64) -> Result<f64> {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
+    let n = conns.max(1) as u64;
     let rx = std::thread::spawn(move || -> std::io::Result<u64> {
-        let (mut s, _) = l.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
-        loop {
-            match s.read(&mut buf)? {
-                0 => return Ok(n),
-                k => n += k as u64,
-            }
+        let readers: Vec<_> = (0..n)
+            .map(|_| {
+                let (mut s, _) = l.accept()?;
+                Ok(std::thread::spawn(move || -> std::io::Result<u64> {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut got = 0u64;
+                    loop {
+                        match s.read(&mut buf)? {
+                            0 => return Ok(got),
+                            k => got += k as u64,
+                        }
+                    }
+                }))
+            })
+            .collect::<std::io::Result<_>>()?;
+        let mut total = 0;
+        for r in readers {
+            total += r.join().map_err(|_| std::io::Error::other("a reader panicked"))??;
         }
+        Ok(total)
     });
-    let mut s = std::net::TcpStream::connect(addr)?;
-    let buf = vec![0x5au8; 1 << 20];
+    let socks = (0..n)
+        .map(|_| std::net::TcpStream::connect(addr))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let t = std::time::Instant::now();
-    for _ in 0..bytes >> 20 {
-        s.write_all(&buf)?;
+    let writers: Vec<_> = socks
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let buf = vec![0x5au8; 1 << 20];
+                for _ in 0..(bytes / n) >> 20 {
+                    s.write_all(&buf)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().map_err(|_| anyhow!("a writer panicked"))??;
     }
-    drop(s);
     let got = rx.join().map_err(|_| anyhow!("receiver panicked"))??;
     Ok(got as f64 / t.elapsed().as_secs_f64())
 }
@@ -185,7 +215,7 @@ fn gib(i: &MigrationInfo) -> f64 {
 }
 
 /// Pre-copy throughput in MiB/s: what pre-copy sent over how long it took.
-fn throughput(i: &MigrationInfo) -> f64 {
+pub(crate) fn throughput(i: &MigrationInfo) -> f64 {
     i.ram.precopy_bytes as f64 / 1048576.0 / (i.livemig.precopy_ms / 1e3).max(1e-6)
 }
 

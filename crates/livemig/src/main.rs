@@ -21,6 +21,7 @@ mod bench;
 mod bench_control;
 mod bench_migration;
 mod bench_net;
+mod bench_sweep;
 mod bench_transport;
 mod children;
 mod ctlsock;
@@ -32,6 +33,7 @@ mod receive;
 mod run;
 mod soak;
 mod summary;
+mod sweep_charts;
 mod vmopts;
 
 use anyhow::Result;
@@ -429,6 +431,47 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
     },
+    /// Migrations over a grid of workloads (device DMA rate per mode, CPU dirty rate, guest
+    /// size, content, page connections), each axis swept through a base point (the first
+    /// value of each list), with repetitions: CSV, JSON, a summary and charts (PNG and SVG)
+    /// in --out (docs/benchmarks.md#sweep).
+    Sweep {
+        #[command(flatten)]
+        vm: VmOpts,
+        /// Where the CSV, JSON, summary and charts go (created if missing).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The preset that finishes in under 3 minutes here; the lists below are then ignored.
+        #[arg(long)]
+        quick: bool,
+        /// List the grid and write the CSV header without migrating.
+        #[arg(long)]
+        dry: bool,
+        /// Device-tracking modes, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["iommu".to_string(), "device-log".to_string(), "none".to_string()], value_parser = ["iommu", "device-log", "none"])]
+        modes: Vec<String>,
+        /// Device DMA rates in MiB/s, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![64.0, 0.0, 16.0, 128.0, 256.0], value_parser = vmopts::parse_rate)]
+        dma_rates: Vec<f64>,
+        /// CPU dirty rates in MiB/s, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![64.0, 0.0, 256.0], value_parser = vmopts::parse_rate)]
+        cpu_rates: Vec<f64>,
+        /// Guest sizes in MiB, comma separated (up to 8192).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 2048, 4096, 8192], value_parser = clap::value_parser!(u64).range(18..=8192))]
+        sizes: Vec<u64>,
+        /// Page contents, comma separated (stamp, random, mixed:P).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![vmm::Content::Random, vmm::Content::Stamp, vmm::Content::Mixed(50)], value_parser = vmm::Content::parse)]
+        contents: Vec<vmm::Content>,
+        /// Page connections, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 4], value_parser = clap::value_parser!(u16).range(1..=64))]
+        channels: Vec<u16>,
+        /// Migrations per point, interleaved.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// How long the guest runs before each migration, in milliseconds.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=30_000))]
+        warmup_ms: u64,
+    },
     /// One migration per device-tracking mode and link: loopback, and links between two
     /// network namespaces shaped with tc tbf (needs root and iproute2), with each link's raw
     /// TCP throughput from the same run: convergence, downtime, total time (docs/network.md).
@@ -796,6 +839,43 @@ fn bench_cmd(what: BenchCmd) -> Result<()> {
                 runs,
             } => bench_transport::run(&transport, &channels, gib, runs as usize),
             BenchCmd::Pause { vcpus, cycles } => bench::pause(vcpus, cycles),
+            BenchCmd::Sweep {
+                vm,
+                out,
+                quick,
+                dry,
+                modes,
+                dma_rates,
+                cpu_rates,
+                sizes,
+                contents,
+                channels,
+                runs,
+                warmup_ms,
+            } => {
+                let mut a = if quick {
+                    bench_sweep::Args::quick(vm, out)
+                } else {
+                    bench_sweep::Args {
+                        vm,
+                        out,
+                        modes: modes
+                            .iter()
+                            .filter_map(|m| migration::DeviceTracking::parse(m))
+                            .collect(),
+                        dma_rates,
+                        cpu_rates,
+                        sizes_mib: sizes,
+                        contents,
+                        channels,
+                        runs: runs as usize,
+                        warmup_ms,
+                        dry,
+                    }
+                };
+                a.dry = dry;
+                bench_sweep::run(&a)
+            }
             BenchCmd::Migration {
                 vm,
                 modes,

@@ -68,7 +68,7 @@ const MIN_MEM_MIB: u64 = vmm::layout::MIN_MEM >> 20;
 const MAX_MEM_MIB: u64 = vmm::layout::MAX_MEM >> 20;
 use vmm::layout::MAX_VCPUS;
 
-fn parse_rate(s: &str) -> Result<f64, String> {
+pub fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && (0.0..=1e6).contains(&v) => Ok(v),
         Ok(_) => Err(format!("'{s}': must be a number of MiB/s from 0 to 1000000")),
