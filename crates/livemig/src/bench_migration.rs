@@ -84,6 +84,88 @@ pub(crate) fn loopback_tcp_n(conns: u16, bytes: u64) -> Result<f64> {
     Ok(got as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Raw loopback TCP over `conns` connections into fresh guest memory, beside a busy core:
+/// `bytes` split between the connections, each receiver copying what it reads into a region
+/// of its own allocated as a destination VM's RAM is (untouched, huge pages advised), while a
+/// spinning thread takes a core as a running guest's vCPU does. This is the floor under any
+/// live migration on this host: every byte lands in memory touched for the first time, on
+/// the cores the guest leaves. Bytes/s.
+pub(crate) fn fresh_ram_tcp(conns: u16, bytes: u64) -> Result<f64> {
+    use std::io::{Read, Write};
+    use vm_memory::{Bytes, GuestAddress};
+    let n = conns.max(1) as u64;
+    let per = (bytes / n) >> 20 << 20;
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let sinks = (0..n)
+        .map(|_| vmm::bench_kit::fresh_ram(per).map_err(|e| anyhow!("{e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spin = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let rx = std::thread::spawn(move || -> std::io::Result<u64> {
+        let readers: Vec<_> = sinks
+            .into_iter()
+            .map(|mem| {
+                let (mut s, _) = l.accept()?;
+                Ok(std::thread::spawn(move || -> std::io::Result<u64> {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut at = 0u64;
+                    loop {
+                        match s.read(&mut buf)? {
+                            0 => return Ok(at),
+                            k => {
+                                mem.write_slice(&buf[..k], GuestAddress(at))
+                                    .map_err(std::io::Error::other)?;
+                                at += k as u64;
+                            }
+                        }
+                    }
+                }))
+            })
+            .collect::<std::io::Result<_>>()?;
+        let mut total = 0;
+        for r in readers {
+            total += r.join().map_err(|_| std::io::Error::other("a reader panicked"))??;
+        }
+        Ok(total)
+    });
+    let socks = (0..n)
+        .map(|_| std::net::TcpStream::connect(addr))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let t = std::time::Instant::now();
+    let writers: Vec<_> = socks
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let buf = vec![0x5au8; 1 << 20];
+                for _ in 0..per >> 20 {
+                    s.write_all(&buf)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut r = Ok(());
+    for w in writers {
+        if let Err(e) = w.join().map_err(|_| anyhow!("a writer panicked")).and_then(|x| Ok(x?)) {
+            r = Err(e);
+        }
+    }
+    let got = rx.join().map_err(|_| anyhow!("receiver panicked"));
+    let secs = t.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = spin.join();
+    r?;
+    Ok(got?? as f64 / secs)
+}
+
 /// Both sides' transport for `name`: TLS with throwaway credentials in `dir`, a random key.
 pub(crate) fn security(name: &str, dir: &std::path::Path) -> Result<(Security, Security)> {
     Ok(match name {

@@ -8,7 +8,7 @@
 //! interleaved, so drift over the session falls on every point alike; the charts draw the
 //! medians with the spread of the repetitions as error bars.
 
-use crate::bench_migration::{loopback_tcp_n, throughput};
+use crate::bench_migration::{fresh_ram_tcp, loopback_tcp_n, throughput};
 use crate::sweep_charts::{self, Chart, Pt};
 use crate::vmopts::VmOpts;
 use anyhow::{anyhow, bail, Context, Result};
@@ -132,6 +132,16 @@ fn grid(a: &Args) -> Result<Vec<Point>> {
     Ok(out)
 }
 
+/// The transport baselines of one run at one connection count, MiB/s.
+struct Tcp {
+    channels: u16,
+    run: usize,
+    /// Raw loopback TCP into a reused buffer.
+    raw: f64,
+    /// Raw loopback TCP into fresh guest RAM beside a busy core (`fresh_ram_tcp`).
+    fresh: f64,
+}
+
 /// What one migration measured.
 struct Row {
     point: Point,
@@ -140,7 +150,7 @@ struct Row {
 }
 
 /// The CSV's columns, in order (one row per migration).
-pub const COLUMNS: [&str; 20] = [
+pub const COLUMNS: [&str; 21] = [
     "mode",
     "dma_mib_s",
     "cpu_mib_s",
@@ -153,6 +163,7 @@ pub const COLUMNS: [&str; 20] = [
     "wire_mib",
     "precopy_throughput_mib_s",
     "raw_tcp_mib_s",
+    "fresh_ram_tcp_mib_s",
     "iterations",
     "switchover",
     "device_dirty_pages",
@@ -164,7 +175,7 @@ pub const COLUMNS: [&str; 20] = [
 ];
 
 impl Row {
-    fn csv(&self, tcp: f64) -> String {
+    fn csv(&self, tcp: (f64, f64)) -> String {
         let (p, i) = (&self.point, &self.info);
         [
             p.mode.to_string(),
@@ -178,7 +189,8 @@ impl Row {
             i.total_time.to_string(),
             format!("{:.3}", wire_mib(i)),
             format!("{:.1}", throughput(i)),
-            format!("{tcp:.1}"),
+            format!("{:.1}", tcp.0),
+            format!("{:.1}", tcp.1),
             i.ram.iteration_count.to_string(),
             i.livemig.switchover_reason.clone(),
             i.livemig.device_dirty_pages.to_string(),
@@ -292,7 +304,7 @@ pub fn run(a: &Args) -> Result<()> {
     vmm::kvm_for_tests().map_err(|e| anyhow!("KVM is needed: {e}"))?;
     let t0 = Instant::now();
     let mut rows = Vec::new();
-    let mut tcp: Vec<(u16, usize, f64)> = Vec::new();
+    let mut tcp: Vec<Tcp> = Vec::new();
     for run in 0..a.runs {
         for p in &points {
             let r = migrate_point(a, p, run)?;
@@ -315,10 +327,19 @@ pub fn run(a: &Args) -> Result<()> {
         }
         // Raw TCP on as many connections, once per run: the same drift as the migrations.
         for &c in &a.channels {
-            tcp.push((c, run, loopback_tcp_n(c, 2 << 30)? / 1048576.0));
+            tcp.push(Tcp {
+                channels: c,
+                run,
+                raw: loopback_tcp_n(c, 2 << 30)? / 1048576.0,
+                fresh: fresh_ram_tcp(c, 1 << 30)? / 1048576.0,
+            });
         }
     }
-    let tcp_of = |c: u16, run: usize| tcp.iter().find(|t| t.0 == c && t.1 == run).map_or(0.0, |t| t.2);
+    let tcp_of = |c: u16, run: usize| {
+        tcp.iter()
+            .find(|t| t.channels == c && t.run == run)
+            .map_or((0.0, 0.0), |t| (t.raw, t.fresh))
+    };
     let mut csv = COLUMNS.join(",") + "\n";
     for r in &rows {
         csv += &(r.csv(tcp_of(r.point.channels, r.run)) + "\n");
@@ -335,7 +356,9 @@ pub fn run(a: &Args) -> Result<()> {
             "run": r.run,
             "info": serde_json::to_value(&r.info).unwrap_or_default(),
         })).collect::<Vec<_>>(),
-        "raw-tcp": tcp.iter().map(|(c, run, mib)| json!({"channels": c, "run": run, "mib-s": mib})).collect::<Vec<_>>(),
+        "raw-tcp": tcp.iter().map(|t| json!({
+            "channels": t.channels, "run": t.run, "mib-s": t.raw, "fresh-ram-mib-s": t.fresh,
+        })).collect::<Vec<_>>(),
     });
     std::fs::write(a.out.join("sweep.json"), serde_json::to_string_pretty(&json)?)?;
     let charts = charts(a, &rows, &tcp);
@@ -379,7 +402,7 @@ fn line(rows: &[Row], keep: impl Fn(&Point) -> bool, x: impl Fn(&Point) -> f64, 
         .collect()
 }
 
-fn charts<'a>(a: &Args, rows: &[Row], tcp: &[(u16, usize, f64)]) -> Vec<Chart<'a>> {
+fn charts<'a>(a: &Args, rows: &[Row], tcp: &[Tcp]) -> Vec<Chart<'a>> {
     let per_mode = |y: &dyn Fn(&Row) -> f64| {
         a.modes
             .iter()
@@ -438,15 +461,18 @@ fn charts<'a>(a: &Args, rows: &[Row], tcp: &[(u16, usize, f64)]) -> Vec<Chart<'a
             )],
         },
     ];
-    let mut tcp_line: Vec<Pt> = a
-        .channels
-        .iter()
-        .filter_map(|&c| {
-            let ys: Vec<f64> = tcp.iter().filter(|t| t.0 == c).map(|t| t.2).collect();
-            Pt::of(c as f64, &ys)
-        })
-        .collect();
-    tcp_line.sort_by(|a, b| a.x.total_cmp(&b.x));
+    let tcp_line = |y: fn(&Tcp) -> f64| {
+        let mut v: Vec<Pt> = a
+            .channels
+            .iter()
+            .filter_map(|&c| {
+                let ys: Vec<f64> = tcp.iter().filter(|t| t.channels == c).map(y).collect();
+                Pt::of(c as f64, &ys)
+            })
+            .collect();
+        v.sort_by(|a, b| a.x.total_cmp(&b.x));
+        v
+    };
     out.push(Chart {
         file: "throughput_vs_channels",
         title: format!("Pre-copy throughput against page connections ({base})"),
@@ -463,7 +489,8 @@ fn charts<'a>(a: &Args, rows: &[Row], tcp: &[(u16, usize, f64)]) -> Vec<Chart<'a
                     |r| throughput(&r.info),
                 ),
             ),
-            ("raw TCP".into(), tcp_line),
+            ("raw TCP".into(), tcp_line(|t| t.raw)),
+            ("TCP into fresh guest RAM, a core busy".into(), tcp_line(|t| t.fresh)),
         ],
     });
     out
@@ -482,7 +509,7 @@ fn at_base_but(a: &Args, p: &Point, except: &[&str]) -> bool {
 /// The medians as a Markdown table, with the ratios: each mode against `none` at
 /// every DMA rate, migration throughput against raw TCP per connection count, and downtime
 /// and total time against the smallest guest.
-fn summary(a: &Args, rows: &[Row], tcp: &[(u16, usize, f64)]) -> String {
+fn summary(a: &Args, rows: &[Row], tcp: &[Tcp]) -> String {
     let med = |keep: &dyn Fn(&Point) -> bool, y: &dyn Fn(&Row) -> f64| {
         Pt::of(0.0, &rows.iter().filter(|r| keep(&r.point)).map(y).collect::<Vec<_>>()).map(|p| p.med)
     };
@@ -514,12 +541,20 @@ fn summary(a: &Args, rows: &[Row], tcp: &[(u16, usize, f64)]) -> String {
             );
         }
     }
-    s += "\n| page connections | migration MiB/s | raw TCP MiB/s | ÷ raw TCP |\n|---|---|---|---|\n";
+    s += "\n| page connections | migration MiB/s | raw TCP MiB/s | ÷ raw TCP | TCP into fresh guest RAM, a core busy | ÷ that |\n";
+    s += "|---|---|---|---|---|---|\n";
     for &c in &a.channels {
         let keep = |p: &Point| p.channels == c && at_base_but(a, p, &["channels"]);
-        let raw = Pt::of(0.0, &tcp.iter().filter(|t| t.0 == c).map(|t| t.2).collect::<Vec<_>>()).map(|p| p.med);
-        if let (Some(m), Some(r)) = (med(&keep, &|r| throughput(&r.info)), raw) {
-            s += &format!("| {c} | {m:.0} | {r:.0} | {:.2} |\n", m / r.max(1e-9));
+        let base = |y: fn(&Tcp) -> f64| {
+            Pt::of(0.0, &tcp.iter().filter(|t| t.channels == c).map(y).collect::<Vec<_>>()).map(|p| p.med)
+        };
+        if let (Some(m), Some(r), Some(f)) = (med(&keep, &|r| throughput(&r.info)), base(|t| t.raw), base(|t| t.fresh))
+        {
+            s += &format!(
+                "| {c} | {m:.0} | {r:.0} | {:.2} | {f:.0} | {:.2} |\n",
+                m / r.max(1e-9),
+                m / f.max(1e-9)
+            );
         }
     }
     s += "\n| guest MiB | downtime ms | total ms | downtime ÷ smallest | total ÷ smallest |\n|---|---|---|---|---|\n";

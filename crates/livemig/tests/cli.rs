@@ -290,16 +290,18 @@ fn a_tiny_sweep_writes_its_csv_json_and_charts() {
     assert_eq!(
         lines.next().unwrap(),
         "mode,dma_mib_s,cpu_mib_s,mem_mib,content,channels,run,downtime_ms,total_ms,wire_mib,\
-         precopy_throughput_mib_s,raw_tcp_mib_s,iterations,switchover,device_dirty_pages,dma_achieved_mib_s,\
+         precopy_throughput_mib_s,raw_tcp_mib_s,fresh_ram_tcp_mib_s,iterations,switchover,device_dirty_pages,dma_achieved_mib_s,\
          cpu_achieved_mib_s,final_pages,verified,blackout_ms"
     );
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     // iommu and none at 32 and 0 MiB/s, and iommu with 2 connections.
     assert_eq!(rows.len(), 5, "{csv}");
     for r in &rows {
-        assert_eq!(r.len(), 20, "{r:?}");
-        assert_eq!(r[18], "yes", "every migration verified: {r:?}");
-        assert!(r[7].parse::<f64>().unwrap() > 0.0 && r[11].parse::<f64>().unwrap() > 0.0);
+        assert_eq!(r.len(), 21, "{r:?}");
+        assert_eq!(r[19], "yes", "every migration verified: {r:?}");
+        for (i, what) in [(7, "downtime"), (11, "raw TCP"), (12, "fresh-RAM TCP")] {
+            assert!(r[i].parse::<f64>().unwrap() > 0.0, "{what}: {r:?}");
+        }
     }
     let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("sweep.json")).unwrap()).unwrap();
     assert_eq!(v["migrations"].as_array().unwrap().len(), 5);

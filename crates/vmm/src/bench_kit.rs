@@ -101,3 +101,15 @@ pub fn measure(
         pages_per_harvest: pages as f64 / n.max(1) as f64,
     })
 }
+
+/// `size` bytes of RAM as a new VM gets its guest memory: anonymous, untouched, huge pages
+/// advised. A benchmark lands a raw TCP stream in it to measure what receiving into fresh
+/// guest memory costs on this host, the first touch of every page included.
+pub fn fresh_ram(size: u64) -> Result<vm_memory::GuestMemoryMmap, VmError> {
+    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), size as usize)])
+        .map_err(|e| VmError::Memory(e.to_string()))?;
+    let hva = vm_memory::GuestMemoryBackend::get_host_address(&mem, vm_memory::GuestAddress(0))
+        .map_err(|e| VmError::Memory(e.to_string()))?;
+    crate::kvm_sys::advise_huge_pages(hva as u64, size);
+    Ok(mem)
+}
