@@ -256,12 +256,16 @@ fn migrate_point(a: &Args, p: &Point, run: usize) -> Result<Row> {
         verify: VerifyMode::Audit,
         ..Default::default()
     };
-    let info = migration::migrate(&src, &addr, &opts, &MigrationControl::default())
-        .map_err(|e| anyhow!("{p:?}: {}", e.chain()))?;
-    let inc = dest
-        .join()
-        .map_err(|_| anyhow!("the destination panicked"))?
-        .map_err(|e| anyhow!("{p:?}: destination: {}", e.chain()))?;
+    let info = migration::migrate(&src, &addr, &opts, &MigrationControl::default());
+    let inc = dest.join().map_err(|_| anyhow!("the destination panicked"))?;
+    let (info, inc) = match (info, inc) {
+        (Ok(i), Ok(d)) => (i, d),
+        (i, d) => bail!(
+            "{p:?}: source: {}; destination: {}",
+            i.err().map_or("completed".into(), |e| e.chain()),
+            d.err().map_or("completed".into(), |e| e.chain())
+        ),
+    };
     if info.livemig.verified != Some(true) {
         bail!("{p:?}: verification failed: {}", info.livemig.verify_detail);
     }

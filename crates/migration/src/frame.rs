@@ -254,6 +254,14 @@ impl<R: Read> FrameReader<R> {
 
     /// The next frame; `Ok(None)` on a clean end of stream at a frame boundary.
     pub fn read_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        self.read_frame_or_wait(|| false)
+    }
+
+    /// Like `read_frame`, but when the read timeout passes before the first byte of the next
+    /// frame, `keep_waiting` decides: `true` waits another timeout, `false` is a stall. A
+    /// timeout inside a frame is always a stall. For a connection that may rightly be silent
+    /// while others carry the traffic (the control connection during a long page round).
+    pub fn read_frame_or_wait(&mut self, mut keep_waiting: impl FnMut() -> bool) -> Result<Option<Frame>, WireError> {
         let mut h = [0u8; HEADER_LEN];
         let mut got = 0;
         while got < HEADER_LEN {
@@ -262,6 +270,10 @@ impl<R: Read> FrameReader<R> {
                 Ok(0) => return Err(WireError::Truncated),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if got == 0
+                        && matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                        && keep_waiting() => {}
                 Err(e) => return Err(io_err(e)),
             }
         }
@@ -313,6 +325,11 @@ impl<R: Read> FrameReader<R> {
     /// Like `next`, but the end of the stream is an error.
     pub fn expect(&mut self) -> Result<Frame, WireError> {
         self.read_frame()?.ok_or(WireError::Closed)
+    }
+
+    /// `expect` with `read_frame_or_wait`'s patience.
+    pub fn expect_or_wait(&mut self, keep_waiting: impl FnMut() -> bool) -> Result<Frame, WireError> {
+        self.read_frame_or_wait(keep_waiting)?.ok_or(WireError::Closed)
     }
 
     pub fn bytes(&self) -> u64 {

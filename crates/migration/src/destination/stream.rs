@@ -12,7 +12,7 @@ use crate::transport::psk::{self, Dir, PAGE_HELLO};
 use crate::transport::{self, Conn};
 use std::io::BufReader;
 use std::net::{Shutdown, TcpListener};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,10 +45,19 @@ struct PageSide {
     streams: Vec<Conn>,
     /// Per connection, the last iteration it applied completely.
     progress: Arc<Vec<AtomicU32>>,
+    /// Page frames applied over every connection: how the control loop tells a long page
+    /// round that moves from a stalled one.
+    applied: Arc<AtomicU64>,
     failed: Arc<Mutex<Option<MigError>>>,
 }
 
 impl PageSide {
+    /// Whether the page connections applied anything since `last` was taken (and updates it).
+    fn moved(&self, last: &mut u64) -> bool {
+        let now = self.applied.load(Ordering::Acquire);
+        std::mem::replace(last, now) != now
+    }
+
     fn failure(&self) -> Option<MigError> {
         self.failed.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
@@ -99,8 +108,11 @@ pub(super) fn receive_stream(
     let mut dec = RunDecoder::new();
     let mut vcpu_state = None;
     let mut t_switch = None;
+    // The control connection is silent while the page connections carry a round: that is a
+    // stall only if they stall too.
+    let mut seen = 0u64;
     let res: Result<(), MigError> = (|| loop {
-        let f = r.expect()?;
+        let f = r.expect_or_wait(|| side.moved(&mut seen))?;
         match f.kind {
             Kind::Pages if cfg.channels == 0 => {
                 report.pages_received += dec.apply(&f.payload, &map, vm.memory(), &log)?;
@@ -115,13 +127,16 @@ pub(super) fn receive_stream(
             }
             Kind::EndOfIteration if t_switch.is_none() => {
                 let (it, _dirty) = msg::decode_u32_u64(&f.payload)?;
-                // Acknowledged once every page connection has applied the iteration too.
-                let end = Instant::now() + opts.peer_timeout;
+                // Acknowledged once every page connection has applied the iteration too; the
+                // wait is bounded by how long they may go without applying anything.
+                let mut end = Instant::now() + opts.peer_timeout;
                 while side.progress.iter().any(|p| p.load(Ordering::Acquire) < it) {
                     if let Some(e) = side.failure() {
                         return Err(e);
                     }
-                    if Instant::now() > end {
+                    if side.moved(&mut seen) {
+                        end = Instant::now() + opts.peer_timeout;
+                    } else if Instant::now() > end {
                         return Err(MigError::Timeout("the page connections to finish an iteration"));
                     }
                     std::thread::sleep(Duration::from_micros(100));
@@ -182,6 +197,7 @@ fn accept_pages(
         threads: Vec::new(),
         streams: Vec::new(),
         progress: Arc::new((0..n).map(|_| AtomicU32::new(0)).collect()),
+        applied: Arc::new(AtomicU64::new(0)),
         failed: Arc::new(Mutex::new(None)),
     };
     if n == 0 {
@@ -253,12 +269,13 @@ fn accept_pages(
                 side.failed.clone(),
                 side.progress.clone(),
             );
+            let applied = side.applied.clone();
             let control = control.try_clone().map_err(io)?;
             side.threads.push(
                 std::thread::Builder::new()
                     .name(format!("mig-recv-{channel}"))
                     .spawn(move || {
-                        match receive_pages(&mut r, &map, &vm, &log, &progress[channel as usize]) {
+                        match receive_pages(&mut r, &map, &vm, &log, &progress[channel as usize], &applied) {
                             Ok(n) => n,
                             Err(e) => {
                                 let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
@@ -292,13 +309,17 @@ fn receive_pages<R: std::io::Read>(
     vm: &Vm,
     log: &PageLog,
     done: &AtomicU32,
+    applied: &AtomicU64,
 ) -> Result<u64, WireError> {
     let mut dec = RunDecoder::new();
     let mut pages = 0;
     loop {
         let f = r.expect()?;
         match f.kind {
-            Kind::Pages => pages += dec.apply(&f.payload, map, vm.memory(), log)?,
+            Kind::Pages => {
+                pages += dec.apply(&f.payload, map, vm.memory(), log)?;
+                applied.fetch_add(1, Ordering::Release);
+            }
             Kind::EndOfIteration => done.store(msg::decode_u32_u64(&f.payload)?.0, Ordering::Release),
             Kind::Complete => {
                 msg::decode_empty(&f.payload)?;
