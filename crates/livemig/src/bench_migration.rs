@@ -11,7 +11,6 @@ use migration::{
 };
 use std::sync::Arc;
 use std::time::Duration;
-use vmm::layout::WORKSET_BASE;
 
 /// What to run.
 pub struct Args {
@@ -246,10 +245,9 @@ struct Row {
 
 fn one(a: &Args, transport: &str, mode: DeviceTracking, verify: VerifyMode, dir: &std::path::Path) -> Result<Row> {
     let (src_sec, dst_sec) = security(transport, dir)?;
-    let src = Arc::new(a.vm.build()?);
-    if a.fill {
-        src.fill_incompressible(WORKSET_BASE + (a.vm.ws()? << 20))?;
-    }
+    let mut vm = a.vm.clone();
+    vm.fill_ram |= a.fill;
+    let src = Arc::new(vm.build()?);
     src.resume()?;
     std::thread::sleep(Duration::from_millis(a.warmup_ms));
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;

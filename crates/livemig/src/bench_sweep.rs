@@ -17,7 +17,6 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmm::layout::WORKSET_BASE;
 use vmm::Content;
 
 /// The dirtier's working set unless `--ws-mib` says otherwise.
@@ -239,11 +238,9 @@ fn guest(a: &Args, p: &Point) -> Result<VmOpts> {
 
 fn migrate_point(a: &Args, p: &Point, run: usize) -> Result<Row> {
     let vm = guest(a, p)?;
+    let mut vm = vm;
+    vm.fill_ram |= p.content == Content::Random;
     let src = Arc::new(vm.build()?);
-    if p.content == Content::Random {
-        let dma = if p.dma > 0.0 { vm.dma_mib } else { 0 };
-        src.fill_incompressible(WORKSET_BASE + ((vm.ws()? + dma) << 20))?;
-    }
     src.resume()?;
     std::thread::sleep(Duration::from_millis(a.warmup_ms));
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;

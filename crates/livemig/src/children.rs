@@ -82,6 +82,9 @@ pub fn vm_args(o: &VmOpts) -> Vec<String> {
     a.extend(["--content".into(), o.content.to_string()]);
     a.extend(["--dma-rate".into(), o.dma_rate.to_string()]);
     a.extend(["--dma-mib".into(), o.dma_mib.to_string()]);
+    if o.fill_ram {
+        a.push("--fill-ram".into());
+    }
     if o.iommu_4k {
         a.push("--iommu-4k".into());
     }

@@ -55,6 +55,11 @@ pub struct VmOpts {
     /// The devices' DMA working set in MiB, after the dirtier's, split over the devices.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub dma_mib: u64,
+    /// Fill guest RAM past the working sets with incompressible bytes before the guest
+    /// starts, as a guest that has used its memory would have it (fresh RAM is zero pages,
+    /// which cost almost nothing to migrate).
+    #[arg(long)]
+    pub fill_ram: bool,
     /// IOMMU page-table format: amd-v1, vtd-ss or arm-lpae-s1.
     #[arg(long, default_value = "vtd-ss", value_parser = parse_format)]
     pub iommu_format: FormatKind,
@@ -219,6 +224,9 @@ impl VmOpts {
                 }
             }
             vm.load_program(v, &p)?;
+        }
+        if self.fill_ram {
+            vm.fill_incompressible(WORKSET_BASE + ((self.ws()? + self.dma_set_mib()) << 20))?;
         }
         Ok(vm)
     }
