@@ -9,21 +9,26 @@
 //! | 12 | 4 | dev_id |
 //! | 16 | 4 | que_iso_cfg |
 //! | 20 | 4 | qp_base |
-//! | 24 | 4 | vf_qm_state: 0 READY, 1 NOT_READY |
+//! | 24 | 4 | vf_qm_state: 0 READY, 1 NOT_READY, as when this migration's first save began |
 //! | 28 | 2+2 | major version 2, minor version 0 |
 //! | 32 | 8 | reserved, 0 |
-//! | 40 | 20 | registers: VF_STATE, MB_DATA_LO, MB_DATA_HI, MB_DEPTH, MB_STATUS |
-//! | 60 | 8 | jobs completed |
-//! | 68 | 44 × qp_num | per queue: sq_base u64, sq_depth u32, cq_base u64, cq_depth u32, sq_head, sq_tail, cq_head, cq_tail, cq_phase (u32 each) |
-//! | 68 + 44 × qp_num | 4096 | the peer window (`regs::PEER_WINDOW`) |
+//! | 40 | 20 | registers: VF_STATE, MB_DATA_LO, MB_DATA_HI, MB_DEPTH, MB_STATUS (READY at the stop only) |
+//! | 60 | 8 | jobs completed (READY only) |
+//! | 68 | 44 × qp_num | per queue (READY only): sq_base u64, sq_depth u32, cq_base u64, cq_depth u32, sq_head, sq_tail, cq_head, cq_tail, cq_phase (u32 each) |
+//! | then | 4096 | the peer window (`regs::PEER_WINDOW`), always |
 //! | end − 4 | 4 | CRC32C of everything before |
 //!
 //! The first 40 bytes are the match prefix: pre-copy sends only them (`initial_bytes = 40`,
 //! `dirty_bytes = 0`), and the destination checks them inside `write()` as soon as it has them,
 //! refusing a different magic, major version, qp_num, dev_id or que_iso_cfg with `EFAULT`
-//! while the source still runs. A device whose guest driver never set VF_STATE READY saves the
-//! prefix alone, and a destination given exactly the prefix loads nothing (as hisi does); the
-//! prefix alone of a READY source is refused (its state was lost on the way).
+//! while the source still runs. The state's length says what follows the prefix: a device
+//! whose guest driver had not set VF_STATE READY when it stopped saves no registers or queues,
+//! only its peer window (hisi saves the prefix alone; this device has memory to keep).
+//!
+//! One migration sends one prefix: the one saved first (at PRE_COPY, or at the stop) is reused
+//! by every later save until the device runs again, so the stop-copy stream continues the
+//! pre-copy one consistently even if the guest set READY in between, and a stopped device saved
+//! twice saves the same bytes. A loaded device keeps the prefix it loaded, for the same reason.
 //!
 //! Version 2 added the peer window. Peers write it by DMA whatever state this device is in,
 //! so a save is only complete if every peer had stopped initiating DMA (RUNNING_P2P) before
@@ -43,14 +48,14 @@ pub const MINOR: u16 = 0;
 pub const MATCH_SIZE: usize = 40;
 const QUEUE_SIZE: usize = 44;
 
-/// Full save-stream length for `qp_num` queues.
+/// Full save-stream length for `qp_num` queues (a device that was READY when it stopped).
 pub fn state_len(qp_num: u32) -> usize {
-    window_at(qp_num) + PEER_WINDOW_SIZE as usize + 4
+    MATCH_SIZE + 20 + 8 + QUEUE_SIZE * qp_num as usize + PEER_WINDOW_SIZE as usize + 4
 }
 
-fn window_at(qp_num: u32) -> usize {
-    MATCH_SIZE + 20 + 8 + QUEUE_SIZE * qp_num as usize
-}
+/// Save-stream length of a device that was not READY when it stopped: the prefix, its peer
+/// window and the CRC.
+pub const NOT_READY_LEN: usize = MATCH_SIZE + PEER_WINDOW_SIZE as usize + 4;
 
 pub(crate) struct AccelMigration {
     s: Arc<Shared>,
@@ -59,6 +64,8 @@ pub(crate) struct AccelMigration {
     pos: usize,
     resume: Vec<u8>,
     match_done: bool,
+    /// This migration's prefix, once saved or loaded; dropped when the device runs again.
+    sent_prefix: Option<Vec<u8>>,
 }
 
 impl AccelMigration {
@@ -70,7 +77,17 @@ impl AccelMigration {
             pos: 0,
             resume: Vec::new(),
             match_done: false,
+            sent_prefix: None,
         }
+    }
+
+    /// This migration's prefix: the one already sent, or the present one, kept from now on.
+    fn this_prefix(&mut self) -> Vec<u8> {
+        if self.sent_prefix.is_none() {
+            let ready = self.s.lock().regs.vf_state & VF_STATE_READY != 0;
+            self.sent_prefix = Some(self.prefix(ready));
+        }
+        self.sent_prefix.clone().unwrap_or_default()
     }
 
     fn prefix(&self, ready: bool) -> Vec<u8> {
@@ -88,31 +105,30 @@ impl AccelMigration {
         b
     }
 
-    /// The whole state of a quiesced device.
-    fn full_state(&self) -> Vec<u8> {
+    /// The whole state of a quiesced device, after this migration's prefix.
+    fn full_state(&mut self) -> Vec<u8> {
+        let mut b = self.this_prefix();
         let c = self.s.lock();
         let ready = c.regs.vf_state & VF_STATE_READY != 0;
-        let mut b = self.prefix(ready);
-        if !ready {
-            return b;
-        }
-        for r in [
-            c.regs.vf_state,
-            c.regs.mb_data_lo,
-            c.regs.mb_data_hi,
-            c.regs.mb_depth,
-            c.regs.mb_status,
-        ] {
-            b.extend_from_slice(&r.to_le_bytes());
-        }
-        b.extend_from_slice(&c.jobs_done.to_le_bytes());
-        for q in &c.queues {
-            b.extend_from_slice(&q.sq_base.to_le_bytes());
-            b.extend_from_slice(&q.sq_depth.to_le_bytes());
-            b.extend_from_slice(&q.cq_base.to_le_bytes());
-            b.extend_from_slice(&q.cq_depth.to_le_bytes());
-            for v in [q.sq_head, q.sq_tail, q.cq_head, q.cq_tail, q.cq_phase as u32] {
-                b.extend_from_slice(&v.to_le_bytes());
+        if ready {
+            for r in [
+                c.regs.vf_state,
+                c.regs.mb_data_lo,
+                c.regs.mb_data_hi,
+                c.regs.mb_depth,
+                c.regs.mb_status,
+            ] {
+                b.extend_from_slice(&r.to_le_bytes());
+            }
+            b.extend_from_slice(&c.jobs_done.to_le_bytes());
+            for q in &c.queues {
+                b.extend_from_slice(&q.sq_base.to_le_bytes());
+                b.extend_from_slice(&q.sq_depth.to_le_bytes());
+                b.extend_from_slice(&q.cq_base.to_le_bytes());
+                b.extend_from_slice(&q.cq_depth.to_le_bytes());
+                for v in [q.sq_head, q.sq_tail, q.cq_head, q.cq_tail, q.cq_phase as u32] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
             }
         }
         drop(c);
@@ -146,21 +162,27 @@ impl AccelMigration {
         if !self.match_done {
             self.check_match(&b)?;
         }
-        if b.len() == MATCH_SIZE {
-            // A NOT_READY source saves the prefix alone and there is nothing to load; a READY
-            // one owes the rest, and a stream without it would start a device that lost its
-            // queues.
-            if u32::from_le_bytes(b[24..28].try_into().expect("4")) == 0 {
-                return err(EINVAL, "the source device was ready, but only its match data arrived");
-            }
-            return Ok(());
-        }
-        if b.len() != state_len(self.s.cfg.qp_num) {
-            return err(EINVAL, "device state of the wrong length");
+        let full = state_len(self.s.cfg.qp_num);
+        if b.len() != full && b.len() != NOT_READY_LEN {
+            return err(
+                EINVAL,
+                if b.len() == MATCH_SIZE {
+                    "only the match data arrived: the device's state (at least its peer window) was lost on the way"
+                } else {
+                    "device state of the wrong length"
+                },
+            );
         }
         let (body, tail) = b.split_at(b.len() - 4);
         if crc32c::crc32c(body) != u32::from_le_bytes(tail.try_into().expect("4")) {
             return err(EINVAL, "device state fails its checksum");
+        }
+        let window = &body[body.len() - PEER_WINDOW_SIZE as usize..];
+        if b.len() == NOT_READY_LEN {
+            // Not set up by its guest driver when it stopped: its memory is all there is.
+            self.s.window.write(0, window);
+            self.sent_prefix = Some(b[..MATCH_SIZE].to_vec());
+            return Ok(());
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
@@ -200,8 +222,8 @@ impl AccelMigration {
             }
             queues.push(q);
         }
-        let w = window_at(self.s.cfg.qp_num);
-        self.s.window.write(0, &b[w..w + PEER_WINDOW_SIZE as usize]);
+        self.s.window.write(0, window);
+        self.sent_prefix = Some(b[..MATCH_SIZE].to_vec());
         let mut c = self.s.lock();
         c.regs = regs;
         c.queues = queues;
@@ -223,13 +245,19 @@ impl MigrationDriver for AccelMigration {
                 None
             }
             (RunningP2p, Running) | (PreCopyP2p, PreCopy) | (Stop, Running) => {
+                self.sent_prefix = None;
                 self.s.resume();
                 None
             }
-            (RunningP2p, Stop) | (Stop, RunningP2p) | (PreCopy, Running) | (PreCopyP2p, RunningP2p) => None,
+            (Stop, RunningP2p) | (PreCopy, Running) | (PreCopyP2p, RunningP2p) => {
+                // Running again: the next migration sends its own prefix.
+                self.sent_prefix = None;
+                None
+            }
+            (RunningP2p, Stop) => None,
             (Running, PreCopy) | (RunningP2p, PreCopyP2p) => {
-                let ready = self.s.lock().regs.vf_state & VF_STATE_READY != 0;
-                self.save = self.prefix(ready);
+                self.sent_prefix = None;
+                self.save = self.this_prefix();
                 self.pos = 0;
                 Some(StreamKind::Save)
             }
@@ -294,6 +322,7 @@ impl MigrationDriver for AccelMigration {
 
     fn reset(&mut self) {
         self.s.reset();
+        self.sent_prefix = None;
         self.save.clear();
         self.resume.clear();
         self.pos = 0;

@@ -253,14 +253,12 @@ fn client_runs_many_jobs_correctly() {
     assert_eq!((c.submitted, c.completed, c.errors, c.duplicates), (3000, 3000, 0, 0));
 }
 
-/// A job DMAs into a peer's window through the IOMMU (the window mapped into the IOAS as a
-/// VMM maps a BAR), the peer's saved state carries what landed there, and a fresh device
-/// loads it back.
-#[test]
-fn a_job_writes_a_peers_window_and_the_peer_migrates_it() {
-    const WINDOW_IOVA: u64 = 0xd000_0000 + PEER_WINDOW;
-    let rig = Rig::new(FormatKind::AmdV1, AccelConfig::default());
-    let peer_dev = rig.fd.bind_device(iommufd::DeviceSpec::new("peer", FormatKind::AmdV1));
+const WINDOW_IOVA: u64 = 0xd000_0000 + PEER_WINDOW;
+
+/// A second device (READY) behind `rig`'s domain (of format `fmt`), its peer window mapped
+/// there at `WINDOW_IOVA`, as a VMM maps a peer's BAR.
+fn peer_of(rig: &Rig, fmt: FormatKind) -> accel::Accel {
+    let peer_dev = rig.fd.bind_device(iommufd::DeviceSpec::new("peer", fmt));
     rig.fd.attach(peer_dev, rig.hwpt).unwrap();
     let peer = accel::Accel::new(AccelConfig::default(), rig.fd.device_dma(peer_dev).unwrap()).unwrap();
     peer.mmio_write(VF_STATE, &VF_STATE_READY.to_le_bytes());
@@ -276,6 +274,92 @@ fn a_job_writes_a_peers_window_and_the_peer_migrates_it() {
         ..Default::default()
     };
     rig.fd.ioas_map(&mut m).unwrap();
+    peer
+}
+
+/// Saves a stopped device (from STOP, or from STOP_COPY with its stream read) and leaves it
+/// in STOP.
+fn save_stopped(dev: &accel::Accel) -> Vec<u8> {
+    let m = dev.migration();
+    if m.get_state() != vfio::MigState::Stop {
+        m.set_state(vfio::MigState::Stop).unwrap();
+    }
+    let s = m.set_state(vfio::MigState::StopCopy).unwrap().unwrap();
+    let mut out = vec![0u8; 1 << 16];
+    let n = s.read(&mut out).unwrap();
+    out.truncate(n);
+    m.set_state(vfio::MigState::Stop).unwrap();
+    out
+}
+
+/// Why every device must be in RUNNING_P2P before any stops, without a VM: device A keeps
+/// filling its peer P's window. P stopped and saved while A still runs: A's next jobs land in
+/// P's window, and P saved again differs from what it saved, in the window's bytes (and the
+/// CRC) alone: the writes the first save lost. With A in RUNNING_P2P before P stops, nothing
+/// reaches P after its save, and both saves are the same bytes.
+#[test]
+fn a_peer_write_after_the_stop_is_lost_unless_peers_enter_p2p_first() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+    let rig = Rig::new(FormatKind::VtdSs, AccelConfig::default());
+    let peer = peer_of(&rig, FormatKind::VtdSs);
+    let (done, stop) = (AtomicU64::new(0), AtomicBool::new(false));
+    let window = accel::migration::state_len(2) - 4 - PEER_WINDOW_SIZE as usize;
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let mut d = Driver::new(&rig);
+            let mut tag = 0u32;
+            while !stop.load(Acquire) {
+                tag += 1;
+                let cqe = d.run(Sqe {
+                    opcode: Opcode::Fill as u8,
+                    tag,
+                    dst: WINDOW_IOVA + (tag as u64 % 512) * 8,
+                    dst_len: 8,
+                    arg: tag as u64,
+                    ..Default::default()
+                });
+                assert_eq!(cqe.status, Status::Ok as u16);
+                done.fetch_add(1, Release);
+            }
+        });
+        let more = |n: u64| {
+            let at = done.load(Acquire);
+            assert!(wait_until(10, || done.load(Acquire) >= at + n), "A runs jobs");
+        };
+        more(5);
+        // The wrong order: P stops while A runs.
+        let first = save_stopped(&peer);
+        more(5);
+        let second = save_stopped(&peer);
+        assert_ne!(first, second, "A's writes after P's save");
+        let differ: Vec<usize> = (0..first.len()).filter(|&i| first[i] != second[i]).collect();
+        assert!(
+            differ
+                .iter()
+                .all(|&i| (window..window + PEER_WINDOW_SIZE as usize).contains(&i) || i >= first.len() - 4),
+            "only the window and its CRC changed: {:?}",
+            &differ[..differ.len().min(8)]
+        );
+        // The right order: A in RUNNING_P2P (its job in flight finishes), then P stops.
+        peer.migration().set_state(vfio::MigState::Running).unwrap();
+        more(5);
+        rig.accel.migration().set_state(vfio::MigState::RunningP2p).unwrap();
+        peer.migration().set_state(vfio::MigState::RunningP2p).unwrap();
+        let first = save_stopped(&peer);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(save_stopped(&peer), first, "nothing reached P after its save");
+        stop.store(true, Release);
+        rig.accel.migration().set_state(vfio::MigState::Running).unwrap();
+    });
+}
+
+/// A job DMAs into a peer's window through the IOMMU (the window mapped into the IOAS as a
+/// VMM maps a BAR), the peer's saved state carries what landed there, and a fresh device
+/// loads it back.
+#[test]
+fn a_job_writes_a_peers_window_and_the_peer_migrates_it() {
+    let rig = Rig::new(FormatKind::AmdV1, AccelConfig::default());
+    let peer = peer_of(&rig, FormatKind::AmdV1);
     let mut d = Driver::new(&rig);
     let cqe = d.run(Sqe {
         opcode: Opcode::Fill as u8,
@@ -303,16 +387,7 @@ fn a_job_writes_a_peers_window_and_the_peer_migrates_it() {
     });
     assert_eq!(cqe.status, Status::WriteFault as u16);
 
-    let save = |dev: &accel::Accel| {
-        let m = dev.migration();
-        m.set_state(vfio::MigState::Stop).unwrap();
-        let s = m.set_state(vfio::MigState::StopCopy).unwrap().unwrap();
-        let mut out = vec![0u8; 1 << 16];
-        let n = s.read(&mut out).unwrap();
-        out.truncate(n);
-        out
-    };
-    let state = save(&peer);
+    let state = save_stopped(&peer);
     let at = accel::migration::state_len(2) - 4 - PEER_WINDOW_SIZE as usize;
     assert_eq!(&state[at + 16..at + 24], &[0x5a; 8]);
     let fresh_rig = Rig::new(FormatKind::AmdV1, AccelConfig::default());

@@ -258,39 +258,105 @@ fn device_log_matches_the_iommu_dirty_set() {
 }
 
 #[test]
-fn device_without_guest_driver_saves_only_the_prefix() {
+fn device_without_guest_driver_saves_its_peer_window_alone() {
     let src = Rig::new(FormatKind::VtdSs, AccelConfig::default());
     let dst = Rig::new(FormatKind::VtdSs, AccelConfig::default());
+    // A peer wrote its window; its own guest driver never set it up.
+    src.accel.mmio_write(PEER_WINDOW + 8, &0x1122_3344u32.to_le_bytes());
     let s = src.accel.migration();
     s.set_state(MigState::Stop).unwrap();
     let stream = s.set_state(MigState::StopCopy).unwrap().unwrap();
-    let mut buf = vec![0u8; 4096];
+    let mut buf = vec![0u8; 8192];
     let n = stream.read(&mut buf).unwrap();
-    assert_eq!(n, accel::migration::MATCH_SIZE, "NOT_READY: prefix only");
+    assert_eq!(n, accel::migration::NOT_READY_LEN, "NOT_READY: prefix, window, CRC");
     assert_eq!(
         u32::from_le_bytes(buf[24..28].try_into().unwrap()),
         1,
         "vf_qm_state NOT_READY"
     );
-    assert_eq!(stream.read(&mut buf).unwrap(), 0);
+    assert_eq!(
+        &buf[40 + 8..40 + 12],
+        &0x1122_3344u32.to_le_bytes(),
+        "the window follows the prefix"
+    );
+    assert_eq!(stream.read(&mut buf[n..]).unwrap(), 0);
     let d = dst.accel.migration();
     d.set_state(MigState::Stop).unwrap();
     let w = d.set_state(MigState::Resuming).unwrap().unwrap();
     w.write(&buf[..n]).unwrap();
+    d.set_state(MigState::Stop).unwrap();
+    assert_eq!(
+        dst.accel.peer_window_bytes(),
+        src.accel.peer_window_bytes(),
+        "the window moved"
+    );
     d.set_state(MigState::Running).unwrap();
-    assert_eq!(dst.accel.queues()[0], accel::Queue::default(), "nothing loaded");
-    // A truncated full state is refused at RESUMING -> STOP.
+    assert_eq!(dst.accel.queues()[0], accel::Queue::default(), "no queue was loaded");
+    // The prefix alone lost the window on the way: refused at RESUMING -> STOP, like a
+    // truncated full state.
+    for cut in [40, n - 1, 100] {
+        d.set_state(MigState::Stop).unwrap();
+        let w = d.set_state(MigState::Resuming).unwrap().unwrap();
+        w.write(&buf[..cut]).unwrap();
+        assert_eq!(
+            d.set_state(MigState::Stop).unwrap_err().code(),
+            iommu::errno::EINVAL,
+            "{cut} bytes"
+        );
+        d.reset();
+    }
+    // A flipped window byte fails the CRC.
     d.set_state(MigState::Stop).unwrap();
     let w = d.set_state(MigState::Resuming).unwrap().unwrap();
-    let mut p = buf[..n].to_vec();
-    p[24..28].copy_from_slice(&0u32.to_le_bytes());
-    p.extend_from_slice(&[0u8; 20]);
-    w.write(&p).unwrap();
+    let mut bad = buf[..n].to_vec();
+    bad[100] ^= 1;
+    w.write(&bad).unwrap();
     assert_eq!(d.set_state(MigState::Stop).unwrap_err().code(), iommu::errno::EINVAL);
-    // The prefix of a READY source alone (its state lost on the way) is refused too.
-    d.reset();
+}
+
+/// The guest sets its driver READY while the device is in PRE_COPY, after the pre-copy prefix
+/// (NOT_READY) went out: the stop-copy stream goes on from that prefix, so the destination
+/// loads a consistent READY state, and saving the stopped device again gives the same bytes.
+#[test]
+fn ready_set_during_precopy_still_saves_one_consistent_state() {
+    let src = Rig::new(FormatKind::VtdSs, AccelConfig::default());
+    let dst = Rig::new(FormatKind::VtdSs, AccelConfig::default());
+    let s = src.accel.migration();
+    let pre = s.set_state(MigState::PreCopy).unwrap().unwrap();
+    let mut sent = vec![0u8; 64];
+    let n = pre.read(&mut sent).unwrap();
+    sent.truncate(n);
+    assert_eq!((n, u32::from_le_bytes(sent[24..28].try_into().unwrap())), (40, 1));
+    src.accel.mmio_write(VF_STATE, &VF_STATE_READY.to_le_bytes());
+    // PRE_COPY -> STOP_COPY goes on in the same stream.
+    assert!(s.set_state(MigState::StopCopy).unwrap().is_none());
+    let mut rest = vec![0u8; 16384];
+    let m = pre.read(&mut rest).unwrap();
+    sent.extend_from_slice(&rest[..m]);
+    assert_eq!(sent.len(), accel::migration::state_len(2));
+    let d = dst.accel.migration();
     d.set_state(MigState::Stop).unwrap();
     let w = d.set_state(MigState::Resuming).unwrap().unwrap();
-    w.write(&p[..n]).unwrap();
-    assert_eq!(d.set_state(MigState::Stop).unwrap_err().code(), iommu::errno::EINVAL);
+    w.write(&sent).unwrap();
+    d.set_state(MigState::Stop).unwrap();
+    assert_eq!(dst.accel.regs().vf_state, VF_STATE_READY, "loaded as READY");
+    // Saved again, stopped, on either side: the very same bytes.
+    let resave = |m: &vfio::MigrationDevice| {
+        if m.get_state() == MigState::StopCopy {
+            m.set_state(MigState::Stop).unwrap();
+        }
+        let st = m.set_state(MigState::StopCopy).unwrap().unwrap();
+        let mut b = vec![0u8; 16384];
+        let k = st.read(&mut b).unwrap();
+        b.truncate(k);
+        m.set_state(MigState::Stop).unwrap();
+        b
+    };
+    assert_eq!(resave(s), sent);
+    assert_eq!(resave(d), sent);
+    // Running again, the device's next migration sends a fresh prefix.
+    s.set_state(MigState::Running).unwrap();
+    s.set_state(MigState::Stop).unwrap();
+    let again = resave(s);
+    assert_eq!(u32::from_le_bytes(again[24..28].try_into().unwrap()), 0, "READY now");
 }

@@ -14,6 +14,7 @@ use crate::vmopts::VmOpts;
 use anyhow::{anyhow, bail, Context, Result};
 use migration::{DestOptions, DeviceTracking, MigrationControl, MigrationInfo, SourceOptions, VerifyMode};
 use serde_json::json;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -303,28 +304,40 @@ pub fn run(a: &Args) -> Result<()> {
         return Ok(());
     }
     vmm::kvm_for_tests().map_err(|e| anyhow!("KVM is needed: {e}"))?;
+    // Before hours of migrations, not after: the charts need a font.
+    sweep_charts::font()?;
     let t0 = Instant::now();
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
     let mut tcp: Vec<Tcp> = Vec::new();
+    // Rows go to the CSV run by run, so an interrupted sweep keeps what it measured.
+    let mut csv = std::fs::File::create(&csv_path).with_context(|| format!("creating {}", csv_path.display()))?;
+    writeln!(csv, "{}", COLUMNS.join(","))?;
     for run in 0..a.runs {
-        for p in &points {
-            let r = migrate_point(a, p, run)?;
-            let done = rows.len() + 1;
+        let first = rows.len();
+        for (k, p) in points.iter().enumerate() {
+            let done = run * points.len() + k + 1;
             let eta = t0.elapsed().as_secs_f64() / done as f64 * (total - done) as f64;
-            eprintln!(
-                "[{done}/{total}] {} DMA {} MiB/s, CPU {} MiB/s, {} MiB, {}, {} channel(s): downtime {:.1} ms, total {} ms, \
-                 {:.0} MiB sent (about {eta:.0} s left)",
-                p.mode,
-                p.dma,
-                p.cpu,
-                p.mem_mib,
-                p.content,
-                p.channels,
-                downtime_ms(&r.info),
-                r.info.total_time,
-                wire_mib(&r.info)
+            let what = format!(
+                "[{done}/{total}] {} DMA {} MiB/s, CPU {} MiB/s, {} MiB, {}, {} channel(s)",
+                p.mode, p.dma, p.cpu, p.mem_mib, p.content, p.channels
             );
-            rows.push(r);
+            match migrate_point(a, p, run) {
+                Ok(r) => {
+                    eprintln!(
+                        "{what}: downtime {:.1} ms, total {} ms, {:.0} MiB sent (about {eta:.0} s left)",
+                        downtime_ms(&r.info),
+                        r.info.total_time,
+                        wire_mib(&r.info)
+                    );
+                    rows.push(r);
+                }
+                // One failed point does not cost the others; the sweep fails at the end.
+                Err(e) => {
+                    eprintln!("{what}: FAILED: {e:#}");
+                    failed.push(format!("{what}: {e:#}"));
+                }
+            }
         }
         // Raw TCP on as many connections, once per run: the same drift as the migrations.
         for &c in &a.channels {
@@ -335,17 +348,15 @@ pub fn run(a: &Args) -> Result<()> {
                 fresh: fresh_ram_tcp(c, 1 << 30)? / 1048576.0,
             });
         }
+        for r in &rows[first..] {
+            let t = tcp
+                .iter()
+                .find(|t| t.channels == r.point.channels && t.run == r.run)
+                .map_or((0.0, 0.0), |t| (t.raw, t.fresh));
+            writeln!(csv, "{}", r.csv(t))?;
+        }
+        csv.flush()?;
     }
-    let tcp_of = |c: u16, run: usize| {
-        tcp.iter()
-            .find(|t| t.channels == c && t.run == run)
-            .map_or((0.0, 0.0), |t| (t.raw, t.fresh))
-    };
-    let mut csv = COLUMNS.join(",") + "\n";
-    for r in &rows {
-        csv += &(r.csv(tcp_of(r.point.channels, r.run)) + "\n");
-    }
-    std::fs::write(&csv_path, csv)?;
     let json = json!({
         "base": base_json(a),
         "runs": a.runs,
@@ -357,24 +368,40 @@ pub fn run(a: &Args) -> Result<()> {
             "run": r.run,
             "info": serde_json::to_value(&r.info).unwrap_or_default(),
         })).collect::<Vec<_>>(),
+        "failed": failed,
         "raw-tcp": tcp.iter().map(|t| json!({
             "channels": t.channels, "run": t.run, "mib-s": t.raw, "fresh-ram-mib-s": t.fresh,
         })).collect::<Vec<_>>(),
     });
     std::fs::write(a.out.join("sweep.json"), serde_json::to_string_pretty(&json)?)?;
-    let charts = charts(a, &rows, &tcp);
-    for c in &charts {
-        sweep_charts::draw(c, &a.out)?;
+    let mut summary = summary(a, &rows, &tcp);
+    if !failed.is_empty() {
+        summary += &format!("\n{} migration(s) failed:\n\n", failed.len());
+        for f in &failed {
+            summary += &format!("- {f}\n");
+        }
     }
-    let summary = summary(a, &rows, &tcp);
     std::fs::write(a.out.join("summary.md"), &summary)?;
     println!("{summary}");
+    let charts = charts(a, &rows, &tcp);
+    let mut drawn = 0;
+    for c in &charts {
+        // A chart whose points all failed has nothing to draw; the others still are.
+        match sweep_charts::draw(c, &a.out) {
+            Ok(()) => drawn += 1,
+            Err(e) if rows.is_empty() || !failed.is_empty() => eprintln!("sweep: {e:#}"),
+            Err(e) => return Err(e),
+        }
+    }
     eprintln!(
-        "sweep: {total} migrations in {:.0} s; wrote sweep.csv, sweep.json, summary.md and {} charts (PNG and SVG) to {}",
+        "sweep: {} migrations in {:.0} s; wrote sweep.csv, sweep.json, summary.md and {drawn} charts (PNG and SVG) to {}",
+        rows.len(),
         t0.elapsed().as_secs_f64(),
-        charts.len(),
         a.out.display()
     );
+    if !failed.is_empty() {
+        bail!("{} of {total} migrations failed (listed in summary.md)", failed.len());
+    }
     Ok(())
 }
 

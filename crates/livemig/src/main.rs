@@ -441,7 +441,8 @@ enum BenchCmd {
         /// Where the CSV, JSON, summary and charts go (created if missing).
         #[arg(long)]
         out: std::path::PathBuf,
-        /// The preset that finishes in under 3 minutes here; the lists below are then ignored.
+        /// The preset that finishes in under 3 minutes here; the lists below are then ignored
+        /// (--runs and --warmup-ms still apply).
         #[arg(long)]
         quick: bool,
         /// List the grid and write the CSV header without migrating.
@@ -465,12 +466,13 @@ enum BenchCmd {
         /// Page connections, comma separated.
         #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 4], value_parser = clap::value_parser!(u16).range(1..=64))]
         channels: Vec<u16>,
-        /// Migrations per point, interleaved.
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
-        runs: u64,
-        /// How long the guest runs before each migration, in milliseconds.
-        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=30_000))]
-        warmup_ms: u64,
+        /// Migrations per point, interleaved [default: 3; 2 with --quick].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: Option<u64>,
+        /// How long the guest runs before each migration, in milliseconds [default: 500; 300
+        /// with --quick].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=30_000))]
+        warmup_ms: Option<u64>,
     },
     /// One migration per device-tracking mode and link: loopback, and links between two
     /// network namespaces shaped with tc tbf (needs root and iproute2), with each link's raw
@@ -868,12 +870,14 @@ fn bench_cmd(what: BenchCmd) -> Result<()> {
                         sizes_mib: sizes,
                         contents,
                         channels,
-                        runs: runs as usize,
-                        warmup_ms,
+                        runs: 3,
+                        warmup_ms: 500,
                         dry,
                     }
                 };
                 a.dry = dry;
+                a.runs = runs.map_or(a.runs, |r| r as usize);
+                a.warmup_ms = warmup_ms.unwrap_or(a.warmup_ms);
                 bench_sweep::run(&a)
             }
             BenchCmd::Migration {

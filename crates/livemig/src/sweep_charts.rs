@@ -54,7 +54,7 @@ const FONTS: [&str; 3] = [
 ];
 
 /// Registers a TrueType font as `sans-serif`, once per process.
-fn font() -> Result<()> {
+pub fn font() -> Result<()> {
     static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     DONE.get_or_init(|| {
         let path = FONTS.iter().find(|p| Path::new(p).exists()).ok_or_else(|| {

@@ -178,6 +178,19 @@ impl VmOpts {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.memory_mib) {
             bail!("--memory-mib must be between {MIN_MEM_MIB} and {MAX_MEM_MIB}");
         }
+        if !self.memory_mib.is_multiple_of(2) {
+            bail!("--memory-mib must be even: guest RAM is laid out in 2 MiB pages");
+        }
+        let low_mib = self.memory_mib.min(vmm::layout::LOW_RAM_MAX >> 20);
+        if self.dma_set_mib() > 0 && self.dma_mib + 1 > low_mib.saturating_sub(WORKSET_BASE >> 20) {
+            bail!(
+                "--dma-mib {} does not fit: the working sets stay below 3 GiB, and {} MiB of RAM leaves {} MiB \
+                 there for both",
+                self.dma_mib,
+                self.memory_mib,
+                low_mib.saturating_sub(WORKSET_BASE >> 20)
+            );
+        }
         if !(self.dma_rate.is_finite() && (0.0..=1e6).contains(&self.dma_rate)) {
             bail!("--dma-rate must be a number of MiB/s from 0 to 1000000");
         }

@@ -14,12 +14,15 @@ use std::io::{Read, Write};
 /// "LMIG", little-endian.
 pub const MAGIC: u32 = 0x4749_4d4c;
 pub const HEADER_LEN: usize = 24;
-/// The largest payload a peer may send; anything longer is refused before it is read. Page
-/// runs (64 pages) and device chunks (1 MiB) are far smaller; the bound is set by the gate's
-/// digest, one u32 per page up to the end of the largest guest's RAM (checked below).
-pub const MAX_PAYLOAD: u32 = 12 << 20;
+/// The largest payload a peer may send, but for a digest: a 64-page run plus its header, or a
+/// 1 MiB device chunk, with room; anything longer is refused before it is read.
+pub const MAX_PAYLOAD: u32 = 4 << 20;
+/// The largest `Digest` payload: one u32 per page up to the end of the largest guest's RAM
+/// (checked below). Only that kind may be this long.
+pub const MAX_DIGEST_PAYLOAD: u32 = 12 << 20;
 const _: () = assert!(
-    (vmm::layout::HIGH_RAM + vmm::layout::MAX_MEM - vmm::layout::LOW_RAM_MAX) / 4096 * 4 + 1024 <= MAX_PAYLOAD as u64
+    (vmm::layout::HIGH_RAM + vmm::layout::MAX_MEM - vmm::layout::LOW_RAM_MAX) / 4096 * 4 + 1024
+        <= MAX_DIGEST_PAYLOAD as u64
 );
 
 /// Frame kinds. The numbers are the wire values.
@@ -103,7 +106,7 @@ pub fn encode(out: &mut Vec<u8>, kind: Kind, seq: u64, payload: &[u8]) {
 
 /// [`encode`] under session key `key`.
 pub fn encode_keyed(out: &mut Vec<u8>, key: u64, kind: Kind, seq: u64, payload: &[u8]) {
-    debug_assert!(payload.len() <= MAX_PAYLOAD as usize);
+    debug_assert!(payload.len() <= MAX_DIGEST_PAYLOAD as usize);
     let mut h = header(kind, payload.len() as u32, seq);
     let crc = checksum(key, &h, payload);
     h[20..24].copy_from_slice(&crc.to_le_bytes());
@@ -282,7 +285,12 @@ impl<R: Read> FrameReader<R> {
             return Err(WireError::BadMagic(magic));
         }
         let len = u32::from_le_bytes(h[8..12].try_into().unwrap());
-        if len > MAX_PAYLOAD {
+        let limit = if h[4] == Kind::Digest as u8 {
+            MAX_DIGEST_PAYLOAD
+        } else {
+            MAX_PAYLOAD
+        };
+        if len > limit {
             return Err(WireError::TooLong(len));
         }
         let mut payload = vec![0u8; len as usize];

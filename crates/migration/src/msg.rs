@@ -333,7 +333,7 @@ pub struct Digest {
 }
 
 /// Most pages a digest can describe in one frame.
-pub const MAX_DIGEST_PAGES: usize = (crate::frame::MAX_PAYLOAD as usize - 1024) / 4;
+pub const MAX_DIGEST_PAGES: usize = (crate::frame::MAX_DIGEST_PAYLOAD as usize - 1024) / 4;
 
 impl Digest {
     pub fn encode(&self) -> Vec<u8> {

@@ -129,15 +129,17 @@ fn devices_with_and_without_p2p_mixed() {
 
 /// The order the P2P states exist for, broken on purpose: the devices stop one at a time,
 /// without the P2P step, while the guest runs. Device 1 goes on writing CRCs into device 0's
-/// window after device 0 saved its state, so the saved state lacks those writes. The source
-/// finds device 0's state changed since it was saved and rolls back: the guest runs on at the
-/// source, and the destination discards what it received. The same VM migrates verified in
-/// the right order (`two_devices_each_behind_its_own_domain` and the tests beside it).
+/// window after device 0 saved its state (and the guest goes on ringing device 0's
+/// doorbells), so the saved state lacks those writes. The source finds device 0's state
+/// changed since it was saved and rolls back: the guest runs on at the source, and the
+/// destination discards what it received. The same VM migrates verified in the right order
+/// (`two_devices_each_behind_its_own_domain` and the tests beside it). That the peer's write
+/// alone is such a change, and the P2P step alone prevents it, is shown without a VM in
+/// `accel/tests/jobs.rs` (`a_peer_write_after_the_stop_is_lost_unless_peers_enter_p2p_first`).
 #[test]
 fn breaking_the_p2p_order_loses_a_peer_write_and_is_caught() {
     need_kvm!();
     let vm = source(2, false, MigFlags::STOP_COPY | MigFlags::P2P | MigFlags::PRE_COPY);
-    let window_before = vm.devices()[0].peer_window();
     let (addr, dest) = spawn_dest(DestOptions::default());
     let ctl = MigrationControl::default();
     let o = SourceOptions {
@@ -157,8 +159,6 @@ fn breaking_the_p2p_order_loses_a_peer_write_and_is_caught() {
         (Status::Failed, Outcome::RolledBack)
     );
     assert!(info.downtime.is_none(), "the destination never resumed");
-    // The loss is real: device 1 did write device 0's window meanwhile.
-    assert_ne!(vm.devices()[0].peer_window(), window_before);
     // Rolled back: both clients complete jobs again on the source, with no error.
     assert!(vm.running());
     let at = jobs(&vm);

@@ -435,7 +435,7 @@ fn a_dma_writer_that_cannot_work_is_refused() {
     refuse(&q, "accel-client");
     let mut q = p.clone();
     q.dma.as_mut().unwrap().base = WORKSET_BASE;
-    refuse(&q, "overlaps the dirtier's");
+    refuse(&q, "overlaps the program's working set");
     let mut q = p.clone();
     q.dma.as_mut().unwrap().pages = 15;
     refuse(&q, "whole 64 KiB chunks");

@@ -200,8 +200,9 @@ impl Vm {
             ));
         }
         let ws_end = prog.ws_base + prog.ws_pages * 4096;
-        if prog.dirtier && d.base < ws_end && prog.ws_base < end {
-            return bad("its working set overlaps the dirtier's".into());
+        // The client's COPY and LZ4 jobs read the working set whether or not the dirtier runs.
+        if d.base < ws_end && prog.ws_base < end {
+            return bad("its working set overlaps the program's working set".into());
         }
         if self.dma_reach(prog.accel_device, d.base, d.pages) != d.pages {
             return bad(format!(
