@@ -66,6 +66,9 @@ fi
 log "benchmarks build"
 cargo build --workspace --release --benches
 
+log "the README's first command resolves to livemig"
+cargo run --release -q -- --version
+
 log "fuzz smoke: every target under AFL++, 56 s in total (installs cargo-afl if missing)"
 ./fuzz/run.sh --all 56
 

@@ -215,3 +215,53 @@ fn a_guest_with_ram_past_the_hole_migrates() {
     assert!(later.dma_chunks > at.dma_chunks && later.pages_written > at.pages_written);
     assert_eq!(later.errors, 0);
 }
+
+/// Two devices and one vCPU: device 1 has no client, so its guest driver never sets it up,
+/// but device 0's CRC jobs fill its peer window. That window is all device 1's state, and it
+/// arrives whole. (A device not set up once saved its match data alone, losing the window,
+/// and both sides' digests agreed.)
+#[test]
+fn a_device_its_guest_never_set_up_keeps_what_its_peer_wrote() {
+    need_kvm!();
+    let vm = Vm::new(VmConfig {
+        mem_mib: 256,
+        regions: 1,
+        vcpus: 1,
+        dirty: DirtyLogMode::Bitmap,
+        devices: DeviceSet {
+            accels: vec![AccelSetup::default(); 2],
+            shared_domain: false,
+        },
+    })
+    .unwrap();
+    let mut p = Program::dirtier(WORKSET_BASE, 4096, 8.0, Pattern::Uniform);
+    p.accel_queue = Some(1);
+    vm.load_program(0, &p).unwrap();
+    vm.resume().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let vm = Arc::new(vm);
+    // The window as it arrived: taken the moment the destination's guest resumes.
+    let arrived = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = arrived.clone();
+    let (addr, dest) = spawn_dest(DestOptions {
+        on_running: Some(OnRunning(Arc::new(move |d: &Arc<Vm>| {
+            *keep.lock().unwrap() = d.devices()[1].peer_window();
+        }))),
+        ..Default::default()
+    });
+    let info = migrate(&vm, &addr, &opts(DeviceTracking::Iommu), &MigrationControl::default())
+        .unwrap_or_else(|e| panic!("{}", e.chain()));
+    dest.join().unwrap().unwrap();
+    assert_eq!(info.livemig.verified, Some(true), "{}", info.livemig.verify_detail);
+    // The source holds its copy paused, device 1 as it was saved.
+    let held = vm.devices()[1].peer_window();
+    assert!(held.iter().any(|&b| b != 0), "device 0 wrote device 1's window");
+    let arrived = arrived.lock().unwrap().clone();
+    let same = held.iter().zip(&arrived).filter(|(a, b)| a == b).count();
+    // The guest may have run a job or two before the window was read.
+    assert!(
+        same > held.len() * 9 / 10,
+        "{same} of {} window bytes arrived",
+        held.len()
+    );
+}
