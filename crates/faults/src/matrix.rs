@@ -157,7 +157,7 @@ fn source_vm(mem_mib: u64) -> Result<Arc<Vm>, String> {
     .map_err(|e| format!("source VM: {e}"))?;
     let mut p = Program::dirtier(layout::WORKSET_BASE, 4096, 16.0, Pattern::Uniform);
     p.accel_queue = Some(1);
-    vm.load_program(0, &p).map_err(|e| e.to_string())?;
+    vm.programs().load(0, &p).map_err(|e| e.to_string())?;
     vm.resume().map_err(|e| e.to_string())?;
     Ok(Arc::new(vm))
 }

@@ -28,7 +28,7 @@ fn source_vm() -> Arc<Vm> {
     .unwrap();
     let mut p = Program::dirtier(WORKSET_BASE, 16384, 32.0, Pattern::Uniform);
     p.accel_queue = Some(1);
-    vm.load_program(0, &p).unwrap();
+    vm.programs().load(0, &p).unwrap();
     vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(100));
     Arc::new(vm)

@@ -63,7 +63,7 @@ fn record_migration() -> (Vec<u8>, Vec<u8>) {
     );
     let mut p = Program::dirtier(WORKSET_BASE, 4096, 16.0, Pattern::Uniform);
     p.accel_queue = Some(1);
-    vm.load_program(0, &p).unwrap();
+    vm.programs().load(0, &p).unwrap();
     vm.resume().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
     let l = TcpListener::bind("127.0.0.1:0").unwrap();

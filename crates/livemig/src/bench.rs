@@ -400,12 +400,12 @@ pub fn pause(vcpus: u32, cycles: u32) -> Result<()> {
         devices: DeviceSet::default(),
     })?;
     for v in 0..vcpus {
-        vm.load_program(
+        vm.programs().load(
             v,
             &Program::dirtier(WORKSET_BASE + v as u64 * (16 << 20), 4096, 64.0, Pattern::Sequential),
         )?;
     }
-    vm.set_cpu_dirty_logging(true)?;
+    vm.cpu_dirty_log().set_logging(true)?;
     let (mut p, mut r) = (Vec::new(), Vec::new());
     for _ in 0..cycles {
         r.push(vm.resume()?);

@@ -241,7 +241,7 @@ fn status(srv: &Server) -> Value {
     let (mut pages, mut jobs, mut errors, mut running) = (0, 0, 0, false);
     if let Ok(vm) = srv.vm() {
         for i in 0..vm.vcpu_count() {
-            let c = vm.counters(i);
+            let c = vm.programs().counters(i);
             pages += c.pages_written;
             jobs += c.jobs_completed;
             errors += c.errors;

@@ -236,10 +236,11 @@ impl VmOpts {
                     });
                 }
             }
-            vm.load_program(v, &p)?;
+            vm.programs().load(v, &p)?;
         }
         if self.fill_ram {
-            vm.fill_incompressible(WORKSET_BASE + ((self.ws()? + self.dma_set_mib()) << 20))?;
+            vm.programs()
+                .fill_incompressible(WORKSET_BASE + ((self.ws()? + self.dma_set_mib()) << 20))?;
         }
         Ok(vm)
     }

@@ -47,7 +47,10 @@ fn bad_input_gets_a_clear_error() {
         (vec!["run", "--memory-mib", "17592186044544"], "--memory-mib"),
         (vec!["run", "--memory-mib", "8194"], "--memory-mib"),
         (vec!["run", "--memory-mib", "1025"], "--memory-mib must be even"),
-        (vec!["run", "--dma-rate", "8", "--dma-mib", "4000"], "--dma-mib 4000 does not fit"),
+        (
+            vec!["run", "--dma-rate", "8", "--dma-mib", "4000"],
+            "--dma-mib 4000 does not fit",
+        ),
         (vec!["run", "--vcpus", "64"], "--vcpus"),
         (vec!["run", "--vcpus", "0"], "--vcpus"),
         (vec!["run", "--rate", "nan"], "--rate"),

@@ -31,7 +31,7 @@ fn source(n: u32, shared_domain: bool, first_flags: MigFlags) -> Arc<Vm> {
         let mut p = Program::dirtier(WORKSET_BASE + k as u64 * (16 << 20), 4096, 8.0, Pattern::Uniform);
         p.accel_queue = Some(1);
         p.accel_device = k;
-        vm.load_program(k, &p).unwrap();
+        vm.programs().load(k, &p).unwrap();
     }
     vm.resume().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -39,7 +39,9 @@ fn source(n: u32, shared_domain: bool, first_flags: MigFlags) -> Arc<Vm> {
 }
 
 fn jobs(vm: &Vm) -> Vec<u64> {
-    (0..vm.vcpu_count()).map(|v| vm.counters(v).jobs_completed).collect()
+    (0..vm.vcpu_count())
+        .map(|v| vm.programs().counters(v).jobs_completed)
+        .collect()
 }
 
 fn migrate_devices(n: u32, shared_domain: bool, mode: DeviceTracking) {
@@ -165,7 +167,10 @@ fn breaking_the_p2p_order_loses_a_peer_write_and_is_caught() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let later = jobs(&vm);
     assert!(later[0] > at[0] && later[1] > at[1], "{at:?} -> {later:?}");
-    assert_eq!((vm.counters(0).errors, vm.counters(1).errors), (0, 0));
+    assert_eq!(
+        (vm.programs().counters(0).errors, vm.programs().counters(1).errors),
+        (0, 0)
+    );
 }
 
 /// A guest of more than 3 GiB: RAM goes on at 4 GiB, past the hole. The device's DMA writer
@@ -189,7 +194,7 @@ fn a_guest_with_ram_past_the_hole_migrates() {
         base: (1 << 32) + (32 << 20),
         pages: 8 << 8,
     });
-    vm.load_program(0, &p).unwrap();
+    vm.programs().load(0, &p).unwrap();
     vm.resume().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
     let vm = Arc::new(vm);
@@ -209,9 +214,9 @@ fn a_guest_with_ram_past_the_hole_migrates() {
     );
     let d = &incoming.vm;
     assert_eq!(d.ram_end(), (1 << 32) + (64 << 20));
-    let at = d.counters(0);
+    let at = d.programs().counters(0);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let later = d.counters(0);
+    let later = d.programs().counters(0);
     assert!(later.dma_chunks > at.dma_chunks && later.pages_written > at.pages_written);
     assert_eq!(later.errors, 0);
 }
@@ -236,7 +241,7 @@ fn a_device_its_guest_never_set_up_keeps_what_its_peer_wrote() {
     .unwrap();
     let mut p = Program::dirtier(WORKSET_BASE, 4096, 8.0, Pattern::Uniform);
     p.accel_queue = Some(1);
-    vm.load_program(0, &p).unwrap();
+    vm.programs().load(0, &p).unwrap();
     vm.resume().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
     let vm = Arc::new(vm);

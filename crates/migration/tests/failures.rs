@@ -22,9 +22,9 @@ use vmm::{DirtyLogMode, Vm};
 fn assert_source_running(vm: &Vm, info: &MigrationInfo) {
     assert!(info.livemig.source_vcpus_running);
     assert_eq!(vm.vcpu_stopped(), None);
-    let c0 = vm.counters(0);
+    let c0 = vm.programs().counters(0);
     std::thread::sleep(Duration::from_millis(200));
-    let c1 = vm.counters(0);
+    let c1 = vm.programs().counters(0);
     assert!(
         c1.pages_written > c0.pages_written,
         "the dirtier runs on: {c0:?} -> {c1:?}"

@@ -74,7 +74,7 @@ fn outrunning_guest(auto_converge: bool, max_iterations: u32) -> MigrationInfo {
     let vm = Vm::new(cfg).unwrap();
     let mut p = Program::dirtier(vmm::layout::WORKSET_BASE, 4096, 0.0, Pattern::Uniform);
     p.accel_queue = Some(1);
-    vm.load_program(0, &p).unwrap();
+    vm.programs().load(0, &p).unwrap();
     vm.resume().unwrap();
     let vm = Arc::new(vm);
     let (addr, dest) = spawn_dest(DestOptions::default());
@@ -147,7 +147,7 @@ fn every_iommu_format() {
         let ws = ((256 << 20) - layout::WORKSET_BASE) / 4096;
         let mut p = Program::dirtier(layout::WORKSET_BASE, ws, 32.0, Pattern::Uniform);
         p.accel_queue = Some(1);
-        vm.load_program(0, &p).unwrap();
+        vm.programs().load(0, &p).unwrap();
         vm.resume().unwrap();
         let vm = std::sync::Arc::new(vm);
         let (addr, dest) = spawn_dest(DestOptions::default());
@@ -184,7 +184,7 @@ fn a_dirty_ring_overrun_does_not_fail_the_migration() {
     );
     assert_eq!(info.status, Status::Completed);
     assert_eq!(info.livemig.verified, Some(true));
-    assert_eq!(info.livemig.dirty_ring_overruns, vm.dirty_lost_harvests());
+    assert_eq!(info.livemig.dirty_ring_overruns, vm.cpu_dirty_log().lost_harvests());
 }
 
 /// `ram.normal` counts every page sent with data, compressed or not (QEMU's meaning).

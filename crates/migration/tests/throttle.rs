@@ -7,9 +7,9 @@ use vmm::need_kvm;
 use vmm::DirtyLogMode;
 
 fn pages_in(vm: &vmm::Vm, d: Duration) -> u64 {
-    let a = vm.counters(0).pages_written;
+    let a = vm.programs().counters(0).pages_written;
     std::thread::sleep(d);
-    vm.counters(0).pages_written - a
+    vm.programs().counters(0).pages_written - a
 }
 
 #[test]

@@ -177,7 +177,7 @@ fn a_page_round_longer_than_the_peer_timeout_is_not_a_stall() {
     need_kvm!();
     let vm = source_vm(128, 4.0, DirtyLogMode::Bitmap);
     // 48 MiB that do not compress, at 24 MiB/s: a bulk round of about 2 s.
-    vm.fill_incompressible(80 << 20).unwrap();
+    vm.programs().fill_incompressible(80 << 20).unwrap();
     let timeout = std::time::Duration::from_millis(700);
     let (addr, dest) = spawn_dest(DestOptions {
         peer_timeout: timeout,

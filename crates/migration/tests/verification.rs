@@ -66,9 +66,9 @@ fn the_gate_refuses_every_sabotage_and_the_source_runs_on() {
         );
         // Rolled back: the guest runs again on the source.
         assert!(vm.running());
-        let c0 = vm.counters(0);
+        let c0 = vm.programs().counters(0);
         std::thread::sleep(Duration::from_millis(150));
-        assert!(vm.counters(0).pages_written > c0.pages_written);
+        assert!(vm.programs().counters(0).pages_written > c0.pages_written);
     }
 }
 
@@ -94,13 +94,13 @@ fn the_audit_fails_loudly_and_the_source_holds_the_original() {
         );
         // The source holds the guest, paused; resuming it (an operator's `cont`) works.
         assert!(!vm.running());
-        let c0 = vm.counters(0);
+        let c0 = vm.programs().counters(0);
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(vm.counters(0), c0, "held paused");
+        assert_eq!(vm.programs().counters(0), c0, "held paused");
         vm.resume_devices().unwrap();
         vm.resume().unwrap();
         std::thread::sleep(Duration::from_millis(150));
-        let c1 = vm.counters(0);
+        let c1 = vm.programs().counters(0);
         assert!(
             c1.pages_written > c0.pages_written && c1.errors == 0,
             "{c0:?} -> {c1:?}"

@@ -27,12 +27,13 @@ fn harvest(c: &mut Criterion) {
         })
         .unwrap();
         let ws = vmm::layout::WORKSET_BASE;
-        vm.load_program(
-            0,
-            &Program::dirtier(ws, (1 << 30) / 4096 - ws / 4096, 64.0, Pattern::Sequential),
-        )
-        .unwrap();
-        vm.set_cpu_dirty_logging(true).unwrap();
+        vm.programs()
+            .load(
+                0,
+                &Program::dirtier(ws, (1 << 30) / 4096 - ws / 4096, 64.0, Pattern::Sequential),
+            )
+            .unwrap();
+        vm.cpu_dirty_log().set_logging(true).unwrap();
         vm.resume().unwrap();
         let mut out = PageBitmap::new(vm.ram_end() / 4096);
         g.bench_function(name, |b| {
@@ -40,12 +41,12 @@ fn harvest(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     // Ring collection the reaper does while we sleep is part of the cost.
-                    let bg = vm.dirty_background_time();
+                    let bg = vm.cpu_dirty_log().background_time();
                     std::thread::sleep(Duration::from_millis(10));
                     out.clear();
                     let t = Instant::now();
-                    vm.harvest_cpu_dirty(&mut out).unwrap();
-                    total += t.elapsed() + (vm.dirty_background_time() - bg);
+                    vm.cpu_dirty_log().harvest(&mut out).unwrap();
+                    total += t.elapsed() + (vm.cpu_dirty_log().background_time() - bg);
                 }
                 total
             })

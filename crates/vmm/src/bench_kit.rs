@@ -60,32 +60,32 @@ pub fn measure(
         let base = layout::WORKSET_BASE + v as u64 * slice * 4096;
         let mut p = Program::dirtier(base, slice, rate_mib_s / vcpus as f64, Pattern::Sequential);
         p.dirtier = rate_mib_s > 0.0;
-        vm.load_program(v, &p)?;
+        vm.programs().load(v, &p)?;
     }
-    vm.set_cpu_dirty_logging(true)?;
+    vm.cpu_dirty_log().set_logging(true)?;
     let mut out = PageBitmap::new(vm.ram_end() / 4096);
     vm.resume()?;
     // Warm-up: the first pass over a slot costs more (KVM's first write-protect).
     std::thread::sleep(interval);
-    vm.harvest_cpu_dirty(&mut out)?;
-    let c0: Vec<_> = (0..vcpus).map(|v| vm.counters(v)).collect();
-    let bg0 = vm.dirty_background_time();
+    vm.cpu_dirty_log().harvest(&mut out)?;
+    let c0: Vec<_> = (0..vcpus).map(|v| vm.programs().counters(v)).collect();
+    let bg0 = vm.cpu_dirty_log().background_time();
     let (mut total, mut pages, mut n) = (Duration::ZERO, 0u64, 0u32);
     let end = Instant::now() + duration;
     while Instant::now() < end {
         std::thread::sleep(interval);
         out.clear();
         let t = Instant::now();
-        let h = vm.harvest_cpu_dirty(&mut out)?;
+        let h = vm.cpu_dirty_log().harvest(&mut out)?;
         total += t.elapsed();
         pages += h.pages;
         n += 1;
     }
-    total += vm.dirty_background_time() - bg0;
+    total += vm.cpu_dirty_log().background_time() - bg0;
     vm.pause()?;
     let mut achieved = 0.0;
     for (v, c0) in c0.iter().enumerate() {
-        let c = vm.counters(v as u32);
+        let c = vm.programs().counters(v as u32);
         let secs = c.tsc_now.saturating_sub(c0.tsc_now) as f64 / (vm.tsc_khz() as f64 * 1e3);
         if secs > 0.0 {
             achieved += (c.pages_written - c0.pages_written) as f64 * 4096.0 / secs / 1048576.0;

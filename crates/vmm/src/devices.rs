@@ -64,6 +64,11 @@ impl AttachedDevice {
     pub fn peer_window(&self) -> Vec<u8> {
         self.accel.peer_window_bytes()
     }
+
+    /// Jobs the device has completed so far.
+    pub fn jobs_done(&self) -> u64 {
+        self.accel.jobs_done()
+    }
 }
 
 /// The devices of a VM as its configuration lists them.

@@ -32,7 +32,7 @@ pub use programs::{Content, DmaLoad, Pattern, Program};
 pub use progress::{GuestProbe, GuestProgress};
 pub use state::{StateError, VcpuState};
 pub use vcpu::VcpuStop;
-pub use vm::{Counters, Vm, VmConfig, VmSnapshot};
+pub use vm::{Counters, CpuDirtyLog, Programs, Snapshots, Vm, VmConfig, VmSnapshot};
 
 use iommu::Errno;
 

@@ -94,7 +94,7 @@ impl GuestProbe for Vm {
     fn progress_word(&self) -> u64 {
         (0..self.vcpu_count())
             .map(|v| {
-                let c = self.counters(v);
+                let c = self.programs().counters(v);
                 c.pages_written
                     .wrapping_add(c.tsc_now)
                     .wrapping_add(c.jobs_completed)
@@ -106,7 +106,7 @@ impl GuestProbe for Vm {
     fn progress(&self) -> GuestProgress {
         let mut p = GuestProgress::default();
         for vcpu in 0..self.vcpu_count() {
-            let c = self.counters(vcpu);
+            let c = self.programs().counters(vcpu);
             p.errors += c.errors;
             let flags = self
                 .memory()

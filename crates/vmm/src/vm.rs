@@ -14,10 +14,12 @@ use crate::{kvm_sys, x86, VmError};
 mod dirty_log;
 mod program_load;
 mod snapshot;
-use accel::Accel;
+pub use dirty_log::CpuDirtyLog;
 use iommu::Errno;
 use kvm_bindings::{kvm_enable_cap, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
+pub use program_load::Programs;
+pub use snapshot::Snapshots;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,7 +63,7 @@ pub struct Counters {
     pub dma_chunks: u64,
 }
 
-/// Device and vCPU state, as `Vm::snapshot_devices_and_vcpus` takes it.
+/// Device and vCPU state, as `Snapshots::take` takes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmSnapshot {
     /// `state::encode` of every vCPU.
@@ -316,15 +318,17 @@ impl Vm {
     pub fn devices(&self) -> &[AttachedDevice] {
         &self.devices
     }
-    /// The first accelerator (tests and benchmarks drive it directly).
-    pub fn accel(&self) -> Option<&Arc<Accel>> {
-        self.devices.first().map(|d| &d.accel)
+    /// Its guest programs: loading them, and what they count.
+    pub fn programs(&self) -> Programs<'_> {
+        Programs(self)
     }
-    pub fn mmio_bus(&self) -> &Arc<MmioBus> {
-        &self.bus
+    /// Its CPU dirty log.
+    pub fn cpu_dirty_log(&self) -> CpuDirtyLog<'_> {
+        CpuDirtyLog(self)
     }
-    pub fn dirty_mode(&self) -> DirtyLogMode {
-        self.cfg.dirty
+    /// Saving and restoring its vCPU and device state.
+    pub fn snapshots(&self) -> Snapshots<'_> {
+        Snapshots(self)
     }
     /// Total KVM exits handled by all vCPUs.
     pub fn exits(&self) -> u64 {

@@ -27,7 +27,7 @@ fn with_accel(dirtier: bool, rate: f64) -> (Vm, Program) {
     let mut p = Program::dirtier(WORKSET_BASE, 4096, rate, Pattern::Uniform);
     p.dirtier = dirtier;
     p.accel_queue = Some(1);
-    vm.load_program(0, &p).unwrap();
+    vm.programs().load(0, &p).unwrap();
     (vm, p)
 }
 
@@ -63,16 +63,16 @@ fn accel_client_through_the_iommu() {
             __reserved: 0,
         })
         .unwrap();
-    vm.set_cpu_dirty_logging(true).unwrap();
+    vm.cpu_dirty_log().set_logging(true).unwrap();
     vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     vm.pause().unwrap();
-    let c = vm.counters(0);
+    let c = vm.programs().counters(0);
     println!("{c:?}");
     assert!(c.jobs_completed > 200, "jobs completed: {}", c.jobs_completed);
     assert_eq!(c.errors, 0, "every result checked by the guest");
     assert!(c.jobs_submitted - c.jobs_completed < A_DEPTH);
-    let done = vm.accel().unwrap().jobs_done();
+    let done = vm.devices()[0].jobs_done();
     assert!(
         c.jobs_completed <= done && done <= c.jobs_submitted,
         "the device ran {done} of {} submitted",
@@ -80,7 +80,7 @@ fn accel_client_through_the_iommu() {
     );
 
     let mut kvm = PageBitmap::new(vm.mem_size() / 4096);
-    vm.harvest_cpu_dirty(&mut kvm).unwrap();
+    vm.cpu_dirty_log().harvest(&mut kvm).unwrap();
     let kvm: BTreeSet<u64> = kvm.iter().collect();
     let iommu = hwpt_dirty(&vm);
     let cq = (ACCEL_AREA + A_CQ) / 4096;
@@ -110,19 +110,19 @@ fn guest_continues_on_another_vm() {
     a.resume().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     a.pause().unwrap();
-    let snap = a.snapshot_devices_and_vcpus().unwrap();
-    let before = a.counters(0);
+    let snap = a.snapshots().take().unwrap();
+    let before = a.programs().counters(0);
     assert!(before.pages_written > 100 && before.jobs_completed > 50, "{before:?}");
     let mut mem = vec![0u8; a.mem_size() as usize];
     vm_memory::Bytes::read_slice(&**a.memory(), &mut mem, vm_memory::GuestAddress(0)).unwrap();
 
     let (b, _) = with_accel(true, 32.0);
     vm_memory::Bytes::write_slice(&**b.memory(), &mem, vm_memory::GuestAddress(0)).unwrap();
-    b.restore(&snap).unwrap();
+    b.snapshots().restore(&snap).unwrap();
     // The verification digest of the vCPU state survives the round trip exactly, and sees a
     // change of one register.
     let saved = state::decode(&snap.vcpus, 1).unwrap();
-    let reloaded = b.save_vcpus().unwrap();
+    let reloaded = b.snapshots().save_vcpus().unwrap();
     assert_eq!(state::digest(&reloaded), state::digest(&saved));
     let mut bad = saved.clone();
     bad[0].regs.rbx ^= 1;
@@ -131,7 +131,7 @@ fn guest_continues_on_another_vm() {
     b.resume().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     b.pause().unwrap();
-    let after = b.counters(0);
+    let after = b.programs().counters(0);
     println!("before {before:?}\nafter  {after:?}");
     assert_eq!(b.vcpu_stopped(), None);
     assert!(
@@ -167,17 +167,18 @@ fn guest_continues_on_another_vm() {
 fn bad_vcpu_state_is_refused() {
     need_kvm!();
     let a = Vm::new(small(64, DirtyLogMode::Bitmap, false)).unwrap();
-    a.load_program(0, &Program::dirtier(WORKSET_BASE, 64, 8.0, Pattern::Sequential))
+    a.programs()
+        .load(0, &Program::dirtier(WORKSET_BASE, 64, 8.0, Pattern::Sequential))
         .unwrap();
     a.resume().unwrap();
     std::thread::sleep(Duration::from_millis(20));
     a.pause().unwrap();
-    let good = a.snapshot_devices_and_vcpus().unwrap();
+    let good = a.snapshots().take().unwrap();
     let b = Vm::new(small(64, DirtyLogMode::Bitmap, false)).unwrap();
 
     let mut v = good.clone();
     v.vcpus[8] = 99;
-    let e = b.restore(&v).unwrap_err();
+    let e = b.snapshots().restore(&v).unwrap_err();
     assert!(
         matches!(e, VmError::State(StateError::UnsupportedVersion { found: 99 })),
         "{e:?}"
@@ -190,7 +191,7 @@ fn bad_vcpu_state_is_refused() {
     let mut t = good.clone();
     t.vcpus.truncate(t.vcpus.len() - 100);
     assert!(matches!(
-        b.restore(&t).unwrap_err(),
+        b.snapshots().restore(&t).unwrap_err(),
         VmError::State(StateError::Truncated)
     ));
 
@@ -199,7 +200,7 @@ fn bad_vcpu_state_is_refused() {
         ..small(64, DirtyLogMode::Bitmap, false)
     })
     .unwrap();
-    let e = two.restore(&good).unwrap_err();
+    let e = two.snapshots().restore(&good).unwrap_err();
     assert!(
         matches!(e, VmError::State(StateError::WrongVcpuCount { found: 1, expected: 2 })),
         "{e:?}"
@@ -209,13 +210,14 @@ fn bad_vcpu_state_is_refused() {
     let n = c.vcpus.len();
     c.vcpus[n / 2] ^= 0x40;
     assert!(matches!(
-        b.restore(&c).unwrap_err(),
+        b.snapshots().restore(&c).unwrap_err(),
         VmError::State(StateError::Checksum)
     ));
     // Nothing was applied by the refusals: the good state still loads and runs.
-    b.load_program(0, &Program::dirtier(WORKSET_BASE, 64, 8.0, Pattern::Sequential))
+    b.programs()
+        .load(0, &Program::dirtier(WORKSET_BASE, 64, 8.0, Pattern::Sequential))
         .unwrap();
-    b.restore(&good).unwrap();
+    b.snapshots().restore(&good).unwrap();
     b.resume().unwrap();
     std::thread::sleep(Duration::from_millis(20));
     b.pause().unwrap();
@@ -257,7 +259,7 @@ fn guest_ram_is_mapped_around_each_formats_reserved_window() {
         let ws_pages = ((256 << 20) - WORKSET_BASE) / 4096;
         let mut p = Program::dirtier(WORKSET_BASE, ws_pages, 16.0, Pattern::Uniform);
         p.accel_queue = Some(1);
-        vm.load_program(0, &p).unwrap();
+        vm.programs().load(0, &p).unwrap();
         let reach: u64 = vm_memory::Bytes::read_obj(
             &**vm.memory(),
             vm_memory::GuestAddress(vmm::layout::ctrl_page(0) + C_DMA_PAGES),
@@ -270,7 +272,7 @@ fn guest_ram_is_mapped_around_each_formats_reserved_window() {
         assert_eq!(reach, want, "{format:?}");
         vm.resume().unwrap();
         std::thread::sleep(Duration::from_millis(200));
-        let c = vm.counters(0);
+        let c = vm.programs().counters(0);
         assert!(c.jobs_completed > 0 && c.errors == 0, "{format:?}: {c:?}");
     }
 }
@@ -297,17 +299,17 @@ fn crc_jobs_write_into_the_peers_window() {
         p.dirtier = false;
         p.accel_queue = Some(0);
         p.accel_device = v;
-        vm.load_program(v, &p).unwrap();
+        vm.programs().load(v, &p).unwrap();
     }
-    assert_eq!((vm.peer_of(0), vm.peer_of(1)), (Some(1), Some(0)));
+    assert_eq!((vm.programs().peer_of(0), vm.programs().peer_of(1)), (Some(1), Some(0)));
     vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     vm.pause().unwrap();
     for v in 0..2u32 {
-        let c = vm.counters(v);
+        let c = vm.programs().counters(v);
         assert!(c.jobs_completed > 100, "vCPU {v}: {c:?}");
         assert_eq!(c.errors, 0);
-        let window = vm.devices()[vm.peer_of(v).unwrap() as usize].peer_window();
+        let window = vm.devices()[vm.programs().peer_of(v).unwrap() as usize].peer_window();
         let mut checked = 0;
         for t in c.jobs_completed.saturating_sub(PEER_SLOTS - A_DEPTH)..c.jobs_completed {
             if t % 3 != 1 {
@@ -333,7 +335,7 @@ fn crc_jobs_write_into_the_peers_window() {
         devices: DeviceSet::one(AccelSetup::default()),
     })
     .unwrap();
-    assert_eq!(one.peer_of(0), None);
+    assert_eq!(one.programs().peer_of(0), None);
 }
 
 fn dma_vm(rate: f64, dma_mib: u64) -> (Vm, Program) {
@@ -366,7 +368,7 @@ fn the_dma_writer_dirties_at_the_rate_asked() {
     need_kvm!();
     for rate in [16.0, 96.0] {
         let (vm, p) = dma_vm(rate, 8);
-        vm.load_program(0, &p).unwrap();
+        vm.programs().load(0, &p).unwrap();
         let io = &vm.devices()[0];
         io.fd
             .hwpt_set_dirty_tracking(&HwptSetDirtyTracking {
@@ -375,12 +377,12 @@ fn the_dma_writer_dirties_at_the_rate_asked() {
                 __reserved: 0,
             })
             .unwrap();
-        vm.set_cpu_dirty_logging(true).unwrap();
+        vm.cpu_dirty_log().set_logging(true).unwrap();
         vm.resume().unwrap();
         std::thread::sleep(Duration::from_millis(200));
-        let (c0, t0) = (vm.counters(0).dma_chunks, std::time::Instant::now());
+        let (c0, t0) = (vm.programs().counters(0).dma_chunks, std::time::Instant::now());
         std::thread::sleep(Duration::from_millis(1000));
-        let (c1, t1) = (vm.counters(0).dma_chunks, std::time::Instant::now());
+        let (c1, t1) = (vm.programs().counters(0).dma_chunks, std::time::Instant::now());
         vm.pause().unwrap();
         let achieved = (c1 - c0) as f64 * (DMA_CHUNK as f64 / 1048576.0) / (t1 - t0).as_secs_f64();
         println!("asked {rate} MiB/s, achieved {achieved:.1} MiB/s");
@@ -388,7 +390,7 @@ fn the_dma_writer_dirties_at_the_rate_asked() {
             (achieved / rate - 1.0).abs() < 0.15,
             "asked {rate}, achieved {achieved:.1}"
         );
-        let c = vm.counters(0);
+        let c = vm.programs().counters(0);
         assert_eq!(c.errors, 0, "{c:?}");
         assert!(
             c.jobs_completed > 0 && c.pages_written > 0,
@@ -398,7 +400,7 @@ fn the_dma_writer_dirties_at_the_rate_asked() {
         let set: BTreeSet<u64> = (dma.base / 4096..dma.base / 4096 + dma.pages).collect();
         let iommu = hwpt_dirty(&vm);
         let mut kvm = PageBitmap::new(vm.mem_size() / 4096);
-        vm.harvest_cpu_dirty(&mut kvm).unwrap();
+        vm.cpu_dirty_log().harvest(&mut kvm).unwrap();
         let kvm: BTreeSet<u64> = kvm.iter().collect();
         // 8 MiB at 16 MiB/s and more: every page of the set was written in the second.
         assert!(set.is_subset(&iommu), "the IOMMU saw every page of the DMA set");
@@ -427,7 +429,7 @@ fn a_dma_writer_that_cannot_work_is_refused() {
     need_kvm!();
     let (vm, p) = dma_vm(16.0, 8);
     let refuse = |p: &Program, what: &str| {
-        let e = vm.load_program(0, p).unwrap_err().to_string();
+        let e = vm.programs().load(0, p).unwrap_err().to_string();
         assert!(e.contains(what), "{what}: {e}");
     };
     let mut q = p.clone();
@@ -462,6 +464,6 @@ fn a_dma_writer_that_cannot_work_is_refused() {
     .unwrap();
     let mut q = p.clone();
     q.accel_queue = Some(0);
-    let e = one_queue.load_program(0, &q).unwrap_err().to_string();
+    let e = one_queue.programs().load(0, &q).unwrap_err().to_string();
     assert!(e.contains("second queue pair"), "{e}");
 }

@@ -20,17 +20,19 @@ fn run_and_harvest(
     ms: u64,
 ) -> (Vm, BTreeSet<u64>, Vec<vmm::programs::ctrl::Stamp>) {
     let vm = Vm::new(small(64, mode, false)).unwrap();
-    vm.load_program(0, &Program::dirtier(WS, PAGES, rate, pattern)).unwrap();
-    vm.set_cpu_dirty_logging(true).unwrap();
+    vm.programs()
+        .load(0, &Program::dirtier(WS, PAGES, rate, pattern))
+        .unwrap();
+    vm.cpu_dirty_log().set_logging(true).unwrap();
     let mut all = PageBitmap::new(vm.mem_size() / 4096);
     vm.resume().unwrap();
     let rounds = ms / 25;
     for _ in 0..rounds {
         std::thread::sleep(Duration::from_millis(25));
-        vm.harvest_cpu_dirty(&mut all).unwrap();
+        vm.cpu_dirty_log().harvest(&mut all).unwrap();
     }
     vm.pause().unwrap();
-    vm.harvest_cpu_dirty(&mut all).unwrap();
+    vm.cpu_dirty_log().harvest(&mut all).unwrap();
     assert_eq!(vm.vcpu_stopped(), None);
     let (mut s, in_flight) = stamps_with_in_flight(&vm, PAGES);
     if let Some(p) = in_flight {
@@ -46,7 +48,7 @@ fn run_and_harvest(
 
 fn dirty_set_is_exactly_the_written_pages(mode: DirtyLogMode) {
     let (vm, harvested, stamps) = run_and_harvest(mode, Pattern::Uniform, 64.0, 300);
-    let c = vm.counters(0);
+    let c = vm.programs().counters(0);
     assert!(c.pages_written > 1000, "{mode:?}: {} pages written", c.pages_written);
     let mut want: BTreeSet<u64> = stamps.iter().map(|s| s.pfn).collect();
     // The only other page the program stores to is its control page (page tables and the
@@ -97,16 +99,17 @@ fn small_rings_never_lose_pages_silently() {
     // reports every page of guest RAM: a silent loss is the one outcome that must not happen,
     // and an overrun is not an error (docs/dirty-tracking.md).
     let vm = Vm::new(small(64, DirtyLogMode::Ring { entries: 256 }, false)).unwrap();
-    vm.load_program(0, &Program::dirtier(WS, PAGES, 64.0, Pattern::Sequential))
+    vm.programs()
+        .load(0, &Program::dirtier(WS, PAGES, 64.0, Pattern::Sequential))
         .unwrap();
-    vm.set_cpu_dirty_logging(true).unwrap();
+    vm.cpu_dirty_log().set_logging(true).unwrap();
     let mut all = PageBitmap::new(vm.mem_size() / 4096);
     vm.resume().unwrap();
     let mut lost = 0;
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(25));
         let mut one = PageBitmap::new(vm.mem_size() / 4096);
-        let st = vm.harvest_cpu_dirty(&mut one).unwrap();
+        let st = vm.cpu_dirty_log().harvest(&mut one).unwrap();
         if st.lost {
             lost += 1;
             assert_eq!(one.count(), vm.mem_size() / 4096, "a lost log reports every page");
@@ -114,8 +117,8 @@ fn small_rings_never_lose_pages_silently() {
         all.union(&one);
     }
     vm.pause().unwrap();
-    lost += vm.harvest_cpu_dirty(&mut all).unwrap().lost as u32;
-    assert_eq!(vm.dirty_lost_harvests(), lost as u64);
+    lost += vm.cpu_dirty_log().harvest(&mut all).unwrap().lost as u32;
+    assert_eq!(vm.cpu_dirty_log().lost_harvests(), lost as u64);
     let (s, f) = stamps_with_in_flight(&vm, PAGES);
     let want: BTreeSet<u64> = s.iter().map(|x| x.pfn).chain(f).chain([ctrl_pfn(0)]).collect();
     let got: BTreeSet<u64> = all.iter().collect();
@@ -136,12 +139,13 @@ fn rate_is_within_ten_percent() {
     need_kvm!();
     for rate in [16.0, 64.0] {
         let vm = Vm::new(small(64, DirtyLogMode::Bitmap, false)).unwrap();
-        vm.load_program(0, &Program::dirtier(WS, PAGES, rate, Pattern::Sequential))
+        vm.programs()
+            .load(0, &Program::dirtier(WS, PAGES, rate, Pattern::Sequential))
             .unwrap();
         vm.resume().unwrap();
         std::thread::sleep(Duration::from_millis(300));
         vm.pause().unwrap();
-        let c = vm.counters(0);
+        let c = vm.programs().counters(0);
         // Measured from the guest's own TSC readings, not from the host's clock.
         let secs = (c.tsc_now - c.tsc_start) as f64 / (vm.tsc_khz() as f64 * 1000.0);
         let got = c.pages_written as f64 * 4096.0 / secs / 1048576.0;
@@ -158,7 +162,7 @@ fn patterns_shape_the_working_set() {
     need_kvm!();
     // Sequential: a prefix of the working set, in order.
     let (vm, _, s) = run_and_harvest(DirtyLogMode::Bitmap, Pattern::Sequential, 16.0, 100);
-    let n = vm.counters(0).pages_written.min(PAGES);
+    let n = vm.programs().counters(0).pages_written.min(PAGES);
     let pfns: Vec<u64> = s.iter().map(|x| x.pfn).collect();
     // The counter is published after each batch: a pause inside one leaves up to a batch of
     // pages stamped but not yet counted.
@@ -176,7 +180,7 @@ fn patterns_shape_the_working_set() {
         64.0,
         200,
     );
-    let written = vm.counters(0).pages_written;
+    let written = vm.programs().counters(0).pages_written;
     let hot = s.iter().filter(|x| x.pfn < WS / 4096 + 64).count();
     let cold = s.len() - hot;
     assert_eq!(hot, 64, "every hot page written");
@@ -190,7 +194,8 @@ fn patterns_shape_the_working_set() {
 fn resuming_a_running_vm_does_not_defeat_the_next_pause() {
     need_kvm!();
     let vm = Vm::new(small(64, DirtyLogMode::Bitmap, false)).unwrap();
-    vm.load_program(0, &Program::dirtier(WS, 64, 8.0, Pattern::Sequential))
+    vm.programs()
+        .load(0, &Program::dirtier(WS, 64, 8.0, Pattern::Sequential))
         .unwrap();
     vm.resume().unwrap();
     // A second resume of running vCPUs (an abort path does this) must be a no-op...
@@ -198,9 +203,9 @@ fn resuming_a_running_vm_does_not_defeat_the_next_pause() {
     std::thread::sleep(Duration::from_millis(10));
     // ... so that a pause still parks them and keeps them parked.
     vm.pause().unwrap();
-    let c = vm.counters(0);
+    let c = vm.programs().counters(0);
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(vm.counters(0), c, "the vCPU stays paused");
+    assert_eq!(vm.programs().counters(0), c, "the vCPU stays paused");
 }
 
 #[test]
@@ -244,19 +249,20 @@ fn ram_past_three_gib_continues_at_four() {
     assert_eq!(slots, [(0, 1536 << 20), (1536 << 20, 1536 << 20), (1 << 32, 64 << 20)]);
     assert_eq!((vm.mem_size(), vm.ram_end()), (3136 << 20, (1 << 32) + (64 << 20)));
     let across = Program::dirtier((3 << 30) - (1 << 20), 512, 8.0, Pattern::Sequential);
-    let e = vm.load_program(0, &across).unwrap_err().to_string();
+    let e = vm.programs().load(0, &across).unwrap_err().to_string();
     assert!(e.contains("[0x0, 0xc0000000) and [0x100000000, 0x104000000)"), "{e}");
-    vm.load_program(0, &Program::dirtier(1 << 32, 4096, 32.0, Pattern::Sequential))
+    vm.programs()
+        .load(0, &Program::dirtier(1 << 32, 4096, 32.0, Pattern::Sequential))
         .unwrap();
-    vm.set_cpu_dirty_logging(true).unwrap();
+    vm.cpu_dirty_log().set_logging(true).unwrap();
     vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     vm.pause().unwrap();
     assert_eq!(vm.vcpu_stopped(), None);
-    let c = vm.counters(0);
+    let c = vm.programs().counters(0);
     assert!(c.pages_written > 100, "{c:?}");
     let mut dirty = PageBitmap::new(vm.ram_end() / 4096);
-    vm.harvest_cpu_dirty(&mut dirty).unwrap();
+    vm.cpu_dirty_log().harvest(&mut dirty).unwrap();
     let high = dirty.iter().filter(|&p| p >= (1 << 20)).count() as u64;
     assert_eq!(
         high,
@@ -277,17 +283,18 @@ fn every_vcpu_runs_its_program() {
     })
     .unwrap();
     for v in 0..4 {
-        vm.load_program(
-            v,
-            &Program::dirtier(WS + v as u64 * PAGES * 4096, PAGES, 8.0, Pattern::Sequential),
-        )
-        .unwrap();
+        vm.programs()
+            .load(
+                v,
+                &Program::dirtier(WS + v as u64 * PAGES * 4096, PAGES, 8.0, Pattern::Sequential),
+            )
+            .unwrap();
     }
     vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     vm.pause().unwrap();
     assert_eq!(vm.vcpu_stopped(), None);
-    let pages: Vec<u64> = (0..4).map(|v| vm.counters(v).pages_written).collect();
+    let pages: Vec<u64> = (0..4).map(|v| vm.programs().counters(v).pages_written).collect();
     assert!(pages.iter().all(|&p| p > 0), "pages written per vCPU: {pages:?}");
 }
 
@@ -301,11 +308,12 @@ fn a_vcpu_without_a_program_waits() {
         ..small(64, DirtyLogMode::Bitmap, false)
     })
     .unwrap();
-    vm.load_program(0, &Program::dirtier(WS, PAGES, 8.0, Pattern::Sequential))
+    vm.programs()
+        .load(0, &Program::dirtier(WS, PAGES, 8.0, Pattern::Sequential))
         .unwrap();
-    vm.set_cpu_dirty_logging(true).unwrap();
+    vm.cpu_dirty_log().set_logging(true).unwrap();
     let mut dirty = PageBitmap::new(vm.mem_size() / 4096);
-    vm.harvest_cpu_dirty(&mut dirty).unwrap();
+    vm.cpu_dirty_log().harvest(&mut dirty).unwrap();
     dirty = PageBitmap::new(vm.mem_size() / 4096);
     vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(100));
@@ -314,8 +322,8 @@ fn a_vcpu_without_a_program_waits() {
     std::thread::sleep(Duration::from_millis(50));
     vm.pause().unwrap();
     assert_eq!(vm.vcpu_stopped(), None);
-    assert_eq!(vm.counters(1), Counters::default(), "vCPU 1 ran nothing");
-    vm.harvest_cpu_dirty(&mut dirty).unwrap();
+    assert_eq!(vm.programs().counters(1), Counters::default(), "vCPU 1 ran nothing");
+    vm.cpu_dirty_log().harvest(&mut dirty).unwrap();
     // Only vCPU 0's control page and working set were written.
     let ws = WS / 4096..WS / 4096 + PAGES;
     let stray: Vec<u64> = (0..vm.mem_size() / 4096)

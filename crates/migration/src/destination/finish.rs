@@ -37,7 +37,7 @@ fn own_digest(vm: &Vm, rx: &Received, pages: bool) -> Result<Digest, MigError> {
         devices.push(digest::resave_hash(d).map_err(MigError::Other)?);
     }
     Ok(Digest {
-        vcpus: vmm::state::digest(&vm.save_vcpus()?),
+        vcpus: vmm::state::digest(&vm.snapshots().save_vcpus()?),
         devices,
         pages: if pages { rx.log.hashes() } else { Vec::new() },
     })
@@ -63,7 +63,7 @@ pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received)
     rx.devices.finish()?;
     let states =
         vmm::state::decode(&rx.vcpu_state, vm.vcpu_count()).map_err(|e| MigError::Vm(vmm::VmError::State(e)))?;
-    vm.restore_vcpus(&states)?;
+    vm.snapshots().restore_vcpus(&states)?;
     // The time this side spends on verification (not waiting for the source's digest).
     let t0 = mono_ns();
     let mine = match cfg.verify {

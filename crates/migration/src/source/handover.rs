@@ -85,7 +85,7 @@ pub(super) fn switch_over(
     let t_stopped = mono_ns();
     // Devices are stopped: no more DMA. The last harvest covers both kinds of writers.
     let mut fin = std::mem::replace(&mut pre.pending, PageBitmap::new(0));
-    vm.harvest_cpu_dirty(&mut fin)?;
+    vm.cpu_dirty_log().harvest(&mut fin)?;
     link.harvest_device(&mut fin)?;
     if opts.sabotage == Some(Sabotage::DropFinalPage) {
         let first = fin.iter().next();
@@ -102,7 +102,7 @@ pub(super) fn switch_over(
     send_stop_copy(link, &sections, &mut pre.devp, flip)?;
     unchanged_since_saved(link, &pre.devp)?;
     let t_devsent = mono_ns();
-    let vcpus = vm.save_vcpus()?;
+    let vcpus = vm.snapshots().save_vcpus()?;
     let vcpu_digest = vmm::state::digest(&vcpus);
     let mut wire = vcpus;
     if opts.sabotage == Some(Sabotage::CorruptVcpuRegister) {

@@ -107,7 +107,7 @@ impl Link {
         if let Some(mut d) = self.device_dirty.take() {
             d.stop();
         }
-        let _ = self.vm.set_cpu_dirty_logging(false);
+        let _ = self.vm.cpu_dirty_log().set_logging(false);
         // Paused by the switchover or parked by the throttle: either way, running again.
         let _ = self.vm.resume();
         // The reason goes out ahead of any queued pages, and a stalled destination gets a
@@ -131,7 +131,7 @@ impl Link {
         if let Some(mut d) = self.device_dirty.take() {
             d.stop();
         }
-        let _ = self.vm.set_cpu_dirty_logging(false);
+        let _ = self.vm.cpu_dirty_log().set_logging(false);
     }
 
     /// Handles one return-path frame that is not what a wait is waiting for.

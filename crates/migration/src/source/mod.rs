@@ -115,7 +115,7 @@ pub fn migrate(
 ) -> Result<MigrationInfo, MigError> {
     let t0 = Instant::now();
     ctl.start();
-    let lost0 = vm.dirty_lost_harvests();
+    let lost0 = vm.cpu_dirty_log().lost_harvests();
     ctl.update(|i| {
         i.status = Status::Setup;
         i.livemig.mode = opts.mode.to_string();
@@ -124,7 +124,7 @@ pub fn migrate(
         i.livemig.channels = opts.channels;
         i.livemig.devices = vm.devices().len() as u32;
         i.livemig.downtime_limit_ms = opts.downtime_limit.as_millis() as u64;
-        i.livemig.cpu_dirty_log = match vm.dirty_mode() {
+        i.livemig.cpu_dirty_log = match vm.cpu_dirty_log().mode() {
             DirtyLogMode::Ring { entries } => format!("ring-{entries}"),
             DirtyLogMode::Bitmap => "bitmap".into(),
         };
@@ -132,7 +132,7 @@ pub fn migrate(
         i.ram.total = vm.mem_size();
     });
     let res = run(vm, to, opts, ctl, t0);
-    let overruns = vm.dirty_lost_harvests() - lost0;
+    let overruns = vm.cpu_dirty_log().lost_harvests() - lost0;
     let out = match res {
         Ok(()) => {
             ctl.update(|i| {

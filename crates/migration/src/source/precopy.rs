@@ -49,8 +49,8 @@ pub(super) fn run(
     let (guest_t0, guest0) = (Instant::now(), vm.progress());
     let pages = vm.ram_end() / 4096;
     let mut scratch = PageBitmap::new(pages);
-    vm.set_cpu_dirty_logging(true)?;
-    vm.harvest_cpu_dirty(&mut scratch)?; // the bulk round sends everything anyway
+    vm.cpu_dirty_log().set_logging(true)?;
+    vm.cpu_dirty_log().harvest(&mut scratch)?; // the bulk round sends everything anyway
     link.device_dirty = Some(DeviceDirty::start(vm, opts.mode)?);
     link.harvest_device(&mut scratch)?;
     let ndev = link.devices.devices().count();
@@ -106,7 +106,7 @@ pub(super) fn run(
         link.wait_iteration(iteration as u32)?;
         cpu.clear();
         dev.clear();
-        vm.harvest_cpu_dirty(&mut cpu)?;
+        vm.cpu_dirty_log().harvest(&mut cpu)?;
         link.harvest_device(&mut dev)?;
         let now = Instant::now();
         let dt = now.duration_since(last_sync).as_secs_f64().max(1e-6);

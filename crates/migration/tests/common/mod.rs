@@ -21,7 +21,7 @@ pub fn source_vm(mem_mib: u64, rate: f64, dirty: DirtyLogMode) -> Arc<Vm> {
     .unwrap();
     let mut p = Program::dirtier(WORKSET_BASE, 16384, rate, Pattern::Uniform);
     p.accel_queue = Some(1);
-    vm.load_program(0, &p).unwrap();
+    vm.programs().load(0, &p).unwrap();
     vm.resume().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
     Arc::new(vm)

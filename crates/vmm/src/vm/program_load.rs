@@ -3,11 +3,36 @@
 
 use super::*;
 
+/// What a VM's guest programs are: loading them and reading back what they count. A view of
+/// the VM ([`Vm::programs`]), so that the VM's own surface stays its memory, vCPUs and devices.
+pub struct Programs<'a>(pub(super) &'a Vm);
+
+impl Programs<'_> {
+    /// Loads `prog` for `vcpu`: code, control page, and the accel-client's area (and its DMA
+    /// writer's source). Call before the vCPU first runs.
+    pub fn load(&self, vcpu: u32, prog: &Program) -> Result<(), VmError> {
+        self.0.load_program(vcpu, prog)
+    }
+    /// The program counters of `vcpu`.
+    pub fn counters(&self, vcpu: u32) -> Counters {
+        self.0.counters(vcpu)
+    }
+    /// The device whose window device `dev`'s client sends its peer-to-peer writes to.
+    pub fn peer_of(&self, dev: u32) -> Option<u32> {
+        self.0.peer_of(dev)
+    }
+    /// Fills guest RAM from `from` to its end with bytes that do not compress (see
+    /// `program_load.rs`); returns the bytes filled.
+    pub fn fill_incompressible(&self, from: u64) -> Result<u64, VmError> {
+        self.0.fill_incompressible(from)
+    }
+}
+
 impl Vm {
     /// Fills guest RAM from `from` to its end with bytes that do not compress: a benchmark's
     /// stand-in for memory a guest uses (zero pages cross the wire as a few bytes). The guest
     /// programs never touch RAM past their working set, so that is where it belongs.
-    pub fn fill_incompressible(&self, from: u64) -> Result<u64, VmError> {
+    pub(crate) fn fill_incompressible(&self, from: u64) -> Result<u64, VmError> {
         use rand::{RngCore, SeedableRng};
         let mut rng = rand::rngs::SmallRng::seed_from_u64(from);
         let mut buf = vec![0u8; 1 << 20];
@@ -29,7 +54,7 @@ impl Vm {
 
     /// Loads `prog` for `vcpu`: code, control page, and the accel-client's area. Call before
     /// the vCPU first runs.
-    pub fn load_program(&self, vcpu: u32, prog: &Program) -> Result<(), VmError> {
+    pub(crate) fn load_program(&self, vcpu: u32, prog: &Program) -> Result<(), VmError> {
         if vcpu >= self.cfg.vcpus {
             return Err(VmError::Config(format!("no vCPU {vcpu}")));
         }
@@ -258,7 +283,7 @@ impl Vm {
 
     /// The device whose window device `dev`'s client sends its peer-to-peer writes to: the
     /// next one, when there are several.
-    pub fn peer_of(&self, dev: u32) -> Option<u32> {
+    pub(crate) fn peer_of(&self, dev: u32) -> Option<u32> {
         let n = self.devices.len() as u32;
         (n > 1).then(|| (dev + 1) % n)
     }
@@ -278,7 +303,7 @@ impl Vm {
     }
 
     /// The program counters of `vcpu`.
-    pub fn counters(&self, vcpu: u32) -> Counters {
+    pub(crate) fn counters(&self, vcpu: u32) -> Counters {
         let r = |off: u64| {
             self.mem
                 .read_obj::<u64>(GuestAddress(ctrl_page(vcpu) + off))

@@ -2,9 +2,32 @@
 
 use super::*;
 
+/// Saving and restoring a VM's vCPU and device state, in the P2P order (see below). A view of
+/// the VM ([`Vm::snapshots`]).
+pub struct Snapshots<'a>(pub(super) &'a Vm);
+
+impl Snapshots<'_> {
+    /// Every vCPU's state (the vCPUs must be paused).
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmError> {
+        self.0.save_vcpus()
+    }
+    /// Loads every vCPU's state (the vCPUs must be paused).
+    pub fn restore_vcpus(&self, states: &[VcpuState]) -> Result<(), VmError> {
+        self.0.restore_vcpus(states)
+    }
+    /// Device and vCPU state together, devices stopped in the P2P order.
+    pub fn take(&self) -> Result<VmSnapshot, VmError> {
+        self.0.snapshot_devices_and_vcpus()
+    }
+    /// Loads what `take` saved.
+    pub fn restore(&self, snap: &VmSnapshot) -> Result<(), VmError> {
+        self.0.restore(snap)
+    }
+}
+
 impl Vm {
     /// Saves every vCPU (they must be paused).
-    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmError> {
+    pub(crate) fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmError> {
         self.vcpus
             .iter()
             .enumerate()
@@ -20,7 +43,7 @@ impl Vm {
     }
 
     /// Loads vCPU states (the vCPUs must be paused).
-    pub fn restore_vcpus(&self, states: &[VcpuState]) -> Result<(), VmError> {
+    pub(crate) fn restore_vcpus(&self, states: &[VcpuState]) -> Result<(), VmError> {
         if states.len() != self.vcpus.len() {
             return Err(VmError::State(state::StateError::WrongVcpuCount {
                 found: states.len() as u32,
@@ -38,7 +61,7 @@ impl Vm {
 
     /// The hook for a migration source: vCPU states and every device's stop-copy data. The
     /// vCPUs must be paused; devices end in STOP_COPY.
-    pub fn snapshot_devices_and_vcpus(&self) -> Result<VmSnapshot, VmError> {
+    pub(crate) fn snapshot_devices_and_vcpus(&self) -> Result<VmSnapshot, VmError> {
         let vcpus = state::encode(&self.save_vcpus()?);
         let map = |e: Errno| VmError::Device {
             what: "stop-copy",
@@ -64,7 +87,7 @@ impl Vm {
 
     /// The hook for a migration destination: loads a snapshot into this (paused, never run)
     /// VM. The devices are left in STOP; `resume_devices` and `resume` start everything.
-    pub fn restore(&self, snap: &VmSnapshot) -> Result<(), VmError> {
+    pub(crate) fn restore(&self, snap: &VmSnapshot) -> Result<(), VmError> {
         let states = state::decode(&snap.vcpus, self.vcpus.len() as u32).map_err(VmError::State)?;
         if snap.devices.len() != self.devices.len() {
             return Err(VmError::Config(format!(

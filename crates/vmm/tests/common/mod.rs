@@ -16,7 +16,7 @@ pub fn stamps(vm: &Vm, pages: u64) -> Vec<Stamp> {
 }
 
 pub fn stamps_with_in_flight(vm: &Vm, pages: u64) -> (Vec<Stamp>, Option<u64>) {
-    let published = vm.counters(0).pages_written;
+    let published = vm.programs().counters(0).pages_written;
     let mut out = Vec::new();
     let mut in_flight = None;
     for p in 0..pages {
