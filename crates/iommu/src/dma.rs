@@ -6,6 +6,7 @@ use crate::fault::Fault;
 use crate::format::PAGE_SIZE;
 use crate::iotlb::AccessSeq;
 use crate::mem::{copy_from_host, copy_to_host};
+use crate::nested::NestedDomain;
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,16 +19,33 @@ use std::sync::Arc;
 /// A handle is one access stream: it is `Send` but not `Sync`. Clone it to give each device
 /// thread its own stream (invalidations wait for every stream's access in flight).
 pub struct Dma {
-    domain: Domain,
+    target: Target,
     seq: Arc<AccessSeq>,
     device: u32,
     attached: Arc<AtomicBool>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
+/// What a handle translates through: one page table, or a guest's stage 1 on top of one.
+#[derive(Clone)]
+pub(crate) enum Target {
+    Paging(Domain),
+    Nested(NestedDomain),
+}
+
+impl Target {
+    /// The domain whose table holds the final translation (stage 2 of a nested domain).
+    fn paging(&self) -> &Domain {
+        match self {
+            Target::Paging(d) => d,
+            Target::Nested(n) => n.parent(),
+        }
+    }
+}
+
 impl Clone for Dma {
     fn clone(&self) -> Self {
-        Dma::new(self.domain.clone(), self.device, self.attached.clone())
+        Dma::new(self.target.clone(), self.device, self.attached.clone())
     }
 }
 
@@ -35,7 +53,8 @@ impl std::fmt::Debug for Dma {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dma")
             .field("device", &self.device)
-            .field("domain", &self.domain)
+            .field("domain", self.target.paging())
+            .field("nested", &matches!(self.target, Target::Nested(_)))
             .finish()
     }
 }
@@ -44,10 +63,12 @@ impl std::fmt::Debug for Dma {
 const INLINE_PAGES: usize = 16;
 
 impl Dma {
-    pub(crate) fn new(domain: Domain, device: u32, attached: Arc<AtomicBool>) -> Dma {
-        let seq = domain.register_stream();
+    pub(crate) fn new(target: Target, device: u32, attached: Arc<AtomicBool>) -> Dma {
+        // A nested access is in flight in its parent too: a stage-2 invalidation must wait
+        // for it like for any other.
+        let seq = target.paging().register_stream();
         Dma {
-            domain,
+            target,
             seq,
             device,
             attached,
@@ -60,9 +81,18 @@ impl Dma {
         self.device
     }
 
-    /// The domain this handle translates through.
+    /// The domain whose page table holds this handle's final translation: its own domain, or
+    /// the stage-2 parent of a nested one.
     pub fn domain(&self) -> &Domain {
-        &self.domain
+        self.target.paging()
+    }
+
+    /// The nested domain this handle translates through first, if any.
+    pub fn nested(&self) -> Option<&NestedDomain> {
+        match &self.target {
+            Target::Nested(n) => Some(n),
+            Target::Paging(_) => None,
+        }
     }
 
     /// DMA read of `buf.len()` bytes at `iova`.
@@ -158,18 +188,24 @@ impl Dma {
 
     #[inline]
     fn translate(&self, iova: u64, write: bool) -> Result<u64, DmaError> {
-        self.domain
-            .translate(iova, write)
-            .map_err(|reason| self.fault(iova & !(PAGE_SIZE - 1), write, reason))
+        let r = match &self.target {
+            Target::Paging(d) => d.translate(iova, write),
+            Target::Nested(n) => n.translate(iova, write),
+        };
+        r.map_err(|reason| self.fault(iova & !(PAGE_SIZE - 1), write, reason))
     }
 
     fn fault(&self, iova: u64, write: bool, reason: crate::format::FaultReason) -> DmaError {
-        self.domain.log_fault(Fault {
+        let f = Fault {
             device: self.device,
             iova,
             write,
             reason,
-        });
+        };
+        match &self.target {
+            Target::Paging(d) => d.log_fault(f),
+            Target::Nested(n) => n.log_fault(f),
+        }
         DmaError::Fault { iova, write, reason }
     }
 }

@@ -49,6 +49,9 @@ pub struct DomainConfig {
     pub fault_log_entries: usize,
     /// How a harvest uses the cores.
     pub harvest: HarvestParallelism,
+    /// Allocated with `IOMMU_HWPT_ALLOC_NEST_PARENT`: nested (stage-1) domains may use this
+    /// one as their stage 2 (`docs/viommu.md#nested-translation`).
+    pub nest_parent: bool,
 }
 
 impl DomainConfig {
@@ -63,6 +66,7 @@ impl DomainConfig {
             skip_unaccessed: true,
             fault_log_entries: 4096,
             harvest: HarvestParallelism::default(),
+            nest_parent: false,
         }
     }
 }
@@ -93,6 +97,12 @@ struct Shared {
     faults: FaultLog,
     state: Mutex<State>,
     devices: Mutex<HashMap<u32, Arc<AtomicBool>>>,
+    /// IOTLBs of the nested domains on top of this one. Their entries combine both stages, so
+    /// every invalidation here invalidates them too (a stage-2 invalidation by domain id does
+    /// the same on VT-d): otherwise a cached write-ready bit would outlive a harvest of stage 2.
+    nested: Mutex<Vec<std::sync::Weak<Iotlb>>>,
+    /// Test-only sabotage: leave nested IOTLBs alone, to show the loss it causes.
+    keep_nested: AtomicBool,
 }
 
 impl Shared {
@@ -101,11 +111,28 @@ impl Shared {
     }
     fn flush_all(&self) {
         self.iotlb.invalidate_all();
+        self.invalidate_nested();
         self.inflight.drain();
     }
     fn flush_range(&self, iova: u64, len: u64) {
         self.iotlb.invalidate_range(iova, len);
+        self.invalidate_nested();
         self.inflight.drain();
+    }
+    /// Nested IOTLBs are tagged by IOVA, not by the guest-physical range that changed here,
+    /// so they are invalidated whole.
+    fn invalidate_nested(&self) {
+        if self.keep_nested.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut v = self.nested.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| match w.upgrade() {
+            Some(t) => {
+                t.invalidate_all();
+                true
+            }
+            None => false,
+        });
     }
     fn opts(&self) -> LeafOpts {
         let split_now = self.cfg.split_policy == SplitPolicy::EagerSplit && self.tracking.load(Ordering::Relaxed);
@@ -129,12 +156,23 @@ fn check_range(iova: u64, len: u64) -> Result<u64, IommuError> {
     }
 }
 
+/// One translation: host address, what the hardware grants, and whether a write may proceed
+/// without a page-table update.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Xlat {
+    pub host: u64,
+    pub read: bool,
+    pub write: bool,
+    pub write_ready: bool,
+}
+
 /// Format-independent face of a domain; implemented once per format by `DomainImpl<F>`.
 trait DomainOps: Send + Sync {
     fn shared(&self) -> &Shared;
     fn map(&self, iova: u64, len: u64, mem: Arc<dyn HostMemory>, offset: u64, perm: Perm) -> Result<(), IommuError>;
     fn unmap(&self, iova: u64, len: u64) -> Result<u64, IommuError>;
     fn iova_to_phys(&self, iova: u64) -> Option<(u64, Perm)>;
+    fn read_software(&self, iova: u64, buf: &mut [u8]) -> bool;
     fn leaf_entry(&self, iova: u64) -> Option<(usize, u64)>;
     fn path_entries(&self, iova: u64) -> Vec<(usize, u64)>;
     fn set_dirty_tracking(&self, enable: bool) -> Result<(), IommuError>;
@@ -146,7 +184,7 @@ trait DomainOps: Send + Sync {
         naive: bool,
         out: &mut DirtyBitmap<'_>,
     ) -> Result<(), IommuError>;
-    fn translate(&self, iova: u64, write: bool) -> Result<u64, FaultReason>;
+    fn translate(&self, iova: u64, write: bool) -> Result<Xlat, FaultReason>;
     fn leaf_histogram(&self) -> BTreeMap<u32, u64>;
     fn effective_perm(&self, perm: Perm) -> Perm;
 }
@@ -178,6 +216,8 @@ impl<F: Format> DomainImpl<F> {
                     harvest: cfg.harvest,
                 }),
                 devices: Mutex::new(HashMap::new()),
+                nested: Mutex::new(Vec::new()),
+                keep_nested: AtomicBool::new(false),
                 cfg,
             },
             _f: PhantomData,
@@ -317,6 +357,24 @@ impl<F: Format> DomainOps for DomainImpl<F> {
         walker::iova_to_phys::<F>(&self.s.lock().tables, iova)
     }
 
+    fn read_software(&self, iova: u64, buf: &mut [u8]) -> bool {
+        // Under the structural lock: no unmap can release the memory while we copy.
+        let st = self.s.lock();
+        let mut off = 0usize;
+        while off < buf.len() {
+            let cur = iova + off as u64;
+            let Some((pa, _)) = walker::iova_to_phys::<F>(&st.tables, cur) else {
+                return false;
+            };
+            let n = ((PAGE_SIZE - (cur & (PAGE_SIZE - 1))) as usize).min(buf.len() - off);
+            // SAFETY: `pa` is inside a mapping the lock keeps alive (`mem.rs`), and the piece
+            // does not cross its 4 KiB page.
+            unsafe { crate::mem::copy_from_host(pa, &mut buf[off..off + n]) };
+            off += n;
+        }
+        true
+    }
+
     fn leaf_entry(&self, iova: u64) -> Option<(usize, u64)> {
         walker::leaf_entry::<F>(&self.s.lock().tables, iova)
     }
@@ -396,7 +454,7 @@ impl<F: Format> DomainOps for DomainImpl<F> {
     }
 
     #[inline]
-    fn translate(&self, iova: u64, write: bool) -> Result<u64, FaultReason> {
+    fn translate(&self, iova: u64, write: bool) -> Result<Xlat, FaultReason> {
         if iova >> IOVA_BITS != 0 {
             return Err(FaultReason::AddressSize);
         }
@@ -404,22 +462,31 @@ impl<F: Format> DomainOps for DomainImpl<F> {
         let off = iova & (PAGE_SIZE - 1);
         if let Some(e) = self.s.iotlb.lookup(pfn) {
             if (write && e.write && e.write_ready) || (!write && e.read) {
-                return Ok(e.host_page | off);
+                self.s.iotlb.count(false);
+                return Ok(Xlat {
+                    host: e.host_page | off,
+                    read: e.read,
+                    write: e.write,
+                    write_ready: e.write_ready,
+                });
             }
         }
+        self.s.iotlb.count(true);
         let ticket = self.s.iotlb.ticket();
         let (page, perm, ready) = self.walk(iova, write)?;
-        self.s.iotlb.fill(
-            pfn,
-            IotlbEntry {
-                host_page: page,
-                read: F::effective_perm(perm).read(),
-                write: perm.write(),
-                write_ready: ready,
-            },
-            ticket,
-        );
-        Ok(page | off)
+        let e = IotlbEntry {
+            host_page: page,
+            read: F::effective_perm(perm).read(),
+            write: perm.write(),
+            write_ready: ready,
+        };
+        self.s.iotlb.fill(pfn, e, ticket);
+        Ok(Xlat {
+            host: page | off,
+            read: e.read,
+            write: e.write,
+            write_ready: ready,
+        })
     }
 
     fn leaf_histogram(&self) -> BTreeMap<u32, u64> {
@@ -516,6 +583,12 @@ impl Domain {
         self.0.iova_to_phys(iova).map(|(pa, p)| (pa, self.0.effective_perm(p)))
     }
 
+    /// Reads `buf.len()` bytes at `iova` as software does, without setting Accessed or Dirty
+    /// and without a device: false if any page is unmapped.
+    pub fn read_software(&self, iova: u64, buf: &mut [u8]) -> bool {
+        self.0.read_software(iova, buf)
+    }
+
     /// Raw leaf entry translating `iova`, with the level of its table.
     pub fn leaf_entry(&self, iova: u64) -> Option<(usize, u64)> {
         self.0.leaf_entry(iova)
@@ -588,7 +661,7 @@ impl Domain {
                 .clone()
         };
         flag.store(true, Ordering::SeqCst);
-        crate::dma::Dma::new(self.clone(), device, flag)
+        crate::dma::Dma::new(crate::dma::Target::Paging(self.clone()), device, flag)
     }
 
     /// Detaches `device`: its handles fail from now on, and no access of it is still running
@@ -652,9 +725,34 @@ impl Domain {
     pub fn iotlb_capacity(&self) -> usize {
         self.0.shared().iotlb.capacity()
     }
+    /// Translations through this domain's IOTLB so far, and how many of them walked the table.
+    pub fn iotlb_stats(&self) -> (u64, u64) {
+        self.0.shared().iotlb.stats()
+    }
 
     pub(crate) fn translate(&self, iova: u64, write: bool) -> Result<u64, FaultReason> {
+        self.0.translate(iova, write).map(|x| x.host)
+    }
+    /// The translation with the permissions and write-readiness a nested walk combines.
+    pub(crate) fn translate_full(&self, iova: u64, write: bool) -> Result<Xlat, FaultReason> {
         self.0.translate(iova, write)
+    }
+    /// Registers a nested domain's IOTLB, to be invalidated with this domain's.
+    pub(crate) fn add_nested_iotlb(&self, t: &Arc<Iotlb>) {
+        let mut v = self.0.shared().nested.lock().unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Arc::downgrade(t));
+    }
+    /// Sabotage for tests: stage-2 invalidations stop reaching the IOTLBs of nested domains,
+    /// so a combined entry's write-ready bit outlives a harvest. Never use it otherwise.
+    #[doc(hidden)]
+    pub fn sabotage_keep_nested_iotlbs(&self, on: bool) {
+        self.0.shared().keep_nested.store(on, Ordering::Relaxed);
+    }
+
+    /// Waits for every DMA in flight through this domain or a domain nested on it.
+    pub(crate) fn drain(&self) {
+        self.0.shared().inflight.drain();
     }
     pub(crate) fn register_stream(&self) -> Arc<crate::iotlb::AccessSeq> {
         self.0.shared().inflight.register()

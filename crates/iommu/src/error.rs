@@ -107,6 +107,7 @@ impl From<IommuError> for Errno {
             IommuError::OutOfRange { .. } => "outside the IOMMU aperture",
             IommuError::HostRange { .. } => "outside the backing memory",
             IommuError::NoPermission => "no permission",
+            IommuError::NotNestParent => "parent was not allocated as a nesting parent",
         };
         Errno::new(e.errno(), reason)
     }
@@ -142,6 +143,9 @@ pub enum IommuError {
     /// A dirty bitmap was requested while tracking is disabled.
     #[error("dirty tracking is disabled")]
     TrackingDisabled,
+    /// A nested domain on a parent not allocated with `NEST_PARENT`.
+    #[error("the parent domain was not allocated as a nesting parent")]
+    NotNestParent,
 }
 
 impl IommuError {

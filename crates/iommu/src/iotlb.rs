@@ -64,6 +64,16 @@ pub struct Iotlb {
     mask: u64,
     gen: AtomicU64,
     inval_seq: AtomicU64,
+    counts: Counts,
+}
+
+/// Translation counters, on their own cache line so that counting does not evict `gen`, which
+/// every lookup reads.
+#[repr(align(64))]
+#[derive(Default)]
+struct Counts {
+    lookups: AtomicU64,
+    misses: AtomicU64,
 }
 
 impl Iotlb {
@@ -83,7 +93,26 @@ impl Iotlb {
             mask: n as u64 - 1,
             gen: AtomicU64::new(1),
             inval_seq: AtomicU64::new(0),
+            counts: Counts::default(),
         }
+    }
+
+    /// Counts one translation that asked the IOTLB, and whether it had to walk. The caller
+    /// counts, because a hit that lacks write-readiness is a miss too.
+    #[inline(always)]
+    pub fn count(&self, missed: bool) {
+        self.counts.lookups.fetch_add(1, Ordering::Relaxed);
+        if missed {
+            self.counts.misses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Translations counted so far and how many of them walked.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.counts.lookups.load(Ordering::Relaxed),
+            self.counts.misses.load(Ordering::Relaxed),
+        )
     }
 
     /// Number of slots.

@@ -5,7 +5,9 @@
 //! per-domain enable registers, one generic walker (map, unmap, translate, read-and-clear-dirty,
 //! split, collapse), the DMA path with a bounded IOTLB, Accessed/Dirty updates by atomic
 //! compare-exchange and a fault log. The hardware facts it follows (entry bits, registers,
-//! IOTLB rules, read-and-clear-dirty semantics) are in `docs/iommu.md`.
+//! IOTLB rules, read-and-clear-dirty semantics) are in `docs/iommu.md`. It also owns nested
+//! translation: a guest's stage-1 table (VT-d first stage or Arm stage 1) walked on top of a
+//! domain as stage 2, with the guest's invalidation queue (`nested`, `docs/viommu.md`).
 //!
 //! It does not own the uAPI (IOAS, HWPT objects, errno ordering, bitmaps in user buffers): that
 //! is the `iommufd` crate. Nothing here knows about VFIO or migration.
@@ -37,6 +39,7 @@ pub mod fault;
 pub mod format;
 pub mod iotlb;
 pub mod mem;
+pub mod nested;
 pub mod vm_memory_iommu;
 mod walker;
 
@@ -46,4 +49,6 @@ pub use error::{errno, DmaError, Errno, IommuError};
 pub use fault::Fault;
 pub use format::{FaultReason, FormatKind, Perm, PAGE_SIZE};
 pub use mem::{AnonMemory, HostMemory};
+pub use nested::stage1::Stage1Kind;
+pub use nested::{NestedConfig, NestedDomain};
 pub use walker::{DirtyBitmap, HarvestParallelism, IotlbGather, RecordDirty, DIRTY_NO_CLEAR};

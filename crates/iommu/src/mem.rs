@@ -217,6 +217,21 @@ pub(crate) unsafe fn copy_from_host(hva: u64, buf: &mut [u8]) {
     }
 }
 
+/// The 64-bit word at host address `hva`, for atomic access: a stage-1 entry in guest RAM,
+/// which the guest's vCPUs write while the emulated IOMMU sets A/D in it.
+///
+/// # Safety
+/// `hva` must be 8-byte aligned and `[hva, hva + 8)` mapped, readable and writable memory for
+/// all of `'a`: produced by a stage-2 translation inside an in-flight access, whose memory
+/// cannot be released before the access ends (module documentation).
+#[inline(always)]
+pub(crate) unsafe fn atomic_at<'a>(hva: u64) -> &'a AtomicU64 {
+    debug_assert!(hva.is_multiple_of(8));
+    // SAFETY: aligned and live for `'a` by the caller's contract; `AtomicU64` has the layout
+    // of `u64`, and every other access to guest RAM is volatile or atomic, never a reference.
+    unsafe { AtomicU64::from_ptr(hva as *mut u64) }
+}
+
 /// Number of entries in a table page (4 KiB of 64-bit entries, all three formats).
 pub const ENTRIES: usize = 512;
 

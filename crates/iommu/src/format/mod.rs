@@ -96,6 +96,23 @@ pub enum FaultReason {
     Permission,
     /// The IOVA is above the 48-bit input range.
     AddressSize,
+    /// Nested translation: stage 2 has no translation for a guest-physical address the walk
+    /// needed (a stage-1 table, or the output of stage 1).
+    Stage2NotPresent,
+    /// Nested translation: stage 2 does not allow the access (a write to a read-only GPA, or
+    /// a stage-1 A/D update to a stage-1 table that stage 2 maps read-only).
+    Stage2Permission,
+}
+
+impl FaultReason {
+    /// The same fault, raised by stage 2 of a nested walk.
+    pub fn in_stage2(self) -> FaultReason {
+        match self {
+            FaultReason::NotPresent | FaultReason::AddressSize => FaultReason::Stage2NotPresent,
+            FaultReason::Permission => FaultReason::Stage2Permission,
+            other => other,
+        }
+    }
 }
 
 /// Identifies a format at run time.
