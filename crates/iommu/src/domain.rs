@@ -170,7 +170,7 @@ pub(crate) struct Xlat {
 trait DomainOps: Send + Sync {
     fn shared(&self) -> &Shared;
     fn map(&self, iova: u64, len: u64, mem: Arc<dyn HostMemory>, offset: u64, perm: Perm) -> Result<(), IommuError>;
-    fn unmap(&self, iova: u64, len: u64) -> Result<u64, IommuError>;
+    fn unmap(&self, iova: u64, len: u64, dirty: Option<&mut dyn FnMut(u64, u64)>) -> Result<u64, IommuError>;
     fn iova_to_phys(&self, iova: u64) -> Option<(u64, Perm)>;
     fn read_software(&self, iova: u64, buf: &mut [u8]) -> bool;
     fn leaf_entry(&self, iova: u64) -> Option<(usize, u64)>;
@@ -308,12 +308,15 @@ impl<F: Format> DomainOps for DomainImpl<F> {
         Ok(())
     }
 
-    fn unmap(&self, iova: u64, len: u64) -> Result<u64, IommuError> {
+    fn unmap(&self, iova: u64, len: u64, dirty: Option<&mut dyn FnMut(u64, u64)>) -> Result<u64, IommuError> {
         let end = check_range(iova, len)?;
+        if dirty.is_some() && !self.s.cfg.dirty_tracking {
+            return Err(IommuError::NoDirtyOps);
+        }
         let mut st = self.s.lock();
         let mut o = self.s.opts();
         o.huge = true; // splitting keeps what the leaf was
-        let done = walker::unmap::<F>(&mut st.tables, iova, end, o);
+        let done = walker::unmap::<F>(&mut st.tables, iova, end, o, dirty);
         // Trim ownership records; the memory is released only after the drain below.
         let mut released = Vec::new();
         let keys: Vec<u64> = st
@@ -570,7 +573,17 @@ impl Domain {
     /// Unmaps whatever is mapped in `[iova, iova + len)` and returns the bytes unmapped.
     /// Invalidates the IOTLB and drains in-flight DMA before returning.
     pub fn unmap(&self, iova: u64, len: u64) -> Result<u64, IommuError> {
-        self.0.unmap(iova, len)
+        self.0.unmap(iova, len, None)
+    }
+
+    /// Unmaps like [`Domain::unmap`] and reports to `dirty` every removed leaf that was dirty,
+    /// whole, in IOVA order: the dirty state leaves with the translation and is not lost
+    /// (`docs/viommu.md#unmap-with-dirty`). When it returns, no write through the removed
+    /// translations is still in flight. Needs a domain allocated for dirty tracking
+    /// (`EOPNOTSUPP`); with tracking disabled, AMD and VT-d leaves carry no D and nothing is
+    /// reported.
+    pub fn unmap_read_dirty(&self, iova: u64, len: u64, dirty: &mut dyn FnMut(u64, u64)) -> Result<u64, IommuError> {
+        self.0.unmap(iova, len, Some(dirty))
     }
 
     /// The host address `iova` translates to.

@@ -410,22 +410,43 @@ fn fit<F: Format>(it: &Level<'_, F>, idx: usize, iova: u64, pa: u64, o: LeafOpts
 /// Unmaps what is mapped in `[start, end)`; returns the bytes unmapped. Partially covered huge
 /// leaves are split first. Emptied tables are retired; the caller invalidates, drains and
 /// reclaims.
-pub(crate) fn unmap<F: Format>(t: &mut Tables, start: u64, end: u64, o: LeafOpts) -> u64 {
-    fn unmap_in<F: Format>(mut it: Level<'_, F>, o: LeafOpts) -> u64 {
+/// Removes every translation in `[start, end)`, splitting leaves the range cuts. With `dirty`,
+/// each removed leaf is taken out with an atomic swap and, if it was dirty, reported whole to
+/// `dirty` (it lies inside the range): a walk that set D before the swap is in the swapped
+/// value, and one that comes after finds nothing and faults, so no write is lost between the
+/// last harvest and the unmap (`docs/viommu.md#unmap-with-dirty`).
+pub(crate) fn unmap<F: Format>(
+    t: &mut Tables,
+    start: u64,
+    end: u64,
+    o: LeafOpts,
+    mut dirty: Option<&mut dyn FnMut(u64, u64)>,
+) -> u64 {
+    fn unmap_in<F: Format>(mut it: Level<'_, F>, o: LeafOpts, dirty: &mut Option<&mut dyn FnMut(u64, u64)>) -> u64 {
         let mut done = 0;
         while let Some(s) = it.next() {
             match s.kind {
                 Pte::Empty => {}
                 Pte::Table { pa } => {
                     let child = it.descend(&s);
-                    done += unmap_in(child, o);
+                    done += unmap_in(child, o, dirty);
                     if child.table_is_empty() {
                         it.entry(s.idx).store(0, Ordering::Release);
                         it.arena.retire(pa);
                     }
                 }
                 Pte::Leaf { .. } if it.covers(&s) => {
-                    it.entries(&s).for_each(|e| e.store(0, Ordering::Release));
+                    match dirty {
+                        Some(record) => {
+                            let was = it
+                                .entries(&s)
+                                .fold(false, |d, e| d | F::is_dirty(e.swap(0, Ordering::AcqRel)));
+                            if was {
+                                record(s.iova, s.len);
+                            }
+                        }
+                        None => it.entries(&s).for_each(|e| e.store(0, Ordering::Release)),
+                    }
                     done += s.len;
                 }
                 Pte::Leaf { .. } => {
@@ -436,7 +457,7 @@ pub(crate) fn unmap<F: Format>(t: &mut Tables, start: u64, end: u64, o: LeafOpts
         }
         done
     }
-    unmap_in(Level::<F>::root(t, start, end), o)
+    unmap_in(Level::<F>::root(t, start, end), o, &mut dirty)
 }
 
 /// Splits a leaf one step, keeping every translation valid: a replicated leaf becomes default

@@ -14,6 +14,9 @@ use iommu::{
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod nesting;
+mod unmap_dirty;
+
 /// The IOVA width of every modelled IOMMU: a domain reserves everything above.
 const APERTURE_LAST: u64 = (1 << iommu::format::IOVA_BITS) - 1;
 /// The IOMMU page size of every modelled format (the IOAS alignment once a domain exists).
@@ -75,11 +78,33 @@ struct Hwpt {
     devices: BTreeSet<u32>,
     /// Allocated by an attach to an IOAS; freed with its last device.
     auto: bool,
+    /// Allocated with `NEST_PARENT`: nested HWPTs may use it as their stage 2.
+    nest_parent: bool,
+}
+
+/// How a paging HWPT is allocated.
+#[derive(Clone, Copy)]
+struct HwptKind {
+    dirty: bool,
+    policy: SplitPolicy,
+    nest_parent: bool,
+    auto: bool,
+}
+
+/// A nested HWPT: a guest's stage-1 table on a paging HWPT (`nesting.rs`).
+struct NestedHwpt {
+    parent: u32,
+    domain: iommu::NestedDomain,
+    devices: BTreeSet<u32>,
+    /// From `struct iommu_hwpt_vtd_s1`, checked when a device attaches, as Linux does.
+    addr_width: u32,
+    s1_flags: u64,
 }
 
 enum Obj {
     Ioas(Ioas),
     Hwpt(Hwpt),
+    Nested(NestedHwpt),
     Device(Device),
 }
 
@@ -244,6 +269,7 @@ impl IommuFd {
         let mut st = self.lock();
         let spec = st.device(dev_id)?.spec.clone();
         let hwpt_id = match st.objs.get(&pt_id) {
+            Some(Obj::Nested(_)) => return Self::attach_nested_locked(&mut st, dev_id, pt_id),
             Some(Obj::Hwpt(_)) => pt_id,
             Some(Obj::Ioas(ioas)) => {
                 let existing = ioas.hwpts.iter().copied().find(|h| {
@@ -253,7 +279,15 @@ impl IommuFd {
                 });
                 match existing {
                     Some(h) => h,
-                    None => Self::alloc_hwpt_locked(&mut st, &spec, pt_id, false, SplitPolicy::Keep, true)?,
+                    None => {
+                        let kind = HwptKind {
+                            dirty: false,
+                            policy: SplitPolicy::Keep,
+                            nest_parent: false,
+                            auto: true,
+                        };
+                        Self::alloc_hwpt_locked(&mut st, &spec, pt_id, kind)?
+                    }
                 }
             }
             _ => return err(ENOENT, "no such IOAS or HWPT"),
@@ -306,6 +340,11 @@ impl IommuFd {
         let d = st.device_mut(dev_id)?;
         let Some(h) = d.hwpt.take() else { return Ok(()) };
         d.dma = None;
+        if let Some(Obj::Nested(n)) = st.objs.get_mut(&h) {
+            n.devices.remove(&dev_id);
+            n.domain.detach(dev_id);
+            return Ok(());
+        }
         let hw = st.hwpt_mut(h)?;
         hw.devices.remove(&dev_id);
         hw.domain.detach(dev_id);
@@ -342,6 +381,14 @@ impl IommuFd {
         Ok(self.lock().hwpt(hwpt_id)?.domain.clone())
     }
 
+    /// The nested domain behind a nested HWPT.
+    pub fn hwpt_nested_domain(&self, hwpt_id: u32) -> Result<iommu::NestedDomain, Errno> {
+        match self.lock().objs.get(&hwpt_id) {
+            Some(Obj::Nested(n)) => Ok(n.domain.clone()),
+            _ => err(ENOENT, "no such nested HWPT"),
+        }
+    }
+
     // ---- IOMMU_DESTROY ----
 
     /// `IOMMU_DESTROY`. `EBUSY` while the object is in use: an IOAS with HWPTs, a HWPT with
@@ -352,6 +399,11 @@ impl IommuFd {
             None => return err(ENOENT, "no such object"),
             Some(Obj::Ioas(i)) if !i.hwpts.is_empty() => return err(EBUSY, "IOAS has HWPTs"),
             Some(Obj::Hwpt(h)) if !h.devices.is_empty() => return err(EBUSY, "HWPT has attached devices"),
+            Some(Obj::Nested(n)) if !n.devices.is_empty() => return err(EBUSY, "HWPT has attached devices"),
+            Some(Obj::Hwpt(_)) if st.objs.values().any(|o| matches!(o, Obj::Nested(n) if n.parent == id)) => {
+                return err(EBUSY, "HWPT is the parent of nested HWPTs")
+            }
+            Some(Obj::Nested(_)) => {}
             Some(Obj::Device(_)) => return err(EBUSY, "devices are released by unbind"),
             Some(Obj::Hwpt(h)) => {
                 let ioas = h.ioas;
@@ -445,28 +497,7 @@ impl IommuFd {
     pub fn ioas_unmap(&self, cmd: &mut IoasUnmap) -> Result<(), Errno> {
         let mut st = self.lock();
         let ioas = st.ioas(cmd.ioas_id)?;
-        let all = cmd.iova == 0 && cmd.length == u64::MAX;
-        let (start, last) = if all {
-            (0, u64::MAX)
-        } else {
-            if cmd.iova == u64::MAX || cmd.length == u64::MAX {
-                return err(EOVERFLOW, "iova or length at ULONG_MAX");
-            }
-            if cmd.length == 0 {
-                return err(EINVAL, "zero length");
-            }
-            match cmd.iova.checked_add(cmd.length - 1) {
-                Some(l) => (cmd.iova, l),
-                None => return err(EOVERFLOW, "iova + length wraps"),
-            }
-        };
-        let hit: Vec<(u64, u64)> = ioas.areas_in(start, last).map(|(k, a)| (k, a.length)).collect();
-        if hit.is_empty() && !all {
-            return err(ENOENT, "no area in the range");
-        }
-        if hit.iter().any(|&(k, len)| k < start || k + len - 1 > last) {
-            return err(ENOENT, "range bisects an area");
-        }
+        let hit = areas_to_unmap(ioas, cmd.iova, cmd.length, true)?;
         let domains = st.domains(ioas);
         let mut unmapped = 0;
         for &(k, len) in &hit {
@@ -575,9 +606,10 @@ impl IommuFd {
 
     // ---- HWPT ----
 
-    /// `IOMMU_HWPT_ALLOC` of a paging HWPT on an IOAS. Flags: `DIRTY_TRACKING`, and livemig's
-    /// `LIVEMIG_HWPT_ALLOC_EAGER_SPLIT`. Nesting (a paging HWPT as `pt_id`), PASID and fault
-    /// queues are not modelled (`EOPNOTSUPP`).
+    /// `IOMMU_HWPT_ALLOC`: a paging HWPT on an IOAS (flags `NEST_PARENT`, `DIRTY_TRACKING`,
+    /// and livemig's `LIVEMIG_HWPT_ALLOC_EAGER_SPLIT`), or a nested HWPT on a paging HWPT
+    /// allocated with `NEST_PARENT` (`nesting.rs`). PASID and fault queues are not modelled
+    /// (`EOPNOTSUPP`).
     pub fn hwpt_alloc(&self, cmd: &mut HwptAlloc) -> Result<(), Errno> {
         if cmd.__reserved != 0 {
             return err(EOPNOTSUPP, "reserved field set");
@@ -591,14 +623,14 @@ impl IommuFd {
         let spec = st.device(cmd.dev_id)?.spec.clone();
         match st.objs.get(&cmd.pt_id) {
             Some(Obj::Ioas(_)) => {}
-            // Linux takes a paging HWPT as the parent of a nested allocation, and that path
-            // refuses with EOPNOTSUPP (before it looks at the parent) when the driver has no
-            // nested domains, as no modelled IOMMU does, or when no data is given.
-            Some(Obj::Hwpt(_)) => return err(EOPNOTSUPP, "nested HWPTs are not modelled"),
+            Some(Obj::Hwpt(_)) => {
+                let data = self.read_user(cmd.data_uptr, cmd.data_len as usize);
+                return Self::hwpt_alloc_nested_locked(&mut st, cmd, &spec, data);
+            }
             // A missing object is EINVAL too, not ENOENT: Linux looks pt_id up as any type.
             _ => return err(EINVAL, "pt_id is neither an IOAS nor a HWPT"),
         }
-        let known = IOMMU_HWPT_ALLOC_DIRTY_TRACKING | LIVEMIG_HWPT_ALLOC_EAGER_SPLIT;
+        let known = IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING | LIVEMIG_HWPT_ALLOC_EAGER_SPLIT;
         if cmd.flags & !known != 0 {
             return err(EOPNOTSUPP, "unsupported flags");
         }
@@ -614,22 +646,28 @@ impl IommuFd {
         } else {
             SplitPolicy::Keep
         };
-        cmd.out_hwpt_id = Self::alloc_hwpt_locked(&mut st, &spec, cmd.pt_id, dirty, policy, false)?;
+        let kind = HwptKind {
+            dirty,
+            policy,
+            nest_parent: cmd.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
+            auto: false,
+        };
+        cmd.out_hwpt_id = Self::alloc_hwpt_locked(&mut st, &spec, cmd.pt_id, kind)?;
         Ok(())
     }
 
     /// Creates a domain for `spec` on IOAS `ioas_id` and fills it with every area
     /// (`iopt_table_add_domain`).
-    fn alloc_hwpt_locked(
-        st: &mut State,
-        spec: &DeviceSpec,
-        ioas_id: u32,
-        dirty: bool,
-        policy: SplitPolicy,
-        auto: bool,
-    ) -> Result<u32, Errno> {
+    fn alloc_hwpt_locked(st: &mut State, spec: &DeviceSpec, ioas_id: u32, kind: HwptKind) -> Result<u32, Errno> {
+        let HwptKind {
+            dirty,
+            policy,
+            nest_parent,
+            auto,
+        } = kind;
         let ioas = st.ioas(ioas_id)?;
         let mut cfg = DomainConfig::new(spec.format);
+        cfg.nest_parent = nest_parent;
         cfg.dirty_tracking = dirty;
         cfg.hw_dirty_capable = spec.dirty_tracking;
         cfg.huge_pages = spec.huge_iova && !ioas.disable_large_pages;
@@ -660,6 +698,7 @@ impl IommuFd {
             tracking: false,
             devices: BTreeSet::new(),
             auto,
+            nest_parent,
         }));
         st.ioas_mut(ioas_id)?.hwpts.push(id);
         Ok(id)
@@ -821,3 +860,32 @@ impl IommuFd {
 }
 
 use iommu::format::Format as _;
+
+/// The areas an unmap of `[iova, iova + length)` removes: whole areas only (`ENOENT` if the
+/// range bisects one or holds none), checked before anything changes. With `allow_all`,
+/// `iova = 0, length = u64::MAX` means every area.
+fn areas_to_unmap(ioas: &Ioas, iova: u64, length: u64, allow_all: bool) -> Result<Vec<(u64, u64)>, Errno> {
+    let all = allow_all && iova == 0 && length == u64::MAX;
+    let (start, last) = if all {
+        (0, u64::MAX)
+    } else {
+        if iova == u64::MAX || length == u64::MAX {
+            return err(EOVERFLOW, "iova or length at ULONG_MAX");
+        }
+        if length == 0 {
+            return err(EINVAL, "zero length");
+        }
+        match iova.checked_add(length - 1) {
+            Some(l) => (iova, l),
+            None => return err(EOVERFLOW, "iova + length wraps"),
+        }
+    };
+    let hit: Vec<(u64, u64)> = ioas.areas_in(start, last).map(|(k, a)| (k, a.length)).collect();
+    if hit.is_empty() && !all {
+        return err(ENOENT, "no area in the range");
+    }
+    if hit.iter().any(|&(k, len)| k < start || k + len - 1 > last) {
+        return err(ENOENT, "range bisects an area");
+    }
+    Ok(hit)
+}

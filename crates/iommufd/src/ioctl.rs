@@ -14,7 +14,7 @@ use iommu::errno::*;
 use iommu::mem::{host_read, host_write};
 
 /// (command, struct size, minimum size)
-const TABLE: [(u32, usize, usize); 11] = [
+const TABLE: [(u32, usize, usize); 13] = [
     (IOMMU_DESTROY, 8, 8),
     (IOMMU_IOAS_ALLOC, 12, 12),
     (IOMMU_IOAS_ALLOW_IOVAS, 24, 24),
@@ -26,6 +26,8 @@ const TABLE: [(u32, usize, usize); 11] = [
     (IOMMU_GET_HW_INFO, 40, 32),
     (IOMMU_HWPT_SET_DIRTY_TRACKING, 16, 16),
     (IOMMU_HWPT_GET_DIRTY_BITMAP, 48, 48),
+    (IOMMU_HWPT_INVALIDATE, 32, 32),
+    (LIVEMIG_IOAS_UNMAP_DIRTY, 48, 48),
 ];
 
 /// A struct image: reads past the caller's `size` are zero, as the kernel zero-fills.
@@ -76,12 +78,16 @@ impl IommuFd {
         let mut a = Arg { b: vec![0u8; full] };
         let n = size.min(full);
         a.b[..n].copy_from_slice(&arg[..n]);
-        self.dispatch(cmd, &mut a)?;
-        arg[..n].copy_from_slice(&a.b[..n]);
+        let r = self.dispatch(cmd, &mut a);
+        // HWPT_INVALIDATE reports how many entries it handled even when one failed.
+        if r.is_ok() || cmd == IOMMU_HWPT_INVALIDATE {
+            arg[..n].copy_from_slice(&a.b[..n]);
+        }
+        r?;
         Ok(())
     }
 
-    fn read_user(&self, va: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    pub(crate) fn read_user(&self, va: u64, len: usize) -> Result<Vec<u8>, Errno> {
         // copy_from_user of nothing succeeds whatever the pointer.
         if len == 0 {
             return Ok(Vec::new());
@@ -99,7 +105,7 @@ impl IommuFd {
         }
     }
 
-    fn write_user(&self, va: u64, data: &[u8]) -> Result<(), Errno> {
+    pub(crate) fn write_user(&self, va: u64, data: &[u8]) -> Result<(), Errno> {
         // copy_to_user of nothing succeeds whatever the pointer.
         if data.is_empty() {
             return Ok(());
@@ -273,6 +279,71 @@ impl IommuFd {
                 let r = self.hwpt_get_dirty_bitmap(&mut c);
                 if !data.is_empty() {
                     self.write_user(ptr, &data)?;
+                }
+                r
+            }
+            IOMMU_HWPT_INVALIDATE => {
+                let (uptr, entry_len, entry_num) = (a.u64(8), a.u32(20), a.u32(24));
+                let mut c = HwptInvalidate {
+                    hwpt_id: a.u32(4),
+                    data_type: a.u32(16),
+                    entry_len,
+                    entry_num,
+                    __reserved: a.u32(28),
+                    data: &[],
+                };
+                let bytes = (entry_len as u64).saturating_mul(entry_num as u64);
+                let data = if entry_num != 0 && uptr != 0 && entry_len != 0 {
+                    match usize::try_from(bytes)
+                        .map_err(|_| ())
+                        .and_then(|n| self.read_user(uptr, n).map_err(|_| ()))
+                    {
+                        Ok(d) => Some(d),
+                        Err(()) => {
+                            // Linux copies entries only after its checks on the struct and
+                            // the object: run those (a probe), then fail the copy.
+                            c.entry_num = 0;
+                            let r = self.hwpt_invalidate(&mut c);
+                            a.set_u32(24, 0);
+                            r?;
+                            return err(EFAULT, "bad user pointer");
+                        }
+                    }
+                } else {
+                    None
+                };
+                let data = data.unwrap_or_default();
+                c.data = &data;
+                let r = self.hwpt_invalidate(&mut c);
+                a.set_u32(24, c.entry_num);
+                r
+            }
+            LIVEMIG_IOAS_UNMAP_DIRTY => {
+                let (iova, length, page_size, ptr) = (a.u64(16), a.u64(24), a.u64(32), a.u64(40));
+                let bytes = if page_size.is_power_of_two() && length > 0 && length != u64::MAX {
+                    (length / page_size).div_ceil(8) as usize
+                } else {
+                    0
+                };
+                let mut data = if bytes > 0 {
+                    self.read_user(ptr, bytes).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                let mut c = IoasUnmapDirty {
+                    ioas_id: a.u32(4),
+                    flags: a.u32(8),
+                    __reserved: a.u32(12),
+                    iova,
+                    length,
+                    page_size,
+                    data: &mut data,
+                };
+                let r = self.ioas_unmap_dirty(&mut c);
+                let unmapped = c.length;
+                if r.is_ok() {
+                    self.write_user(ptr, &data)?;
+                    a.set_u64(24, unmapped);
                 }
                 r
             }
