@@ -2,8 +2,9 @@
 //! and shown to a migration engine, which sees only their VFIO migration interface and the
 //! IOMMU objects their writes are tracked by (docs/vmm.md#devices).
 
-use crate::layout::{accel_mmio, peer_window, MAX_DEVICES};
+use crate::layout::{accel_mmio, peer_window, viommu_area, viommu_mmio, MAX_DEVICES, VIOMMU_IOVA};
 use crate::mmio::MmioBus;
+use crate::viommu::{DmaSpace, IdentitySpace, NestedViommu, ShadowViommu, ViommuMode};
 use crate::VmError;
 use accel::{Accel, AccelConfig};
 use iommu::mem::GuestRamRegion;
@@ -24,6 +25,8 @@ pub struct AccelSetup {
     pub eager_split: bool,
     /// Allow huge IOMMU leaves.
     pub huge_pages: bool,
+    /// The guest's own IOMMU in front of the device, if any (`docs/viommu.md`).
+    pub viommu: ViommuMode,
 }
 
 impl Default for AccelSetup {
@@ -34,6 +37,7 @@ impl Default for AccelSetup {
             dirty_tracking: true,
             eager_split: false,
             huge_pages: true,
+            viommu: ViommuMode::Off,
         }
     }
 }
@@ -41,7 +45,9 @@ impl Default for AccelSetup {
 /// A device as a migration engine sees it: its VFIO migration interface (save and load
 /// streams, migration flags, the P2P and STOP states, DMA logging) and the iommufd objects
 /// its DMA goes through (for HWPT dirty tracking). Devices that share an IOMMU domain share
-/// `fd`, `ioas` and `hwpt`.
+/// `fd`, `ioas` and `hwpt`. `hwpt` is the paging HWPT whose dirty bits count: with a nested
+/// vIOMMU, the stage-2 parent (indexed by GPA); with a shadow one, the HWPT the guest's
+/// mappings are in (indexed by IOVA: `space` translates).
 #[derive(Clone)]
 pub struct AttachedDevice {
     pub name: String,
@@ -51,7 +57,11 @@ pub struct AttachedDevice {
     pub hwpt: u32,
     /// The device's iommufd device id.
     pub dev: u32,
+    pub viommu: ViommuMode,
+    /// How the device's addresses lead to guest RAM.
+    pub space: Arc<dyn DmaSpace>,
     pub(crate) accel: Arc<Accel>,
+    pub(crate) shadow: Option<Arc<ShadowViommu>>,
 }
 
 impl AttachedDevice {
@@ -68,6 +78,24 @@ impl AttachedDevice {
     /// Jobs the device has completed so far.
     pub fn jobs_done(&self) -> u64 {
         self.accel.jobs_done()
+    }
+
+    /// Sabotage for tests: the shadow vIOMMU's unmaps stop reading the dirty bits of what
+    /// they remove, so device writes just before an unmap are lost. No effect otherwise.
+    #[doc(hidden)]
+    pub fn sabotage_skip_unmap_dirty(&self, on: bool) {
+        if let Some(s) = &self.shadow {
+            s.sabotage_skip_unmap_dirty(on);
+        }
+    }
+
+    /// Sabotage for tests: the shadow vIOMMU reports its mappings as if IOVA were GPA, so the
+    /// HWPT's bits are merged untranslated. No effect otherwise.
+    #[doc(hidden)]
+    pub fn sabotage_skip_translation(&self, on: bool) {
+        if let Some(s) = &self.shadow {
+            s.sabotage_skip_translation(on);
+        }
     }
 }
 
@@ -120,6 +148,12 @@ impl DeviceSet {
                 "{no_p2p} devices without P2P: with several devices, at most one may lack it"
             )));
         }
+        if self.accels.len() > 1 && self.accels.iter().any(|a| a.viommu != ViommuMode::Off) {
+            return Err(VmError::Config(
+                "a vIOMMU is modelled for a VM with one device (its peer windows are not in the guest's IOVA space)"
+                    .into(),
+            ));
+        }
         if self.shared_domain {
             if let Some(first) = self.accels.first() {
                 let key = |a: &AccelSetup| (a.format, a.huge_pages, a.dirty_tracking, a.eager_split);
@@ -140,6 +174,7 @@ impl DeviceSet {
             let format = FormatKind::ALL.iter().position(|k| *k == a.format).unwrap_or(0) as u8;
             b.push(format);
             b.push(a.huge_pages as u8);
+            b.push(a.viommu.register() as u8);
             let c = &a.config;
             for v in [c.flags.bits() as u32, c.qp_num, c.dev_id, c.que_iso_cfg, c.qp_base] {
                 b.extend_from_slice(&v.to_le_bytes());
@@ -170,7 +205,7 @@ impl DeviceSet {
         }
         let mut accels = Vec::new();
         for _ in 0..n {
-            let h = take(2)?;
+            let h = take(3)?;
             let format = *FormatKind::ALL
                 .get(h[0] as usize)
                 .ok_or_else(|| format!("unknown IOMMU format {}", h[0]))?;
@@ -178,6 +213,9 @@ impl DeviceSet {
                 0 | 1 => h[1] == 1,
                 v => return Err(format!("huge-page flag {v}")),
             };
+            let viommu = *ViommuMode::ALL
+                .get(h[2] as usize)
+                .ok_or_else(|| format!("unknown vIOMMU mode {}", h[2]))?;
             let w = take(20)?;
             let u = |i: usize| u32::from_le_bytes(w[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
             let dma_logging = match take(1)?[0] {
@@ -198,6 +236,7 @@ impl DeviceSet {
                 dirty_tracking: true,
                 eager_split: false,
                 huge_pages: huge,
+                viommu,
             });
         }
         if !cut.0.is_empty() {
@@ -212,7 +251,7 @@ impl DeviceSet {
     }
 }
 
-const WIRE_VERSION: u8 = 1;
+const WIRE_VERSION: u8 = 2;
 
 /// The unread rest of an encoded device list.
 struct Cut<'a>(&'a [u8]);
@@ -277,6 +316,9 @@ pub(crate) fn attach(
         if a.eager_split {
             flags |= LIVEMIG_HWPT_ALLOC_EAGER_SPLIT;
         }
+        if a.viommu == ViommuMode::Nested {
+            flags |= IOMMU_HWPT_ALLOC_NEST_PARENT;
+        }
         let mut h = HwptAlloc {
             flags,
             dev_id: dev,
@@ -285,8 +327,40 @@ pub(crate) fn attach(
         };
         fd.hwpt_alloc(&mut h).map_err(io("HWPT_ALLOC"))?;
         fd.attach(dev, h.out_hwpt_id).map_err(io("ATTACH"))?;
-        map_ram(&fd, ioas, mem, slots)?;
+        // With a shadow vIOMMU the guest maps what the device may reach; otherwise all RAM.
+        if a.viommu != ViommuMode::Shadow {
+            map_ram(&fd, ioas, mem, slots)?;
+        }
         (fd, ioas, dev, h.out_hwpt_id)
+    };
+    let mut shadow = None;
+    let space: Arc<dyn DmaSpace> = match a.viommu {
+        ViommuMode::Off => Arc::new(IdentitySpace {
+            fd: fd.clone(),
+            ioas,
+            slots: slots.to_vec(),
+        }),
+        ViommuMode::Nested => {
+            let nested = attach_nested(&fd, dev, hwpt, idx, mem)?;
+            let v = Arc::new(NestedViommu::new(fd.clone(), nested, mem.clone()));
+            if !bus.register(viommu_mmio(idx), crate::viommu::MMIO_SIZE, v) {
+                return Err(VmError::Internal("MMIO range taken"));
+            }
+            Arc::new(IdentitySpace {
+                fd: fd.clone(),
+                ioas,
+                slots: slots.to_vec(),
+            })
+        }
+        ViommuMode::Shadow => {
+            let ram = register_ram(&fd, mem, slots)?;
+            let v = Arc::new(ShadowViommu::new(fd.clone(), ioas, mem.clone(), ram));
+            if !bus.register(viommu_mmio(idx), crate::viommu::MMIO_SIZE, v.clone()) {
+                return Err(VmError::Internal("MMIO range taken"));
+            }
+            shadow = Some(v.clone());
+            v
+        }
     };
     let dma = fd.device_dma(dev).map_err(io("device DMA"))?;
     let accel = Arc::new(Accel::new(a.config.clone(), dma).map_err(io("accel"))?);
@@ -300,8 +374,66 @@ pub(crate) fn attach(
         ioas,
         hwpt,
         dev,
+        viommu: a.viommu,
+        space,
         accel,
+        shadow,
     })
+}
+
+/// The nested design's host side: the guest firmware's stage-1 tables in its vIOMMU area, a
+/// nested HWPT on `parent` pointing at them (`IOMMU_HWPT_DATA_VTD_S1`), and the device
+/// attached to it. Returns the nested HWPT.
+fn attach_nested(
+    fd: &Arc<IommuFd>,
+    dev: u32,
+    parent: u32,
+    idx: u32,
+    mem: &Arc<GuestMemoryMmap>,
+) -> Result<u32, VmError> {
+    let io = |what: &'static str| move |e: Errno| VmError::Iommu { what, errno: e };
+    let base = viommu_area(idx);
+    NestedViommu::write_firmware_tables(mem, base, VIOMMU_IOVA).map_err(VmError::Memory)?;
+    let data = VtdS1 {
+        flags: 0,
+        pgtbl_addr: base + crate::viommu::area::S1,
+        addr_width: 48,
+        __reserved: 0,
+    }
+    .to_bytes();
+    // The driver data goes through user memory, as a pointer in the ioctl does.
+    let buf = Arc::new(iommu::AnonMemory::new(4096, false).map_err(|e| VmError::Memory(e.to_string()))?);
+    buf.write(0, &data);
+    let va = fd.register_user_memory(buf.clone() as Arc<dyn HostMemory>);
+    let mut h = HwptAlloc {
+        dev_id: dev,
+        pt_id: parent,
+        data_type: IOMMU_HWPT_DATA_VTD_S1,
+        data_len: data.len() as u32,
+        data_uptr: va,
+        ..Default::default()
+    };
+    let r = fd.hwpt_alloc(&mut h);
+    fd.user_memory().unregister(va);
+    r.map_err(io("HWPT_ALLOC of the nested HWPT"))?;
+    fd.attach(dev, h.out_hwpt_id).map_err(io("ATTACH to the nested HWPT"))?;
+    Ok(h.out_hwpt_id)
+}
+
+/// Registers every RAM slot as user memory: (gpa, size, user va).
+fn register_ram(
+    fd: &IommuFd,
+    mem: &Arc<GuestMemoryMmap>,
+    slots: &[crate::Slot],
+) -> Result<Vec<(u64, u64, u64)>, VmError> {
+    slots
+        .iter()
+        .map(|s| {
+            let region = GuestRamRegion::new(mem.clone(), s.gpa).ok_or(VmError::Internal("guest RAM region"))?;
+            let va = fd.register_user_memory(Arc::new(region) as Arc<dyn HostMemory>);
+            Ok((s.gpa, s.size, va))
+        })
+        .collect()
 }
 
 /// Peer-to-peer: maps every device's peer window into the IOAS of every other device, at the

@@ -10,10 +10,11 @@
 //! | 0x0001_0000 | 4 KiB × vCPU | per-vCPU control page: program config and counters ([`crate::programs::ctrl`]) |
 //! | 0x0008_0000 | 4 KiB × vCPU | per-vCPU stacks (top of each page) |
 //! | 0x0010_0000 | 64 KiB × vCPU | per-vCPU program code |
-//! | 0x0040_0000 | 4 MiB × device | each accel-client's rings, buffers and CRC table (device 0, 1, 2) |
+//! | 0x0040_0000 | 4 MiB × device | each accel-client's rings, buffers and CRC table (device 0, 1, 2); from + 2 MiB, the vIOMMU client's tables, queue and buffer pool ([`viommu_area`]) |
 //! | 0x0100_0000 | to the end of low RAM | the dirtier's working sets, then the DMA writers' |
 //! | 0xc000_0000 | to 4 GiB | the hole: no RAM ([`LOW_RAM_MAX`]) |
 //! | 0xd000_0000 | 64 KiB × device | each accelerator's MMIO registers (`accel::regs`), its peer window at + 0x2000 |
+//! | 0xd800_0000 | 4 KiB × device | the vIOMMU in front of each accelerator, when it has one (`crate::viommu`) |
 //! | 0x1_0000_0000 | the rest of RAM | high RAM, for a guest of more than 3 GiB ([`HIGH_RAM`]) |
 //!
 //! The device sees guest RAM at IOVA = GPA except inside its IOMMU's reserved regions, which
@@ -84,6 +85,22 @@ pub fn accel_mmio(dev: u32) -> u64 {
 pub fn peer_window(dev: u32) -> u64 {
     accel_mmio(dev) + accel::regs::PEER_WINDOW
 }
+/// Where the vIOMMU in front of device `dev` has its registers.
+pub fn viommu_mmio(dev: u32) -> u64 {
+    VIOMMU_MMIO + dev as u64 * 4096
+}
+pub const VIOMMU_MMIO: u64 = 0xd800_0000;
+
+/// The upper half of device `dev`'s accel area, where the vIOMMU client keeps its stage-1
+/// tables, invalidation queue, requests and buffer pool (`crate::viommu`).
+pub fn viommu_area(dev: u32) -> u64 {
+    accel_area(dev) + VIOMMU_AREA_OFFSET
+}
+pub const VIOMMU_AREA_OFFSET: u64 = 0x20_0000;
+/// The IOVA window the vIOMMU client maps its rings and buffers in: one leaf table's worth.
+pub const VIOMMU_IOVA: u64 = 0x80_0000_0000;
+pub const VIOMMU_IOVA_SIZE: u64 = 2 << 20;
+
 /// The area the accel-client driving device `dev` keeps its rings and buffers in.
 pub fn accel_area(dev: u32) -> u64 {
     ACCEL_AREA + dev as u64 * ACCEL_AREA_SIZE

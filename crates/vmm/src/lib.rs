@@ -23,6 +23,7 @@ pub mod programs;
 pub mod progress;
 pub mod state;
 pub mod vcpu;
+pub mod viommu;
 mod vm;
 mod x86;
 
@@ -32,6 +33,7 @@ pub use programs::{Content, DmaLoad, Pattern, Program};
 pub use progress::{GuestProbe, GuestProgress};
 pub use state::{StateError, VcpuState};
 pub use vcpu::VcpuStop;
+pub use viommu::{DmaSpace, ViommuMode};
 pub use vm::{Counters, CpuDirtyLog, Programs, Snapshots, Vm, VmConfig, VmSnapshot};
 
 use iommu::Errno;

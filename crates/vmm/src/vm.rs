@@ -6,7 +6,7 @@ use crate::devices::{self, AccelSetup, AttachedDevice, DeviceSet};
 use crate::dirty::{CpuDirty, DirtyLogMode, HarvestStats, PageBitmap, Slot};
 use crate::layout::*;
 use crate::mmio::MmioBus;
-use crate::programs::{ctrl::*, workload, Content, Pattern, Program};
+use crate::programs::{ctrl::*, viommu_client, workload, Content, Pattern, Program};
 use crate::state::{self, VcpuState};
 use crate::vcpu::{self, RunState, VcpuCtl, VcpuEnv, VcpuHandle, VcpuStop};
 use crate::{kvm_sys, x86, VmError};

@@ -32,6 +32,10 @@ pub const C_DMA_TICKS: u64 = 0x088;
 pub const C_DMA_BASE: u64 = 0x090;
 pub const C_DMA_CHUNKS: u64 = 0x098;
 pub const C_DMA_QN: u64 = 0x0a0;
+/// The vIOMMU client: the vIOMMU's registers, its area in guest RAM, and the IOVA window.
+pub const C_VIOMMU_MMIO: u64 = 0x0a8;
+pub const C_VIOMMU_AREA: u64 = 0x0b0;
+pub const C_VIOMMU_IOVA: u64 = 0x0b8;
 
 /// Counters (guest → host).
 pub const K_PAGES: u64 = 0x800;
@@ -45,6 +49,8 @@ pub const K_LOOPS: u64 = 0x830;
 /// The DMA writer's chunks submitted and completed.
 pub const K_DMA_SUBMITTED: u64 = 0x838;
 pub const K_DMA_DONE: u64 = 0x840;
+/// The vIOMMU client's unmaps (each followed by a map of the same IOVA elsewhere).
+pub const K_REMAPS: u64 = 0x848;
 /// Register spill slots of the accel-client step.
 pub const S_SPILL: u64 = 0x900;
 

@@ -2,6 +2,7 @@
 //! `code_asm` (no external assembler), and the host side of their memory layout.
 
 pub mod ctrl;
+pub mod viommu_client;
 pub mod workload;
 
 /// How the dirtier picks pages.
@@ -104,6 +105,9 @@ pub struct Program {
     pub content: Content,
     /// The accel-client's DMA writer, if any (needs `accel_queue`).
     pub dma: Option<DmaLoad>,
+    /// Run the vIOMMU client instead of the accel-client on `accel_queue` (the device must
+    /// have a vIOMMU; no dirtier, no DMA writer).
+    pub viommu_client: bool,
 }
 
 impl Program {
@@ -120,6 +124,19 @@ impl Program {
             accel_device: 0,
             content: Content::Stamp,
             dma: None,
+            viommu_client: false,
+        }
+    }
+
+    /// The vIOMMU client on queue `queue` of device `dev`, alone on its vCPU.
+    pub fn viommu_client(dev: u32, queue: u16) -> Self {
+        Self {
+            dirtier: false,
+            ws_pages: 1,
+            accel_queue: Some(queue),
+            accel_device: dev,
+            viommu_client: true,
+            ..Self::dirtier(crate::layout::WORKSET_BASE, 1, 0.0, Pattern::Sequential)
         }
     }
 }

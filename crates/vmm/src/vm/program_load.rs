@@ -93,7 +93,27 @@ impl Vm {
                 )));
             }
         }
-        if prog.accel_queue.is_some() && self.dma_reach(dev, prog.ws_base, prog.ws_pages) == 0 {
+        let viommu = self
+            .devices
+            .get(dev as usize)
+            .map_or(crate::ViommuMode::Off, |d| d.viommu);
+        if prog.viommu_client {
+            if prog.accel_queue.is_none() || viommu == crate::ViommuMode::Off {
+                return Err(VmError::Config(
+                    "the vIOMMU client needs a queue of a device that has a vIOMMU".into(),
+                ));
+            }
+            if prog.dirtier || prog.dma.is_some() {
+                return Err(VmError::Config(
+                    "the vIOMMU client runs alone on its vCPU: no dirtier, no DMA writer".into(),
+                ));
+            }
+        } else if prog.accel_queue.is_some() && viommu != crate::ViommuMode::Off {
+            return Err(VmError::Config(format!(
+                "accelerator {dev} is behind a {viommu} vIOMMU: drive it with the vIOMMU client"
+            )));
+        }
+        if prog.accel_queue.is_some() && !prog.viommu_client && self.dma_reach(dev, prog.ws_base, prog.ws_pages) == 0 {
             return Err(VmError::Config(format!(
                 "the accelerator cannot reach the working set at {:#x} (a reserved IOVA window)",
                 prog.ws_base
@@ -105,7 +125,16 @@ impl Vm {
             accel: prog.accel_queue.is_some(),
             dma: prog.dma.is_some(),
         };
-        let text = workload::assemble(code(vcpu), spec).map_err(|e| VmError::Assemble(e.to_string()))?;
+        let text = if prog.viommu_client {
+            let mode = match viommu {
+                crate::ViommuMode::Nested => viommu_client::Mode::Nested,
+                _ => viommu_client::Mode::Shadow,
+            };
+            viommu_client::assemble(code(vcpu), mode)
+        } else {
+            workload::assemble(code(vcpu), spec)
+        }
+        .map_err(|e| VmError::Assemble(e.to_string()))?;
         if text.len() as u64 > CODE_SIZE {
             return Err(VmError::Internal("program too large"));
         }
@@ -154,6 +183,9 @@ impl Vm {
             (C_DMA_BASE, prog.dma.map_or(0, |d| d.base)),
             (C_DMA_CHUNKS, prog.dma.map_or(0, |d| d.pages * 4096 / DMA_CHUNK)),
             (C_DMA_QN, dma_qn),
+            (C_VIOMMU_MMIO, viommu_mmio(dev)),
+            (C_VIOMMU_AREA, viommu_area(dev)),
+            (C_VIOMMU_IOVA, VIOMMU_IOVA),
         ] {
             w(off, v).map_err(merr)?;
         }
@@ -167,6 +199,11 @@ impl Vm {
                 .map_err(merr)?;
             if prog.dma.is_some() {
                 self.fill_dma_source(prog, accel_area(dev) + A_DMA_SRC)?;
+            }
+            // Zeroing the area took the firmware's stage-1 tables with it.
+            if viommu == crate::ViommuMode::Nested {
+                crate::viommu::NestedViommu::write_firmware_tables(&self.mem, viommu_area(dev), VIOMMU_IOVA)
+                    .map_err(VmError::Memory)?;
             }
         }
         self.drivers.lock().unwrap_or_else(|e| e.into_inner())[vcpu as usize] = prog.accel_queue.map(|_| dev);

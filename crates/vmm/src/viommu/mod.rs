@@ -1,0 +1,209 @@
+//! A guest that programs its own IOMMU (`docs/viommu.md`): the vIOMMU in front of an
+//! accelerator, in one of two designs, and the address space the device's DMA goes through,
+//! as a migration engine sees it ([`DmaSpace`]).
+//!
+//! * **Nested** (`nested.rs`): the guest writes a VT-d first-stage table in its RAM and
+//!   invalidates through a VT-d invalidation queue; the host's stage 2 maps RAM at IOVA = GPA
+//!   in a `NEST_PARENT | DIRTY_TRACKING` HWPT, whose bitmap is indexed by GPA.
+//! * **Shadow** (`shadow.rs`): the guest sends virtio-iommu MAP and UNMAP requests; the VMM
+//!   maps IOVA → guest RAM in a single-stage HWPT, keeps the IOVA → GPA table, and, while a
+//!   migration logs, unmaps with `LIVEMIG_IOAS_UNMAP_DIRTY` so that no write is lost.
+//!
+//! Register block (4 KiB at [`crate::layout::viommu_mmio`]), little-endian:
+//!
+//! | offset | name | access | meaning |
+//! |---|---|---|---|
+//! | 0x000 | ID | r32 | `0x4c4d_5649` ("LMVI") |
+//! | 0x004 | MODE | r32 | 1 nested, 2 shadow |
+//! | 0x080 | IQH | r64 | nested: invalidation queue head (VT-d layout, index << 4) |
+//! | 0x088 | IQT | rw64 | nested: tail; a write runs the queue up to it |
+//! | 0x090 | IQA | rw64 | nested: queue base, size (VT-d layout) |
+//! | 0x0b0 | IQERR | r32 | nested: non-zero when the queue stopped on a bad descriptor |
+//! | 0x100 | REQ | w64 | shadow: guest-physical address of a virtio-iommu request; the write executes it |
+//! | 0x108 | REQ_STATUS | r32 | shadow: the status of the last request |
+
+mod nested;
+mod shadow;
+
+pub(crate) use nested::NestedViommu;
+pub(crate) use shadow::ShadowViommu;
+
+pub const ID_VALUE: u32 = 0x4c4d_5649;
+pub const ID: u64 = 0x000;
+pub const MODE: u64 = 0x004;
+pub const IQH: u64 = iommu::nested::inv_queue::IQH_REG;
+pub const IQT: u64 = iommu::nested::inv_queue::IQT_REG;
+pub const IQA: u64 = iommu::nested::inv_queue::IQA_REG;
+pub const IQERR: u64 = 0x0b0;
+pub const REQ: u64 = 0x100;
+pub const REQ_STATUS: u64 = 0x108;
+pub const MMIO_SIZE: u64 = 0x1000;
+
+/// The guest's side of the vIOMMU area (offsets from [`crate::layout::viommu_area`]).
+pub mod area {
+    /// Stage-1 tables, one chain: root, level 2, level 1, leaf table.
+    pub const S1: u64 = 0x0000;
+    pub const S1_LEAF: u64 = 0x3000;
+    /// The invalidation queue: one page, 256 descriptors of 16 bytes.
+    pub const IQ: u64 = 0x4000;
+    pub const IQ_ENTRIES: u64 = 256;
+    /// Where invalidation waits write their status.
+    pub const WAIT_STATUS: u64 = 0x5000;
+    /// The request buffer of the shadow design.
+    pub const REQ: u64 = 0x5040;
+    /// Per-slot state of the client: GPA, expected qword, busy, generation (32 bytes each).
+    pub const SLOTS: u64 = 0x6000;
+    /// Pages the client's buffers are taken from.
+    pub const POOL: u64 = 0x1_0000;
+    pub const POOL_PAGES: u64 = (0x20_0000 - POOL) / 4096;
+}
+
+/// virtio-iommu request types and statuses (virtio specification, IOMMU device).
+pub mod virtio {
+    pub const T_MAP: u8 = 3;
+    pub const T_UNMAP: u8 = 4;
+    pub const MAP_READ: u32 = 1 << 0;
+    pub const MAP_WRITE: u32 = 1 << 1;
+    pub const MAP_MMIO: u32 = 1 << 2;
+    pub const S_OK: u8 = 0;
+    pub const S_IOERR: u8 = 1;
+    pub const S_UNSUPP: u8 = 2;
+    pub const S_DEVERR: u8 = 3;
+    pub const S_INVAL: u8 = 4;
+    pub const S_RANGE: u8 = 5;
+    /// `struct virtio_iommu_req_map`: head, domain, virt_start, virt_end, phys_start, flags,
+    /// tail (status at 36).
+    pub const MAP_LEN: usize = 40;
+    pub const MAP_STATUS: usize = 36;
+    /// `struct virtio_iommu_req_unmap`: head, domain, virt_start, virt_end, reserved, tail
+    /// (status at 28).
+    pub const UNMAP_LEN: usize = 32;
+    pub const UNMAP_STATUS: usize = 28;
+}
+
+/// Whether a device has a vIOMMU, and which design.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ViommuMode {
+    /// The VMM maps all of guest RAM at IOVA = GPA once.
+    #[default]
+    Off,
+    /// The guest's stage 1 on the host's stage 2.
+    Nested,
+    /// The guest asks the VMM to map and unmap (virtio-iommu style).
+    Shadow,
+}
+
+impl ViommuMode {
+    pub const ALL: [ViommuMode; 3] = [ViommuMode::Off, ViommuMode::Nested, ViommuMode::Shadow];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ViommuMode::Off => "off",
+            ViommuMode::Nested => "nested",
+            ViommuMode::Shadow => "shadow",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s)
+    }
+    /// The MODE register's value.
+    pub fn register(self) -> u32 {
+        self as u32
+    }
+}
+
+impl std::fmt::Display for ViommuMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One mapping to guest RAM: `(iova, length, gpa)`.
+pub type Mapping = (u64, u64, u64);
+
+/// How a device's addresses lead to guest RAM, for whoever tracks its writes. With IOVA = GPA
+/// (no vIOMMU, or nested, where the tracked HWPT is stage 2) this is the identity on RAM;
+/// with a shadow vIOMMU it is the guest's current mappings, and unmaps hand over their dirt.
+pub trait DmaSpace: Send + Sync {
+    /// Calls `f` with the IOVA ranges mapped now that lead to guest RAM, `(iova, length,
+    /// gpa)`, and holds them still while it runs: a harvest reads the bits of a range and
+    /// translates them before the guest can unmap or remap it.
+    fn with_ram_mappings(&self, f: &mut dyn FnMut(&[Mapping]));
+    /// Whether the HWPT's dirty bits are indexed by GPA (no translation needed).
+    fn identity(&self) -> bool;
+    /// While on, an unmap reads and clears the dirty bits of what it removes and keeps them
+    /// for [`DmaSpace::take_unmapped_dirty`] (`docs/viommu.md#shadow-mappings`).
+    fn set_unmap_logging(&self, on: bool);
+    /// Guest page frames whose dirt left with an unmap since the last call.
+    fn take_unmapped_dirty(&self) -> Vec<u64>;
+}
+
+/// Adds to `out` the guest pages a paging HWPT holds dirty (reading and clearing its bits),
+/// translated through `space`, plus the pages whose dirt left with an unmap. This is where a
+/// shadow vIOMMU's IOVA-indexed bits become guest-physical pages, before they meet KVM's log.
+pub fn harvest_hwpt(
+    fd: &iommufd::IommuFd,
+    hwpt: u32,
+    space: &dyn DmaSpace,
+    buf: &mut Vec<u8>,
+    out: &mut crate::PageBitmap,
+) -> Result<(), iommu::Errno> {
+    let mut r = Ok(());
+    space.with_ram_mappings(&mut |maps| {
+        for &(iova, len, gpa) in maps {
+            buf.clear();
+            buf.resize((len / 4096).div_ceil(8) as usize, 0);
+            let mut cmd = iommufd::HwptGetDirtyBitmap {
+                hwpt_id: hwpt,
+                flags: 0,
+                __reserved: 0,
+                iova,
+                length: len,
+                page_size: 4096,
+                data: buf,
+            };
+            if let Err(e) = fd.hwpt_get_dirty_bitmap(&mut cmd) {
+                r = Err(e);
+                return;
+            }
+            out.set_from_bytes(gpa / 4096, buf);
+        }
+    });
+    for pfn in space.take_unmapped_dirty() {
+        out.set(pfn);
+    }
+    r
+}
+
+/// The identity space: the IOAS's areas that are RAM, at IOVA = GPA.
+pub(crate) struct IdentitySpace {
+    pub fd: std::sync::Arc<iommufd::IommuFd>,
+    pub ioas: u32,
+    pub slots: Vec<crate::Slot>,
+}
+
+impl DmaSpace for IdentitySpace {
+    fn with_ram_mappings(&self, f: &mut dyn FnMut(&[Mapping])) {
+        f(&self.ram_mappings())
+    }
+    fn identity(&self) -> bool {
+        true
+    }
+    fn set_unmap_logging(&self, _on: bool) {}
+    fn take_unmapped_dirty(&self) -> Vec<u64> {
+        Vec::new()
+    }
+}
+
+impl IdentitySpace {
+    fn ram_mappings(&self) -> Vec<Mapping> {
+        let in_ram = |iova: u64, len: u64| self.slots.iter().any(|s| s.gpa <= iova && iova + len <= s.gpa + s.size);
+        self.fd
+            .ioas_areas(self.ioas)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&(i, l, _)| in_ram(i, l))
+            .map(|(i, l, _)| (i, l, i))
+            .collect()
+    }
+}

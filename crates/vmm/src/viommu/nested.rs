@@ -1,0 +1,132 @@
+//! The nested vIOMMU: the guest's VT-d first-stage table, its invalidation queue, and the
+//! iommufd objects under them (`docs/viommu.md#the-nested-viommu`).
+//!
+//! Set up like a VMM with a VT-d vIOMMU in nested mode: guest RAM in an IOAS at IOVA = GPA,
+//! a paging HWPT allocated with `NEST_PARENT` (and `DIRTY_TRACKING`) on it, and a nested HWPT
+//! whose stage-1 root is the table the guest's firmware set up at `viommu_area + S1` (the
+//! PASID entry's first-stage pointer). The guest's invalidation descriptors reach
+//! `IOMMU_HWPT_INVALIDATE`, one entry per descriptor.
+
+use super::{area, ID, ID_VALUE, IQA, IQERR, IQH, IQT, MODE};
+use crate::mmio::MmioDevice;
+use iommu::nested::inv_queue::{Descriptor, InvQueue, Pages};
+use iommu::Stage1Kind;
+use iommufd::{HwptInvalidate, IommuFd, VtdS1Invalidate, IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, IOMMU_VTD_INV_FLAGS_LEAF};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub(crate) struct NestedViommu {
+    fd: Arc<IommuFd>,
+    nested: u32,
+    mem: Arc<GuestMemoryMmap>,
+    queue: Mutex<InvQueue>,
+    /// Non-zero once the queue stopped on an error (cleared by an IQA write).
+    error: AtomicU32,
+}
+
+impl NestedViommu {
+    pub fn new(fd: Arc<IommuFd>, nested: u32, mem: Arc<GuestMemoryMmap>) -> Self {
+        Self {
+            fd,
+            nested,
+            mem,
+            queue: Mutex::new(InvQueue::default()),
+            error: AtomicU32::new(0),
+        }
+    }
+
+    /// What the guest's firmware leaves at `base` (its vIOMMU area): the upper levels of one
+    /// stage-1 chain covering `iova`'s 2 MiB, and an empty leaf table. Entries are written as
+    /// a driver writes them, A and D clear: the emulated IOMMU sets them.
+    pub fn write_firmware_tables(mem: &GuestMemoryMmap, base: u64, iova: u64) -> Result<(), String> {
+        let root = base + area::S1;
+        mem.write_slice(&[0u8; 4 * 4096], GuestAddress(root))
+            .map_err(|e| e.to_string())?;
+        for level in (1..4).rev() {
+            let table = root + (3 - level as u64) * 4096;
+            let slot = ((iova >> (12 + 9 * level)) & 511) * 8;
+            let entry = Stage1Kind::VtdFs.table(table + 4096, level);
+            mem.write_obj(entry, GuestAddress(table + slot))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn run_queue(&self, iqt: u64) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut read = |gpa: u64, buf: &mut [u8]| self.mem.read_slice(buf, GuestAddress(gpa)).is_ok();
+        let mut write = |gpa: u64, buf: &[u8]| self.mem.write_slice(buf, GuestAddress(gpa)).is_ok();
+        let mut apply = |d: &Descriptor| {
+            let Descriptor::PasidIotlb { pages, .. } = *d else {
+                return;
+            };
+            let e = match pages {
+                Pages::All => VtdS1Invalidate {
+                    addr: 0,
+                    npages: u64::MAX,
+                    ..Default::default()
+                },
+                Pages::Range {
+                    addr,
+                    npages,
+                    leaf_only,
+                } => VtdS1Invalidate {
+                    addr,
+                    npages,
+                    flags: if leaf_only { IOMMU_VTD_INV_FLAGS_LEAF } else { 0 },
+                    __reserved: 0,
+                },
+            };
+            let bytes = e.to_bytes();
+            let mut cmd = HwptInvalidate {
+                hwpt_id: self.nested,
+                data_type: IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
+                entry_len: bytes.len() as u32,
+                entry_num: 1,
+                __reserved: 0,
+                data: &bytes,
+            };
+            if let Err(e) = self.fd.hwpt_invalidate(&mut cmd) {
+                tracing::warn!("vIOMMU: IOMMU_HWPT_INVALIDATE failed: {e}");
+            }
+        };
+        if let Err(e) = q.write_iqt(iqt, &mut read, &mut write, &mut apply) {
+            tracing::warn!("vIOMMU: invalidation queue stopped: {e}");
+            self.error.store(1, Ordering::Release);
+        }
+    }
+}
+
+impl MmioDevice for NestedViommu {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let v: u64 = match offset {
+            ID => ID_VALUE as u64,
+            MODE => super::ViommuMode::Nested.register() as u64,
+            IQH => q.iqh(),
+            IQT => q.iqt(),
+            IQA => q.iqa(),
+            IQERR => self.error.load(Ordering::Acquire) as u64,
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = data.len().min(8);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u64::from_le_bytes(b);
+        match offset {
+            IQA => {
+                self.queue.lock().unwrap_or_else(|e| e.into_inner()).write_iqa(v);
+                self.error.store(0, Ordering::Release);
+            }
+            IQT => self.run_queue(v),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The shadow vIOMMU: virtio-iommu-style MAP and UNMAP requests, carried out in a
+//! single-stage HWPT, with the IOVA → GPA table the VMM keeps
+//! (`docs/viommu.md#the-shadow-viommu`).
+//!
+//! The HWPT's dirty bits are indexed by IOVA. While a migration logs, an UNMAP goes through
+//! `LIVEMIG_IOAS_UNMAP_DIRTY`: the dirty bits of what it removes come back, are translated
+//! to guest pages through the table before the mapping is forgotten, and wait for the next
+//! harvest ([`DmaSpace::take_unmapped_dirty`]). New mappings need nothing: HWPT tracking is
+//! per domain, so a range mapped after logging started is logged from its first write.
+
+use super::virtio::*;
+use super::{DmaSpace, Mapping, ID, ID_VALUE, MODE, REQ, REQ_STATUS};
+use crate::mmio::MmioDevice;
+use iommufd::{IoasMap, IoasUnmap, IoasUnmapDirty, IommuFd, IOMMU_IOAS_MAP_FIXED_IOVA};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub(crate) struct ShadowViommu {
+    fd: Arc<IommuFd>,
+    ioas: u32,
+    mem: Arc<GuestMemoryMmap>,
+    /// Guest RAM as registered user memory: (gpa, size, user va).
+    ram: Vec<(u64, u64, u64)>,
+    /// IOVA → (length, GPA) of every mapping the guest made.
+    map: Mutex<BTreeMap<u64, (u64, u64)>>,
+    logging: AtomicBool,
+    pending: Mutex<Vec<u64>>,
+    last_status: AtomicU32,
+    /// Test-only sabotage: unmap without reading the dirty bits first.
+    skip_unmap_dirty: AtomicBool,
+    /// Test-only sabotage: report the mappings as if IOVA were GPA.
+    skip_translation: AtomicBool,
+}
+
+impl ShadowViommu {
+    pub fn new(fd: Arc<IommuFd>, ioas: u32, mem: Arc<GuestMemoryMmap>, ram: Vec<(u64, u64, u64)>) -> Self {
+        Self {
+            fd,
+            ioas,
+            mem,
+            ram,
+            map: Mutex::new(BTreeMap::new()),
+            logging: AtomicBool::new(false),
+            pending: Mutex::new(Vec::new()),
+            last_status: AtomicU32::new(0),
+            skip_unmap_dirty: AtomicBool::new(false),
+            skip_translation: AtomicBool::new(false),
+        }
+    }
+
+    /// Sabotage for tests: the IOVA-indexed bits are taken for guest pages untranslated.
+    pub fn sabotage_skip_translation(&self, on: bool) {
+        self.skip_translation.store(on, Ordering::Relaxed);
+    }
+
+    /// Sabotage for tests: unmaps stop reading the dirty bits of what they remove.
+    pub fn sabotage_skip_unmap_dirty(&self, on: bool) {
+        self.skip_unmap_dirty.store(on, Ordering::Relaxed);
+    }
+
+    /// The user address of `[gpa, gpa + len)` if it is RAM in one region.
+    fn user_va(&self, gpa: u64, len: u64) -> Option<u64> {
+        let end = gpa.checked_add(len)?;
+        self.ram
+            .iter()
+            .find(|&&(g, s, _)| g <= gpa && end <= g + s)
+            .map(|&(g, _, va)| va + (gpa - g))
+    }
+
+    fn u64_at(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().expect("in bounds"))
+    }
+
+    /// Carries out the request at `gpa` and writes its status into its tail.
+    fn request(&self, gpa: u64) {
+        let mut head = [0u8; 1];
+        if self.mem.read_slice(&mut head, GuestAddress(gpa)).is_err() {
+            self.last_status.store(S_DEVERR as u32, Ordering::Release);
+            return;
+        }
+        let (len, status_at) = match head[0] {
+            T_MAP => (MAP_LEN, MAP_STATUS),
+            T_UNMAP => (UNMAP_LEN, UNMAP_STATUS),
+            _ => {
+                self.last_status.store(S_UNSUPP as u32, Ordering::Release);
+                return;
+            }
+        };
+        let mut b = vec![0u8; len];
+        if self.mem.read_slice(&mut b, GuestAddress(gpa)).is_err() {
+            self.last_status.store(S_DEVERR as u32, Ordering::Release);
+            return;
+        }
+        let status = if head[0] == T_MAP {
+            let flags = u32::from_le_bytes(b[32..36].try_into().expect("in bounds"));
+            self.map(Self::u64_at(&b, 8), Self::u64_at(&b, 16), Self::u64_at(&b, 24), flags)
+        } else {
+            self.unmap(Self::u64_at(&b, 8), Self::u64_at(&b, 16))
+        };
+        self.last_status.store(status as u32, Ordering::Release);
+        let _ = self.mem.write_slice(&[status], GuestAddress(gpa + status_at as u64));
+    }
+
+    fn map(&self, start: u64, end: u64, phys: u64, flags: u32) -> u8 {
+        if flags & !(MAP_READ | MAP_WRITE | MAP_MMIO) != 0 || flags & (MAP_READ | MAP_WRITE) == 0 {
+            return S_INVAL;
+        }
+        if flags & MAP_MMIO != 0 {
+            return S_UNSUPP;
+        }
+        let Some(len) = end.checked_sub(start).and_then(|l| l.checked_add(1)) else {
+            return S_INVAL;
+        };
+        if !start.is_multiple_of(4096)
+            || !len.is_multiple_of(4096)
+            || !phys.is_multiple_of(4096)
+            || start >> iommu::format::IOVA_BITS != 0
+        {
+            return S_RANGE;
+        }
+        let Some(va) = self.user_va(phys, len) else {
+            return S_INVAL; // not guest RAM
+        };
+        let mut perm = 0;
+        if flags & MAP_READ != 0 {
+            perm |= iommufd::IOMMU_IOAS_MAP_READABLE;
+        }
+        if flags & MAP_WRITE != 0 {
+            perm |= iommufd::IOMMU_IOAS_MAP_WRITEABLE;
+        }
+        let mut table = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = IoasMap {
+            flags: IOMMU_IOAS_MAP_FIXED_IOVA | perm,
+            ioas_id: self.ioas,
+            user_va: va,
+            length: len,
+            iova: start,
+            ..Default::default()
+        };
+        match self.fd.ioas_map(&mut m) {
+            Ok(()) => {
+                table.insert(start, (len, phys));
+                S_OK
+            }
+            Err(e) if e.code() == iommu::errno::EEXIST || e.code() == iommu::errno::EINVAL => S_INVAL,
+            Err(_) => S_DEVERR,
+        }
+    }
+
+    fn unmap(&self, start: u64, end: u64) -> u8 {
+        let Some(len) = end.checked_sub(start).and_then(|l| l.checked_add(1)) else {
+            return S_INVAL;
+        };
+        let mut table = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let removed: Vec<(u64, u64, u64)> = table
+            .range(..=end)
+            .filter(|(&i, &(l, _))| i + l > start)
+            .map(|(&i, &(l, g))| (i, l, g))
+            .collect();
+        if removed.is_empty() {
+            return S_OK; // nothing mapped there
+        }
+        if removed.iter().any(|&(i, l, _)| i < start || i + l - 1 > end) {
+            return S_RANGE; // it would split a mapping: nothing is removed
+        }
+        let log = self.logging.load(Ordering::Acquire) && !self.skip_unmap_dirty.load(Ordering::Relaxed);
+        let r = if log {
+            let mut bits = vec![0u8; (len / 4096).div_ceil(8) as usize];
+            let mut cmd = IoasUnmapDirty {
+                ioas_id: self.ioas,
+                flags: 0,
+                __reserved: 0,
+                iova: start,
+                length: len,
+                page_size: 4096,
+                data: &mut bits,
+            };
+            let r = self.fd.ioas_unmap_dirty(&mut cmd);
+            if r.is_ok() {
+                // Translate while the table still knows where each IOVA led.
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                for n in 0..len / 4096 {
+                    if bits[(n / 8) as usize] >> (n % 8) & 1 != 0 {
+                        let iova = start + n * 4096;
+                        if let Some(&(i, _, g)) = removed.iter().find(|&&(i, l, _)| i <= iova && iova < i + l) {
+                            pending.push((g + (iova - i)) / 4096);
+                        }
+                    }
+                }
+            }
+            r
+        } else {
+            let mut cmd = IoasUnmap {
+                ioas_id: self.ioas,
+                iova: start,
+                length: len,
+            };
+            self.fd.ioas_unmap(&mut cmd)
+        };
+        match r {
+            Ok(()) => {
+                for (i, _, _) in removed {
+                    table.remove(&i);
+                }
+                S_OK
+            }
+            Err(e) => {
+                tracing::warn!("vIOMMU: unmap of {start:#x}..={end:#x} failed: {e}");
+                S_DEVERR
+            }
+        }
+    }
+}
+
+impl MmioDevice for ShadowViommu {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let v: u64 = match offset {
+            ID => ID_VALUE as u64,
+            MODE => super::ViommuMode::Shadow.register() as u64,
+            REQ_STATUS => self.last_status.load(Ordering::Acquire) as u64,
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        if offset == REQ {
+            let mut b = [0u8; 8];
+            let n = data.len().min(8);
+            b[..n].copy_from_slice(&data[..n]);
+            self.request(u64::from_le_bytes(b));
+        }
+    }
+}
+
+impl DmaSpace for ShadowViommu {
+    fn with_ram_mappings(&self, f: &mut dyn FnMut(&[Mapping])) {
+        let table = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let untranslated = self.skip_translation.load(Ordering::Relaxed);
+        let v: Vec<Mapping> = table
+            .iter()
+            .map(|(&i, &(l, g))| (i, l, if untranslated { i } else { g }))
+            .collect();
+        f(&v);
+    }
+    fn identity(&self) -> bool {
+        false
+    }
+    fn set_unmap_logging(&self, on: bool) {
+        // Under the table's lock: an unmap in progress finishes under the old setting.
+        let _t = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        self.logging.store(on, Ordering::Release);
+    }
+    fn take_unmapped_dirty(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
