@@ -339,6 +339,7 @@ pub(crate) fn attach(
             fd: fd.clone(),
             ioas,
             slots: slots.to_vec(),
+            nested: false,
         }),
         ViommuMode::Nested => {
             let nested = attach_nested(&fd, dev, hwpt, idx, mem)?;
@@ -350,6 +351,7 @@ pub(crate) fn attach(
                 fd: fd.clone(),
                 ioas,
                 slots: slots.to_vec(),
+                nested: true,
             })
         }
         ViommuMode::Shadow => {

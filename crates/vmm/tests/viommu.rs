@@ -9,36 +9,62 @@ use common::*;
 use iommufd::*;
 use std::time::{Duration, Instant};
 use vmm::layout::viommu_area;
-use vmm::viommu::{area, harvest_hwpt};
+use vmm::viommu::{area, harvest_hwpt, harvest_translated, UnmapLog};
 use vmm::*;
 
 fn vm_with(mode: ViommuMode) -> Vm {
+    let vm = vm_only(mode);
+    vm.programs().load(0, &Program::viommu_client(0, 1)).unwrap();
+    vm
+}
+
+fn vm_only(mode: ViommuMode) -> Vm {
     let accel = AccelSetup {
         huge_pages: false,
         viommu: mode,
         ..Default::default()
     };
-    let vm = Vm::new(VmConfig {
+    Vm::new(VmConfig {
         mem_mib: 64,
         regions: 1,
         vcpus: 1,
         dirty: DirtyLogMode::Bitmap,
         devices: DeviceSet::one(accel),
     })
-    .unwrap();
-    vm.programs().load(0, &Program::viommu_client(0, 1)).unwrap();
-    vm
+    .unwrap()
 }
 
-fn track(vm: &Vm) {
+/// Who tracks the device's writes: the IOMMU's dirty bits, or the device's own DMA log.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum By {
+    Iommu,
+    DeviceLog,
+}
+
+fn track(vm: &Vm, by: By) {
     let d = &vm.devices()[0];
-    d.fd.hwpt_set_dirty_tracking(&HwptSetDirtyTracking {
-        flags: IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
-        hwpt_id: d.hwpt,
-        __reserved: 0,
-    })
-    .unwrap();
-    d.space.set_unmap_logging(true);
+    match by {
+        By::Iommu => {
+            d.fd.hwpt_set_dirty_tracking(&HwptSetDirtyTracking {
+                flags: IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
+                hwpt_id: d.hwpt,
+                __reserved: 0,
+            })
+            .unwrap();
+            d.space.set_unmap_log(Some(UnmapLog::Hwpt));
+        }
+        By::DeviceLog => {
+            let ranges: Vec<vfio::LogRange> = d
+                .space
+                .log_ranges()
+                .unwrap()
+                .into_iter()
+                .map(|(iova, length)| vfio::LogRange { iova, length })
+                .collect();
+            d.migration.dma_logging_start(&ranges, 4096).unwrap();
+            d.space.set_unmap_log(Some(UnmapLog::Device(d.migration.clone())));
+        }
+    }
 }
 
 /// Waits until the device has finished every job the guest submitted (the vCPUs are paused).
@@ -58,11 +84,11 @@ fn quiesce(vm: &Vm) {
 /// Runs the client, tracks the device from its first write on, copies what each harvest
 /// reports, and after the guest and device stopped compares the copy of the buffer pool
 /// with memory: the number of pages that differ.
-fn migrate_pool(vm: &Vm, rounds: u32) -> (u64, Counters) {
+fn migrate_pool(vm: &Vm, rounds: u32, by: By) -> (u64, Counters) {
     let d = &vm.devices()[0];
     let pool = viommu_area(0) + area::POOL;
     let pool_len = (area::POOL_PAGES * 4096) as usize;
-    track(vm);
+    track(vm, by);
     let mut copy = vec![0u8; pool_len];
     vm.memory()
         .read_slice(&mut copy, vm_memory::GuestAddress(pool))
@@ -70,7 +96,13 @@ fn migrate_pool(vm: &Vm, rounds: u32) -> (u64, Counters) {
     let mut buf = Vec::new();
     let mut round = |copy: &mut Vec<u8>| {
         let mut dirty = PageBitmap::new(vm.ram_end() / 4096);
-        harvest_hwpt(&d.fd, d.hwpt, d.space.as_ref(), &mut buf, &mut dirty).unwrap();
+        match by {
+            By::Iommu => harvest_hwpt(&d.fd, d.hwpt, d.space.as_ref(), &mut buf, &mut dirty).unwrap(),
+            By::DeviceLog => harvest_translated(d.space.as_ref(), &mut buf, &mut dirty, &mut |iova, len, bits| {
+                d.migration.dma_logging_report(iova, len, 4096, bits)
+            })
+            .unwrap(),
+        }
         for pfn in dirty.iter() {
             let gpa = pfn * 4096;
             if gpa >= pool && gpa < pool + pool_len as u64 {
@@ -107,19 +139,48 @@ use vm_memory::Bytes;
 #[test]
 fn the_guest_remaps_and_checks_every_job_through_both_designs() {
     need_kvm!();
-    for mode in [ViommuMode::Nested, ViommuMode::Shadow] {
+    for (mode, by) in [
+        (ViommuMode::Nested, By::Iommu),
+        (ViommuMode::Shadow, By::Iommu),
+        (ViommuMode::Shadow, By::DeviceLog),
+    ] {
         let vm = vm_with(mode);
-        let (missed, c) = migrate_pool(&vm, 15);
-        println!("{mode}: {c:?}, missed {missed}");
-        assert!(c.jobs_completed > 100, "{mode}: jobs completed {}", c.jobs_completed);
-        assert_eq!(c.errors, 0, "{mode}: every job checked by the guest");
+        let (missed, c) = migrate_pool(&vm, 8, by);
+        println!("{mode}, {by:?}: {c:?}, missed {missed}");
+        assert!(
+            c.jobs_completed > 100,
+            "{mode}, {by:?}: jobs completed {}",
+            c.jobs_completed
+        );
+        assert_eq!(c.errors, 0, "{mode}, {by:?}: every job checked by the guest");
         let remaps = vm
             .memory()
             .read_obj::<u64>(vm_memory::GuestAddress(layout::ctrl_page(0) + programs::ctrl::K_REMAPS))
             .unwrap();
-        assert!(remaps > 50, "{mode}: remaps {remaps}");
-        assert_eq!(missed, 0, "{mode}: pool pages the harvests missed");
+        assert!(remaps > 50, "{mode}, {by:?}: remaps {remaps}");
+        assert_eq!(missed, 0, "{mode}, {by:?}: pool pages the harvests missed");
     }
+}
+
+/// A device log behind a nested vIOMMU is refused: its IOVAs cannot be translated after the
+/// guest changed its table.
+#[test]
+fn a_device_log_behind_a_nested_viommu_is_refused() {
+    need_kvm!();
+    let vm = vm_with(ViommuMode::Nested);
+    let e = vm.devices()[0].space.log_ranges().unwrap_err();
+    assert!(e.contains("stage-1"), "{e}");
+    let vm = vm_only(ViommuMode::Off);
+    assert!(!vm.devices()[0].space.log_ranges().unwrap().is_empty());
+    // The accel-client (IOVA = GPA) is refused on a device behind a vIOMMU, and the vIOMMU
+    // client on one without.
+    let e = vm.programs().load(0, &Program::viommu_client(0, 1)).unwrap_err();
+    assert!(e.to_string().contains("has a vIOMMU"), "{e}");
+    let vm = vm_only(ViommuMode::Shadow);
+    let mut p = Program::dirtier(layout::WORKSET_BASE, 16, 1.0, Pattern::Sequential);
+    p.accel_queue = Some(1);
+    let e = vm.programs().load(0, &p).unwrap_err();
+    assert!(e.to_string().contains("vIOMMU client"), "{e}");
 }
 
 /// Shadow: without the dirty read at unmap, or without the IOVA → GPA translation, the same
@@ -129,13 +190,17 @@ fn shadow_sabotages_lose_device_writes() {
     need_kvm!();
     let vm = vm_with(ViommuMode::Shadow);
     vm.devices()[0].sabotage_skip_unmap_dirty(true);
-    let (missed, c) = migrate_pool(&vm, 10);
+    let (missed, c) = migrate_pool(&vm, 10, By::Iommu);
     assert_eq!(c.errors, 0);
     assert!(missed > 0, "skipping the dirty read before unmap must lose pages");
+    let vm = vm_with(ViommuMode::Shadow);
+    vm.devices()[0].sabotage_skip_unmap_dirty(true);
+    let (missed, _) = migrate_pool(&vm, 10, By::DeviceLog);
+    assert!(missed > 0, "skipping the log read after unmap must lose pages");
 
     let vm = vm_with(ViommuMode::Shadow);
     vm.devices()[0].sabotage_skip_translation(true);
-    let (missed, c) = migrate_pool(&vm, 10);
+    let (missed, c) = migrate_pool(&vm, 10, By::Iommu);
     println!("untranslated: missed {missed}, {c:?}");
     assert_eq!(c.errors, 0);
     assert!(missed > 0, "untranslated IOVA bits must lose pages");

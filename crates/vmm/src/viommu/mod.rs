@@ -121,48 +121,54 @@ impl std::fmt::Display for ViommuMode {
 /// One mapping to guest RAM: `(iova, length, gpa)`.
 pub type Mapping = (u64, u64, u64);
 
+/// What an unmap does with the dirty state of what it removes, while a migration tracks the
+/// device's writes (`docs/viommu.md#the-shadow-viommu`).
+#[derive(Clone)]
+pub enum UnmapLog {
+    /// The HWPT's bits leave with the translation: unmap with `LIVEMIG_IOAS_UNMAP_DIRTY`.
+    Hwpt,
+    /// The device logs by IOVA over the whole window: unmap (which drains the device's
+    /// accesses), then read and clear the device's log for the range.
+    Device(vfio::MigrationDevice),
+}
+
 /// How a device's addresses lead to guest RAM, for whoever tracks its writes. With IOVA = GPA
 /// (no vIOMMU, or nested, where the tracked HWPT is stage 2) this is the identity on RAM;
 /// with a shadow vIOMMU it is the guest's current mappings, and unmaps hand over their dirt.
 pub trait DmaSpace: Send + Sync {
-    /// Calls `f` with the IOVA ranges mapped now that lead to guest RAM, `(iova, length,
-    /// gpa)`, and holds them still while it runs: a harvest reads the bits of a range and
-    /// translates them before the guest can unmap or remap it.
+    /// Calls `f` with the IOVA ranges mapped now that lead to guest RAM and holds them still
+    /// while it runs: a harvest reads the bits of a range and translates them before the
+    /// guest can unmap or remap it.
     fn with_ram_mappings(&self, f: &mut dyn FnMut(&[Mapping]));
-    /// Whether the HWPT's dirty bits are indexed by GPA (no translation needed).
+    /// Whether the device's addresses are guest-physical addresses (no translation needed).
     fn identity(&self) -> bool;
-    /// While on, an unmap reads and clears the dirty bits of what it removes and keeps them
-    /// for [`DmaSpace::take_unmapped_dirty`] (`docs/viommu.md#shadow-mappings`).
-    fn set_unmap_logging(&self, on: bool);
+    /// The IOVA ranges a device's own DMA log must cover to see every write, whatever the
+    /// guest maps later: RAM for the identity, the whole IOVA window for a shadow vIOMMU. An
+    /// error where a device log cannot be translated to guest pages (nested: see
+    /// `docs/viommu.md#device-dma-logging`).
+    fn log_ranges(&self) -> Result<Vec<(u64, u64)>, String>;
+    /// From now on, unmaps keep the dirt of what they remove (`Some`), or not (`None`).
+    fn set_unmap_log(&self, log: Option<UnmapLog>);
     /// Guest page frames whose dirt left with an unmap since the last call.
     fn take_unmapped_dirty(&self) -> Vec<u64>;
 }
 
-/// Adds to `out` the guest pages a paging HWPT holds dirty (reading and clearing its bits),
-/// translated through `space`, plus the pages whose dirt left with an unmap. This is where a
-/// shadow vIOMMU's IOVA-indexed bits become guest-physical pages, before they meet KVM's log.
-pub fn harvest_hwpt(
-    fd: &iommufd::IommuFd,
-    hwpt: u32,
+/// Adds to `out` the guest pages `read` reports dirty for the device's current mappings
+/// (`read(iova, length, bitmap)` fills an LSB-first bitmap of 4 KiB pages and clears what it
+/// reports), translated through `space`, plus the pages whose dirt left with an unmap. This
+/// is where IOVA-indexed bits become guest-physical pages, before they meet KVM's log.
+pub fn harvest_translated(
     space: &dyn DmaSpace,
     buf: &mut Vec<u8>,
     out: &mut crate::PageBitmap,
+    read: &mut dyn FnMut(u64, u64, &mut [u8]) -> Result<(), iommu::Errno>,
 ) -> Result<(), iommu::Errno> {
     let mut r = Ok(());
     space.with_ram_mappings(&mut |maps| {
         for &(iova, len, gpa) in maps {
             buf.clear();
             buf.resize((len / 4096).div_ceil(8) as usize, 0);
-            let mut cmd = iommufd::HwptGetDirtyBitmap {
-                hwpt_id: hwpt,
-                flags: 0,
-                __reserved: 0,
-                iova,
-                length: len,
-                page_size: 4096,
-                data: buf,
-            };
-            if let Err(e) = fd.hwpt_get_dirty_bitmap(&mut cmd) {
+            if let Err(e) = read(iova, len, buf) {
                 r = Err(e);
                 return;
             }
@@ -175,11 +181,35 @@ pub fn harvest_hwpt(
     r
 }
 
-/// The identity space: the IOAS's areas that are RAM, at IOVA = GPA.
+/// [`harvest_translated`] from a paging HWPT's dirty bits (`IOMMU_HWPT_GET_DIRTY_BITMAP`).
+pub fn harvest_hwpt(
+    fd: &iommufd::IommuFd,
+    hwpt: u32,
+    space: &dyn DmaSpace,
+    buf: &mut Vec<u8>,
+    out: &mut crate::PageBitmap,
+) -> Result<(), iommu::Errno> {
+    harvest_translated(space, buf, out, &mut |iova, length, data| {
+        fd.hwpt_get_dirty_bitmap(&mut iommufd::HwptGetDirtyBitmap {
+            hwpt_id: hwpt,
+            flags: 0,
+            __reserved: 0,
+            iova,
+            length,
+            page_size: 4096,
+            data,
+        })
+    })
+}
+
+/// The identity space: the IOAS's areas that are RAM, at IOVA = GPA. With a nested vIOMMU
+/// this holds for the HWPT that is tracked (stage 2), not for the addresses the device
+/// issues, which are the guest's IOVAs: then a device log is refused.
 pub(crate) struct IdentitySpace {
     pub fd: std::sync::Arc<iommufd::IommuFd>,
     pub ioas: u32,
     pub slots: Vec<crate::Slot>,
+    pub nested: bool,
 }
 
 impl DmaSpace for IdentitySpace {
@@ -189,7 +219,19 @@ impl DmaSpace for IdentitySpace {
     fn identity(&self) -> bool {
         true
     }
-    fn set_unmap_logging(&self, _on: bool) {}
+    fn log_ranges(&self) -> Result<Vec<(u64, u64)>, String> {
+        if self.nested {
+            return Err(
+                "a device's DMA log behind a nested vIOMMU is indexed by the guest's IOVAs, \
+                        and the guest changes its stage-1 table without the VMM seeing the old \
+                        translation: track with the IOMMU (stage 2 is indexed by guest-physical \
+                        address) instead"
+                    .into(),
+            );
+        }
+        Ok(self.ram_mappings().into_iter().map(|(i, l, _)| (i, l)).collect())
+    }
+    fn set_unmap_log(&self, _log: Option<UnmapLog>) {}
     fn take_unmapped_dirty(&self) -> Vec<u64> {
         Vec::new()
     }

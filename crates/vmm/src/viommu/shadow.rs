@@ -9,7 +9,8 @@
 //! per domain, so a range mapped after logging started is logged from its first write.
 
 use super::virtio::*;
-use super::{DmaSpace, Mapping, ID, ID_VALUE, MODE, REQ, REQ_STATUS};
+use super::{DmaSpace, Mapping, UnmapLog, ID, ID_VALUE, MODE, REQ, REQ_STATUS};
+use crate::layout::{VIOMMU_IOVA, VIOMMU_IOVA_SIZE};
 use crate::mmio::MmioDevice;
 use iommufd::{IoasMap, IoasUnmap, IoasUnmapDirty, IommuFd, IOMMU_IOAS_MAP_FIXED_IOVA};
 use std::collections::BTreeMap;
@@ -25,7 +26,7 @@ pub(crate) struct ShadowViommu {
     ram: Vec<(u64, u64, u64)>,
     /// IOVA → (length, GPA) of every mapping the guest made.
     map: Mutex<BTreeMap<u64, (u64, u64)>>,
-    logging: AtomicBool,
+    logging: Mutex<Option<UnmapLog>>,
     pending: Mutex<Vec<u64>>,
     last_status: AtomicU32,
     /// Test-only sabotage: unmap without reading the dirty bits first.
@@ -42,7 +43,7 @@ impl ShadowViommu {
             mem,
             ram,
             map: Mutex::new(BTreeMap::new()),
-            logging: AtomicBool::new(false),
+            logging: Mutex::new(None),
             pending: Mutex::new(Vec::new()),
             last_status: AtomicU32::new(0),
             skip_unmap_dirty: AtomicBool::new(false),
@@ -165,40 +166,58 @@ impl ShadowViommu {
         if removed.iter().any(|&(i, l, _)| i < start || i + l - 1 > end) {
             return S_RANGE; // it would split a mapping: nothing is removed
         }
-        let log = self.logging.load(Ordering::Acquire) && !self.skip_unmap_dirty.load(Ordering::Relaxed);
-        let r = if log {
-            let mut bits = vec![0u8; (len / 4096).div_ceil(8) as usize];
-            let mut cmd = IoasUnmapDirty {
-                ioas_id: self.ioas,
-                flags: 0,
-                __reserved: 0,
-                iova: start,
-                length: len,
-                page_size: 4096,
-                data: &mut bits,
-            };
-            let r = self.fd.ioas_unmap_dirty(&mut cmd);
-            if r.is_ok() {
-                // Translate while the table still knows where each IOVA led.
-                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                for n in 0..len / 4096 {
-                    if bits[(n / 8) as usize] >> (n % 8) & 1 != 0 {
-                        let iova = start + n * 4096;
-                        if let Some(&(i, _, g)) = removed.iter().find(|&&(i, l, _)| i <= iova && iova < i + l) {
-                            pending.push((g + (iova - i)) / 4096);
-                        }
+        let log = if self.skip_unmap_dirty.load(Ordering::Relaxed) {
+            None
+        } else {
+            self.logging.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        };
+        let mut bits = vec![0u8; (len / 4096).div_ceil(8) as usize];
+        let r = match log {
+            Some(UnmapLog::Hwpt) => {
+                let mut cmd = IoasUnmapDirty {
+                    ioas_id: self.ioas,
+                    flags: 0,
+                    __reserved: 0,
+                    iova: start,
+                    length: len,
+                    page_size: 4096,
+                    data: &mut bits,
+                };
+                self.fd.ioas_unmap_dirty(&mut cmd)
+            }
+            Some(UnmapLog::Device(ref dev)) => {
+                // The unmap drains the device's accesses through the range first: after it,
+                // the log holds every write the range will ever see.
+                let mut cmd = IoasUnmap {
+                    ioas_id: self.ioas,
+                    iova: start,
+                    length: len,
+                };
+                self.fd
+                    .ioas_unmap(&mut cmd)
+                    .and_then(|_| dev.dma_logging_report(start, len, 4096, &mut bits))
+            }
+            None => {
+                let mut cmd = IoasUnmap {
+                    ioas_id: self.ioas,
+                    iova: start,
+                    length: len,
+                };
+                self.fd.ioas_unmap(&mut cmd)
+            }
+        };
+        if r.is_ok() && log.is_some() {
+            // Translate while the table still knows where each IOVA led.
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for n in 0..len / 4096 {
+                if bits[(n / 8) as usize] >> (n % 8) & 1 != 0 {
+                    let iova = start + n * 4096;
+                    if let Some(&(i, _, g)) = removed.iter().find(|&&(i, l, _)| i <= iova && iova < i + l) {
+                        pending.push((g + (iova - i)) / 4096);
                     }
                 }
             }
-            r
-        } else {
-            let mut cmd = IoasUnmap {
-                ioas_id: self.ioas,
-                iova: start,
-                length: len,
-            };
-            self.fd.ioas_unmap(&mut cmd)
-        };
+        }
         match r {
             Ok(()) => {
                 for (i, _, _) in removed {
@@ -250,10 +269,13 @@ impl DmaSpace for ShadowViommu {
     fn identity(&self) -> bool {
         false
     }
-    fn set_unmap_logging(&self, on: bool) {
+    fn log_ranges(&self) -> Result<Vec<(u64, u64)>, String> {
+        Ok(vec![(VIOMMU_IOVA, VIOMMU_IOVA_SIZE)])
+    }
+    fn set_unmap_log(&self, log: Option<UnmapLog>) {
         // Under the table's lock: an unmap in progress finishes under the old setting.
         let _t = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        self.logging.store(on, Ordering::Release);
+        *self.logging.lock().unwrap_or_else(|e| e.into_inner()) = log;
     }
     fn take_unmapped_dirty(&self) -> Vec<u64> {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
