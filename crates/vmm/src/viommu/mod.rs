@@ -153,6 +153,9 @@ pub trait DmaSpace: Send + Sync {
     fn take_unmapped_dirty(&self) -> Vec<u64>;
 }
 
+/// Reads and clears the dirty bits of `(iova, length)` into an LSB-first bitmap of 4 KiB pages.
+pub type ReadDirty<'a> = dyn FnMut(u64, u64, &mut [u8]) -> Result<(), iommu::Errno> + 'a;
+
 /// Adds to `out` the guest pages `read` reports dirty for the device's current mappings
 /// (`read(iova, length, bitmap)` fills an LSB-first bitmap of 4 KiB pages and clears what it
 /// reports), translated through `space`, plus the pages whose dirt left with an unmap. This
@@ -161,7 +164,7 @@ pub fn harvest_translated(
     space: &dyn DmaSpace,
     buf: &mut Vec<u8>,
     out: &mut crate::PageBitmap,
-    read: &mut dyn FnMut(u64, u64, &mut [u8]) -> Result<(), iommu::Errno>,
+    read: &mut ReadDirty<'_>,
 ) -> Result<(), iommu::Errno> {
     let mut r = Ok(());
     space.with_ram_mappings(&mut |maps| {
