@@ -87,6 +87,7 @@ fn payload(kind: Kind, p: &[u8]) -> bool {
             msg::decode_u32_u64(&msg::encode_u32_u64(a, b))
         }),
         Kind::VcpuState => vmm::state::decode(p, 1).is_ok(),
+        Kind::PlatformState => vmm::viommu::parse_platform(p).is_ok(),
         Kind::InitAck => msg::decode_u16(p).is_ok(),
         Kind::IterationAck => msg::decode_u32(p).is_ok(),
         Kind::Ready => round_trip(Ready::decode(p), |v| Ready::decode(&v.encode())),

@@ -88,6 +88,7 @@ pub fn vm_args(o: &VmOpts) -> Vec<String> {
     if o.iommu_4k {
         a.push("--iommu-4k".into());
     }
+    a.extend(["--viommu".into(), o.viommu.name().into()]);
     a
 }
 
@@ -143,5 +144,60 @@ impl Drop for Sockets {
             lock.push(".lock");
             let _ = std::fs::remove_file(lock);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        vm: VmOpts,
+    }
+
+    /// A child started with `vm_args(o)` builds the same VM as `o`: every option is passed on.
+    #[test]
+    fn vm_args_forward_every_option() {
+        let o = Wrap::parse_from([
+            "x",
+            "--memory-mib",
+            "2048",
+            "--vcpus",
+            "3",
+            "--rate",
+            "12.5",
+            "--ws-mib",
+            "100",
+            "--pattern",
+            "hotcold",
+            "--dirty-log",
+            "bitmap",
+            "--ring-entries",
+            "4096",
+            "--devices",
+            "2",
+            "--shared-domain",
+            "--content",
+            "mixed:30",
+            "--dma-rate",
+            "7",
+            "--dma-mib",
+            "9",
+            "--fill-ram",
+            "--iommu-format",
+            "amd-v1",
+            "--iommu-4k",
+            "--viommu",
+            "shadow",
+        ])
+        .vm;
+        let back = Wrap::parse_from(std::iter::once("x".to_string()).chain(vm_args(&o))).vm;
+        assert_eq!(format!("{o:?}"), format!("{back:?}"));
+        let none = Wrap::parse_from(["x", "--no-accel"]).vm;
+        let back = Wrap::parse_from(std::iter::once("x".to_string()).chain(vm_args(&none))).vm;
+        assert_eq!(back.device_count(), 0);
     }
 }

@@ -6,7 +6,7 @@ use clap::Args;
 use iommu::FormatKind;
 use vmm::layout::WORKSET_BASE;
 use vmm::programs::ctrl::DMA_CHUNK;
-use vmm::{AccelSetup, Content, DeviceSet, DirtyLogMode, DmaLoad, Pattern, Program, Vm, VmConfig};
+use vmm::{AccelSetup, Content, DeviceSet, DirtyLogMode, DmaLoad, Pattern, Program, ViommuMode, Vm, VmConfig};
 
 #[derive(Args, Clone, Debug)]
 pub struct VmOpts {
@@ -67,6 +67,17 @@ pub struct VmOpts {
     /// eagerly when dirty tracking starts).
     #[arg(long)]
     pub iommu_4k: bool,
+    /// The guest's own IOMMU in front of the accelerator: off, nested (the guest's VT-d
+    /// first-stage table on the host's stage 2) or shadow (virtio-iommu-style MAP/UNMAP
+    /// requests the VMM carries out). With one, the last vCPU runs the vIOMMU client, which
+    /// maps, unmaps and remaps buffers while the device fills them; the other vCPUs run the
+    /// dirtier (none with one vCPU). One device, no DMA writer (docs/viommu.md).
+    #[arg(long, default_value = "off", value_parser = parse_viommu)]
+    pub viommu: ViommuMode,
+}
+
+pub fn parse_viommu(s: &str) -> Result<ViommuMode, String> {
+    ViommuMode::parse(s).ok_or_else(|| format!("unknown vIOMMU '{s}' (off, nested, shadow)"))
 }
 
 const MIN_MEM_MIB: u64 = vmm::layout::MIN_MEM >> 20;
@@ -109,6 +120,7 @@ impl VmOpts {
             format: self.iommu_format,
             huge_pages: !self.iommu_4k,
             eager_split: !self.iommu_4k,
+            viommu: self.viommu,
             ..Default::default()
         };
         let devices = DeviceSet {
@@ -158,6 +170,14 @@ impl VmOpts {
         self.device_count().min(self.vcpus)
     }
 
+    /// The vCPUs that run the dirtier: all, or all but the vIOMMU client's (the last).
+    fn dirtier_vcpus(&self) -> u32 {
+        match self.viommu {
+            ViommuMode::Off => self.vcpus,
+            _ => self.vcpus - 1,
+        }
+    }
+
     /// MiB the DMA writers' working set takes (0 without writers).
     fn dma_set_mib(&self) -> u64 {
         if self.dma_rate > 0.0 && self.driven_devices() > 0 {
@@ -197,6 +217,14 @@ impl VmOpts {
         if self.dma_rate > 0.0 && self.driven_devices() == 0 {
             bail!("--dma-rate needs an accelerator driven by a vCPU (--devices 1 or more)");
         }
+        if self.viommu != ViommuMode::Off {
+            if self.device_count() != 1 || self.shared_domain {
+                bail!("--viommu is modelled for one accelerator (--devices 1, no --shared-domain)");
+            }
+            if self.dma_rate > 0.0 {
+                bail!("--dma-rate runs the accel-client's DMA writer; with --viommu the device runs the vIOMMU client");
+            }
+        }
         if self.dma_set_mib() > 0 && self.dma_mib < self.driven_devices() as u64 {
             bail!(
                 "--dma-mib must give each of the {} devices at least 1 MiB",
@@ -210,21 +238,29 @@ impl VmOpts {
     pub fn build(&self) -> Result<Vm> {
         self.validate()?;
         let vm = Vm::new(self.config()?)?;
-        let slice = (self.ws()? << 20) / 4096 / self.vcpus as u64;
-        if slice == 0 {
-            bail!("the working set is too small for {} vCPUs", self.vcpus);
+        let dirtiers = self.dirtier_vcpus();
+        if self.viommu != ViommuMode::Off {
+            let client = self.vcpus - 1;
+            vm.programs().load(client, &Program::viommu_client(0, 1))?;
+            if dirtiers == 0 && self.rate > 0.0 {
+                tracing::warn!("with one vCPU the vIOMMU client runs alone: no dirtier (--vcpus 2 adds one)");
+            }
         }
-        for v in 0..self.vcpus {
+        let slice = (self.ws()? << 20) / 4096 / dirtiers.max(1) as u64;
+        if slice == 0 {
+            bail!("the working set is too small for {dirtiers} vCPUs");
+        }
+        for v in 0..dirtiers {
             let mut p = Program::dirtier(
                 WORKSET_BASE + v as u64 * slice * 4096,
                 slice,
-                self.rate / self.vcpus as f64,
+                self.rate / dirtiers as f64,
                 self.pattern,
             );
             p.dirtier = self.rate > 0.0;
             p.content = self.content;
-            // vCPU k also drives accelerator k.
-            if v < self.device_count() {
+            // vCPU k also drives accelerator k (behind a vIOMMU, the client does).
+            if v < self.device_count() && self.viommu == ViommuMode::Off {
                 p.accel_queue = Some(1);
                 p.accel_device = v;
                 if self.dma_set_mib() > 0 {

@@ -1,13 +1,16 @@
 //! Where device writes come from during migration, in the three modes a VMM can have:
 //! the IOMMU's dirty bits (iommufd HWPT), the device's own DMA log, or nothing, in which case
 //! every DMA-mapped page counts as dirty at every sync (QEMU's fallback,
-//! `docs/vfio.md#tracking-device-writes`).
+//! `docs/vfio.md#tracking-device-writes`). Bits indexed by a device's addresses reach the
+//! page bitmap through the VM's [`vmm::DmaSpace`]: the identity without a vIOMMU or behind a
+//! nested one, the guest's mappings behind a shadow one (`docs/viommu.md`).
 
 use crate::error::MigError;
-use iommufd::{HwptGetDirtyBitmap, HwptSetDirtyTracking, IommuFd, IOMMU_HWPT_DIRTY_TRACKING_ENABLE};
+use iommufd::{HwptSetDirtyTracking, IommuFd, IOMMU_HWPT_DIRTY_TRACKING_ENABLE};
 use std::sync::Arc;
 use vfio::{LogRange, MigrationDevice};
-use vmm::{PageBitmap, Vm};
+use vmm::viommu::{harvest_hwpt, harvest_translated, UnmapLog};
+use vmm::{DmaSpace, PageBitmap, Vm};
 
 /// How device writes are tracked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -46,16 +49,20 @@ impl std::fmt::Display for DeviceTracking {
 }
 
 enum Tracker {
-    Iommu { fd: Arc<IommuFd>, hwpt: u32 },
+    Iommu {
+        fd: Arc<IommuFd>,
+        hwpt: u32,
+    },
     DeviceLog(MigrationDevice),
-    Everything,
+    /// Every page of these guest-physical ranges, at every sync.
+    Everything(Vec<(u64, u64)>),
 }
 
 /// A started device-write tracker: one per IOMMU domain (HWPT dirty bits, or every page in
-/// `none` mode), or one per device (DMA logging).
+/// `none` mode), or one per device (DMA logging), each with the address space its bits are
+/// indexed by.
 pub struct DeviceDirty {
-    /// Each tracker with its IOAS areas: (iova, length); IOVA = guest-physical address.
-    trackers: Vec<(Tracker, Vec<(u64, u64)>)>,
+    trackers: Vec<(Tracker, Arc<dyn DmaSpace>)>,
     buf: Vec<u8>,
     running: bool,
 }
@@ -80,19 +87,7 @@ impl DeviceDirty {
             if !first_of_domain && mode != DeviceTracking::DeviceLog {
                 continue;
             }
-            // Guest RAM only: the IOAS also maps peers' windows (device memory, which moves
-            // with the device's state, not as pages).
-            let in_ram = |iova: u64, len: u64| vm.slots().iter().any(|s| s.gpa <= iova && iova + len <= s.gpa + s.size);
-            let areas: Vec<(u64, u64)> =
-                d.fd.ioas_areas(d.ioas)
-                    .map_err(io("IOAS areas"))?
-                    .into_iter()
-                    .map(|(i, l, _)| (i, l))
-                    .filter(|&(i, l)| in_ram(i, l))
-                    .collect();
-            if mode == DeviceTracking::None && me.trackers.iter().any(|(_, a)| *a == areas) {
-                continue; // the same RAM, already counted whole at every sync
-            }
+            let space = d.space.clone();
             let tracker = match mode {
                 DeviceTracking::Iommu => {
                     let cmd = HwptSetDirtyTracking {
@@ -102,6 +97,7 @@ impl DeviceDirty {
                     };
                     d.fd.hwpt_set_dirty_tracking(&cmd)
                         .map_err(io("IOMMU_HWPT_SET_DIRTY_TRACKING"))?;
+                    space.set_unmap_log(Some(UnmapLog::Hwpt));
                     Tracker::Iommu {
                         fd: d.fd.clone(),
                         hwpt: d.hwpt,
@@ -109,50 +105,58 @@ impl DeviceDirty {
                 }
                 DeviceTracking::DeviceLog => {
                     let dev = d.migration.clone();
-                    let ranges: Vec<LogRange> = areas.iter().map(|&(iova, length)| LogRange { iova, length }).collect();
+                    let ranges: Vec<LogRange> = space
+                        .log_ranges()
+                        .map_err(|why| MigError::Other(format!("{}: {why}", d.name)))?
+                        .into_iter()
+                        .map(|(iova, length)| LogRange { iova, length })
+                        .collect();
                     dev.dma_logging_start(&ranges, 4096).map_err(io("DMA_LOGGING_START"))?;
+                    space.set_unmap_log(Some(UnmapLog::Device(dev.clone())));
                     Tracker::DeviceLog(dev)
                 }
-                DeviceTracking::None => Tracker::Everything,
+                DeviceTracking::None => {
+                    // Behind a vIOMMU the device may reach any page the guest maps, now or
+                    // later: all of RAM.
+                    let ranges: Vec<(u64, u64)> = if space.identity() && d.viommu == vmm::ViommuMode::Off {
+                        let mut v = Vec::new();
+                        space.with_ram_mappings(&mut |m| v = m.iter().map(|&(_, l, g)| (g, l)).collect());
+                        v
+                    } else {
+                        vm.slots().iter().map(|s| (s.gpa, s.size)).collect()
+                    };
+                    if me
+                        .trackers
+                        .iter()
+                        .any(|(t, _)| matches!(t, Tracker::Everything(r) if *r == ranges))
+                    {
+                        continue; // the same RAM, already counted whole at every sync
+                    }
+                    Tracker::Everything(ranges)
+                }
             };
-            me.trackers.push((tracker, areas));
+            me.trackers.push((tracker, space));
         }
         Ok(me)
     }
 
     /// Adds the pages devices wrote since the last harvest to `out` (and re-arms tracking).
     pub fn harvest(&mut self, out: &mut PageBitmap) -> Result<(), MigError> {
-        for (tracker, areas) in &self.trackers {
-            for &(iova, len) in areas {
-                let bytes = (len / 4096).div_ceil(8) as usize;
-                self.buf.clear();
-                self.buf.resize(bytes, 0);
-                match tracker {
-                    Tracker::Iommu { fd, hwpt } => {
-                        let mut cmd = HwptGetDirtyBitmap {
-                            hwpt_id: *hwpt,
-                            flags: 0,
-                            __reserved: 0,
-                            iova,
-                            length: len,
-                            page_size: 4096,
-                            data: &mut self.buf,
-                        };
-                        fd.hwpt_get_dirty_bitmap(&mut cmd)
-                            .map_err(io("IOMMU_HWPT_GET_DIRTY_BITMAP"))?;
-                    }
-                    Tracker::DeviceLog(dev) => {
-                        dev.dma_logging_report(iova, len, 4096, &mut self.buf)
-                            .map_err(io("DMA_LOGGING_REPORT"))?;
-                    }
-                    Tracker::Everything => {
-                        for p in iova / 4096..(iova + len) / 4096 {
-                            out.set(p);
-                        }
-                        continue;
+        for (tracker, space) in &self.trackers {
+            match tracker {
+                Tracker::Iommu { fd, hwpt } => harvest_hwpt(fd, *hwpt, space.as_ref(), &mut self.buf, out)
+                    .map_err(io("IOMMU_HWPT_GET_DIRTY_BITMAP"))?,
+                Tracker::DeviceLog(dev) => {
+                    harvest_translated(space.as_ref(), &mut self.buf, out, &mut |iova, len, bits| {
+                        dev.dma_logging_report(iova, len, 4096, bits)
+                    })
+                    .map_err(io("DMA_LOGGING_REPORT"))?
+                }
+                Tracker::Everything(ranges) => {
+                    for &(gpa, len) in ranges {
+                        out.set_range(gpa / 4096, len / 4096);
                     }
                 }
-                out.set_from_bytes(iova / 4096, &self.buf);
             }
         }
         Ok(())
@@ -163,7 +167,8 @@ impl DeviceDirty {
         if !std::mem::replace(&mut self.running, false) {
             return;
         }
-        for (tracker, _) in &self.trackers {
+        for (tracker, space) in &self.trackers {
+            space.set_unmap_log(None);
             match tracker {
                 Tracker::Iommu { fd, hwpt } => {
                     let _ = fd.hwpt_set_dirty_tracking(&HwptSetDirtyTracking {
@@ -175,7 +180,7 @@ impl DeviceDirty {
                 Tracker::DeviceLog(dev) => {
                     let _ = dev.dma_logging_stop();
                 }
-                Tracker::Everything => {}
+                Tracker::Everything(_) => {}
             }
         }
     }

@@ -46,6 +46,8 @@ pub enum Kind {
     IterationAck = 15,
     Commit = 16,
     Running = 17,
+    /// The VM's platform state beside the vCPUs (vIOMMU registers, shadow mappings).
+    PlatformState = 18,
 }
 
 impl Kind {
@@ -69,6 +71,7 @@ impl Kind {
             15 => IterationAck,
             16 => Commit,
             17 => Running,
+            18 => PlatformState,
             _ => return None,
         })
     }

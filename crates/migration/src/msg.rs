@@ -328,6 +328,8 @@ impl PagesHead {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Digest {
     pub vcpus: u32,
+    /// CRC32C of the platform state (`vmm::Snapshots::save_platform`).
+    pub platform: u32,
     pub devices: Vec<u32>,
     pub pages: Vec<u32>,
 }
@@ -338,7 +340,7 @@ pub const MAX_DIGEST_PAGES: usize = (crate::frame::MAX_DIGEST_PAYLOAD as usize -
 impl Digest {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Wr::default();
-        w.u32(self.vcpus).u16(self.devices.len() as u16);
+        w.u32(self.vcpus).u32(self.platform).u16(self.devices.len() as u16);
         for c in &self.devices {
             w.u32(*c);
         }
@@ -351,6 +353,7 @@ impl Digest {
     pub fn decode(b: &[u8]) -> R<Self> {
         let mut r = Rd::new(b);
         let vcpus = r.u32()?;
+        let platform = r.u32()?;
         let d = r.u16()? as usize;
         let mut devices = Vec::with_capacity(d);
         for _ in 0..d {
@@ -365,7 +368,12 @@ impl Digest {
             pages.push(r.u32()?);
         }
         r.end()?;
-        Ok(Self { vcpus, devices, pages })
+        Ok(Self {
+            vcpus,
+            platform,
+            devices,
+            pages,
+        })
     }
     /// What differs between the two, in words; `None` when they are equal.
     pub fn mismatch(&self, o: &Digest) -> Option<String> {
@@ -397,6 +405,12 @@ impl Digest {
             why.push(format!(
                 "vCPU state differs ({:08x} against {:08x})",
                 self.vcpus, o.vcpus
+            ));
+        }
+        if self.platform != o.platform {
+            why.push(format!(
+                "platform (vIOMMU) state differs ({:08x} against {:08x})",
+                self.platform, o.platform
             ));
         }
         (!why.is_empty()).then(|| why.join("; "))

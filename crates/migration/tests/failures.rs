@@ -324,6 +324,7 @@ fn a_stream_without_pages_is_refused() {
     // Hello, Config, then straight to the switchover: no page ever sent.
     let (mut w, mut r, dest, _) = raw_session(64);
     w.send(Kind::Switchover, &[]).unwrap();
+    w.send(Kind::PlatformState, &[0]).unwrap();
     w.send(Kind::VcpuState, b"not even a state").unwrap();
     w.send(Kind::Complete, &[]).unwrap();
     let why = error_frame(&mut r);
@@ -347,6 +348,7 @@ fn a_stream_without_pages_is_refused() {
         w.send(Kind::Pages, &p).unwrap();
     }
     w.send(Kind::Switchover, &[]).unwrap();
+    w.send(Kind::PlatformState, &[0]).unwrap();
     w.send(Kind::VcpuState, b"x").unwrap();
     w.send(Kind::Complete, &[]).unwrap();
     let why = error_frame(&mut r);

@@ -27,13 +27,15 @@ proptest! {
     }
 
     #[test]
-    fn switchover_messages_round_trip(a in any::<u64>(), b in any::<u64>(), vcpus in any::<u32>(),
+    fn switchover_messages_round_trip(a in any::<u64>(), b in any::<u64>(), vcpus in any::<u32>(), platform in any::<u32>(),
                                       pages in proptest::collection::vec(any::<u32>(), 0..64),
                                       devices in proptest::collection::vec(any::<u32>(), 0..4),
                                       flag in any::<bool>(), reason in ".{0,40}") {
-        let d = Digest { vcpus, devices, pages };
+        let d = Digest { vcpus, platform, devices, pages };
         prop_assert_eq!(Digest::decode(&d.encode()).unwrap(), d.clone());
         prop_assert_eq!(d.mismatch(&d), None);
+        let other = Digest { platform: platform ^ 1, ..d.clone() };
+        prop_assert!(d.mismatch(&other).unwrap().contains("platform"));
         let r = Ready { load_ns: a, verify_ns: b };
         prop_assert_eq!(Ready::decode(&r.encode()).unwrap(), r);
         let run = Running { resumed_ns: a, boot: b };
@@ -56,7 +58,7 @@ proptest! {
 
     #[test]
     fn a_digest_names_the_first_page_that_differs(n in 1usize..300, bad in proptest::collection::btree_set(0usize..300, 1..5)) {
-        let a = Digest { vcpus: 1, devices: vec![7], pages: (0..n as u32).collect() };
+        let a = Digest { vcpus: 1, platform: 0, devices: vec![7], pages: (0..n as u32).collect() };
         let mut b = a.clone();
         let bad: Vec<usize> = bad.into_iter().filter(|&i| i < n).collect();
         for &i in &bad {

@@ -62,6 +62,8 @@ pub struct AttachedDevice {
     pub space: Arc<dyn DmaSpace>,
     pub(crate) accel: Arc<Accel>,
     pub(crate) shadow: Option<Arc<ShadowViommu>>,
+    /// The vIOMMU's registers and tables that migrate with the vCPUs.
+    pub(crate) viommu_state: Option<Arc<dyn crate::viommu::ViommuState>>,
 }
 
 impl AttachedDevice {
@@ -282,6 +284,7 @@ pub(crate) fn attach(
     mem: &Arc<GuestMemoryMmap>,
     slots: &[crate::Slot],
     bus: &MmioBus,
+    dirty: &Arc<crate::dirty::CpuDirty>,
 ) -> Result<AttachedDevice, VmError> {
     let io = |what: &'static str| move |e: Errno| VmError::Iommu { what, errno: e };
     let name = format!("accel{idx}");
@@ -334,6 +337,7 @@ pub(crate) fn attach(
         (fd, ioas, dev, h.out_hwpt_id)
     };
     let mut shadow = None;
+    let mut viommu_state: Option<Arc<dyn crate::viommu::ViommuState>> = None;
     let space: Arc<dyn DmaSpace> = match a.viommu {
         ViommuMode::Off => Arc::new(IdentitySpace {
             fd: fd.clone(),
@@ -343,7 +347,8 @@ pub(crate) fn attach(
         }),
         ViommuMode::Nested => {
             let nested = attach_nested(&fd, dev, hwpt, idx, mem)?;
-            let v = Arc::new(NestedViommu::new(fd.clone(), nested, mem.clone()));
+            let v = Arc::new(NestedViommu::new(fd.clone(), nested, mem.clone(), dirty.clone()));
+            viommu_state = Some(v.clone());
             if !bus.register(viommu_mmio(idx), crate::viommu::MMIO_SIZE, v) {
                 return Err(VmError::Internal("MMIO range taken"));
             }
@@ -356,11 +361,12 @@ pub(crate) fn attach(
         }
         ViommuMode::Shadow => {
             let ram = register_ram(&fd, mem, slots)?;
-            let v = Arc::new(ShadowViommu::new(fd.clone(), ioas, mem.clone(), ram));
+            let v = Arc::new(ShadowViommu::new(fd.clone(), ioas, mem.clone(), ram, dirty.clone()));
             if !bus.register(viommu_mmio(idx), crate::viommu::MMIO_SIZE, v.clone()) {
                 return Err(VmError::Internal("MMIO range taken"));
             }
             shadow = Some(v.clone());
+            viommu_state = Some(v.clone());
             v
         }
     };
@@ -380,6 +386,7 @@ pub(crate) fn attach(
         space,
         accel,
         shadow,
+        viommu_state,
     })
 }
 

@@ -169,6 +169,9 @@ pub(crate) struct CpuDirty {
     /// Time spent collecting rings outside `harvest` (reaper and full-ring exits), so a
     /// harvest's cost can be charged with the work done on its behalf.
     background_ns: AtomicU64,
+    /// Pages the VMM wrote into guest RAM on the guest's behalf (an emulated device's status
+    /// write): KVM logs only the vCPUs' stores, so these are reported from here.
+    host_writes: Mutex<PageBitmap>,
 }
 
 /// What a harvest cost and found.
@@ -202,7 +205,19 @@ impl CpuDirty {
             suspect: AtomicBool::new(false),
             lost_harvests: AtomicU64::new(0),
             background_ns: AtomicU64::new(0),
+            host_writes: Mutex::new(PageBitmap::new(mem_pages)),
         }
+    }
+
+    /// Records that the VMM wrote `[gpa, gpa + len)` of guest RAM. Call after the write: a
+    /// harvest between the two then leaves the page to the next one, which sends it again.
+    pub fn mark_host_write(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let mut w = self.host_writes.lock().unwrap_or_else(|e| e.into_inner());
+        let first = gpa / 4096;
+        w.set_range(first, (gpa + len - 1) / 4096 - first + 1);
     }
 
     /// Harvests so far that reported every page because a ring overrun lost its log.
@@ -331,6 +346,11 @@ impl CpuDirty {
                     }
                 }
             }
+        }
+        {
+            let mut w = self.host_writes.lock().unwrap_or_else(|e| e.into_inner());
+            out.union(&w);
+            w.clear();
         }
         Ok(HarvestStats {
             entries,

@@ -271,7 +271,7 @@ impl Vm {
         };
         for (i, a) in cfg.devices.accels.iter().enumerate() {
             let join = vm.devices.first().filter(|_| cfg.devices.shared_domain);
-            let d = devices::attach(i as u32, a, join, &vm.mem, &vm.slots, &vm.bus)?;
+            let d = devices::attach(i as u32, a, join, &vm.mem, &vm.slots, &vm.bus, &vm.dirty)?;
             vm.devices.push(d);
         }
         devices::map_peer_windows(&vm.devices)?;

@@ -204,6 +204,26 @@ impl InvQueue {
         self.done
     }
 
+    /// The registers a migration carries: IQA, head and tail indices, and whether the queue
+    /// stopped on an error.
+    pub fn save(&self) -> (u64, u64, u64, bool) {
+        (self.iqa, self.head, self.tail, self.error.is_some())
+    }
+
+    /// Loads what [`InvQueue::save`] returned; `None` if the indices do not fit the queue.
+    /// A queue that had stopped stays stopped (on a generic reserved-field error).
+    pub fn restore(iqa: u64, head: u64, tail: u64, stopped: bool) -> Option<InvQueue> {
+        let mut q = InvQueue::default();
+        q.write_iqa(iqa);
+        if head >= q.entries() || tail >= q.entries() {
+            return None;
+        }
+        q.head = head;
+        q.tail = tail;
+        q.error = stopped.then_some(QiError::Reserved);
+        Some(q)
+    }
+
     /// Writes IQT and runs every descriptor from the head to the new tail: `read` fetches
     /// guest memory, `apply` carries out an invalidation (and must return only once it has
     /// drained), `write` stores a wait's status. Returns the descriptors run.

@@ -38,6 +38,7 @@ fn own_digest(vm: &Vm, rx: &Received, pages: bool) -> Result<Digest, MigError> {
     }
     Ok(Digest {
         vcpus: vmm::state::digest(&vm.snapshots().save_vcpus()?),
+        platform: digest::platform_hash(&vm.snapshots().save_platform()),
         devices,
         pages: if pages { rx.log.hashes() } else { Vec::new() },
     })
@@ -61,6 +62,8 @@ pub(super) fn finish(control: &Conn, t: Talk<'_>, vm: Arc<Vm>, mut rx: Received)
         )));
     }
     rx.devices.finish()?;
+    // The vIOMMU before the vCPUs: its mappings must be in place when the device resumes.
+    vm.snapshots().restore_platform(&rx.platform_state)?;
     let states =
         vmm::state::decode(&rx.vcpu_state, vm.vcpu_count()).map_err(|e| MigError::Vm(vmm::VmError::State(e)))?;
     vm.snapshots().restore_vcpus(&states)?;

@@ -26,6 +26,7 @@ pub(super) struct Received {
     pub log: Arc<PageLog>,
     pub map: MemoryMap,
     pub vcpu_state: Vec<u8>,
+    pub platform_state: Vec<u8>,
     /// Monotonic times of the `Switchover` frame and of the last `Complete`.
     pub t_switch: u64,
     pub t_complete: u64,
@@ -107,6 +108,7 @@ pub(super) fn receive_stream(
     let mut report = DestReport::default();
     let mut dec = RunDecoder::new();
     let mut vcpu_state = None;
+    let mut platform_state = None;
     let mut t_switch = None;
     // The control connection is silent while the page connections carry a round: that is a
     // stall only if they stall too.
@@ -148,7 +150,10 @@ pub(super) fn receive_stream(
                 msg::decode_empty(&f.payload)?;
                 t_switch = Some(mono_ns());
             }
-            Kind::VcpuState if t_switch.is_some() && vcpu_state.is_none() => vcpu_state = Some(f.payload),
+            Kind::PlatformState if t_switch.is_some() && platform_state.is_none() && vcpu_state.is_none() => {
+                platform_state = Some(f.payload)
+            }
+            Kind::VcpuState if platform_state.is_some() && vcpu_state.is_none() => vcpu_state = Some(f.payload),
             Kind::Complete if vcpu_state.is_some() => return Ok(msg::decode_empty(&f.payload)?),
             Kind::Error => return Err(MigError::Peer(msg::decode_str(&f.payload)?)),
             k => {
@@ -156,7 +161,7 @@ pub(super) fn receive_stream(
                     k,
                     match (t_switch, &vcpu_state) {
                         (None, _) => "a pre-copy frame (Pages, DeviceData, EndOfIteration, Switchover)",
-                        (Some(_), None) => "the switchover's Pages, DeviceData or VcpuState",
+                        (Some(_), None) => "the switchover's Pages, DeviceData, PlatformState or VcpuState",
                         (Some(_), Some(_)) => "Complete",
                     },
                 ))
@@ -176,6 +181,7 @@ pub(super) fn receive_stream(
         log,
         map,
         vcpu_state: vcpu_state.unwrap_or_default(),
+        platform_state: platform_state.unwrap_or_default(),
         t_switch: t_switch.unwrap_or(0),
         t_complete: mono_ns(),
     })

@@ -33,6 +33,7 @@ pub(super) struct Switched {
     /// The guest's last visible progress before the pause.
     last_progress: Option<u64>,
     vcpu_digest: u32,
+    platform_digest: u32,
     ready: Ready,
 }
 
@@ -42,10 +43,11 @@ fn us(a: u64, b: u64) -> u64 {
 
 /// The source's digest: memory hashed now (it must be frozen), with the device and vCPU
 /// hashes taken when their state was saved.
-fn source_digest(vm: &Vm, devices: &[u32], vcpus: u32) -> Result<Digest, MigError> {
+fn source_digest(vm: &Vm, devices: &[u32], vcpus: u32, platform: u32) -> Result<Digest, MigError> {
     let regions: Vec<(u64, u64)> = vm.slots().iter().map(|s| (s.gpa, s.size)).collect();
     Ok(Digest {
         vcpus,
+        platform,
         devices: devices.to_vec(),
         pages: digest::memory_hashes(vm.memory(), &regions).map_err(MigError::Other)?,
     })
@@ -102,6 +104,10 @@ pub(super) fn switch_over(
     send_stop_copy(link, &sections, &mut pre.devp, flip)?;
     unchanged_since_saved(link, &pre.devp)?;
     let t_devsent = mono_ns();
+    // The vIOMMU's registers and shadow mappings: the guest is paused, so it changes none.
+    let platform = vm.snapshots().save_platform();
+    let platform_digest = crate::digest::platform_hash(&platform);
+    link.control_frame(Kind::PlatformState, platform)?;
     let vcpus = vm.snapshots().save_vcpus()?;
     let vcpu_digest = vmm::state::digest(&vcpus);
     let mut wire = vcpus;
@@ -113,7 +119,7 @@ pub(super) fn switch_over(
     link.flush_expecting(Kind::Ready)?;
     let t_sent = mono_ns();
     if opts.verify == VerifyMode::Gate {
-        let d = source_digest(vm, &pre.devp.hashes(), vcpu_digest)?;
+        let d = source_digest(vm, &pre.devp.hashes(), vcpu_digest, platform_digest)?;
         link.control_frame(Kind::Digest, d.encode())?;
         link.flush_expecting(Kind::Ready)?;
     }
@@ -140,6 +146,7 @@ pub(super) fn switch_over(
         t_ready,
         last_progress,
         vcpu_digest,
+        platform_digest,
         ready,
     })
 }
@@ -304,7 +311,7 @@ pub(super) fn after_commit(
 
     // ---- what follows: the audit's digest, then the destination's report ----
     if opts.verify == VerifyMode::Audit {
-        let sent = source_digest(vm, &pre.devp.hashes(), sw.vcpu_digest).and_then(|d| {
+        let sent = source_digest(vm, &pre.devp.hashes(), sw.vcpu_digest, sw.platform_digest).and_then(|d| {
             link.control_frame(Kind::Digest, d.encode())?;
             link.flush_expecting(Kind::Report)
         });

@@ -81,6 +81,37 @@ pub mod virtio {
     pub const UNMAP_STATUS: usize = 28;
 }
 
+/// The vIOMMU state a migration carries with the vCPUs (registers, the shadow table): the
+/// guest's stage-1 tables and queue are in its RAM and migrate as pages.
+pub(crate) trait ViommuState: Send + Sync {
+    fn save(&self) -> Vec<u8>;
+    /// Loads a saved state into this (never run) vIOMMU.
+    fn restore(&self, b: &[u8]) -> Result<(), String>;
+}
+
+/// Splits a platform state (`Snapshots::save_platform`): a device count, then per device its
+/// vIOMMU mode, a u32 length and that many bytes of state. Refuses anything cut or extended.
+pub fn parse_platform(b: &[u8]) -> Result<Vec<(u8, &[u8])>, String> {
+    let (&n, mut rest) = b.split_first().ok_or("empty")?;
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let (head, tail) = rest.split_at_checked(5).ok_or("cut short")?;
+        let len = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
+        let (st, tail) = tail.split_at_checked(len).ok_or("cut short")?;
+        out.push((head[0], st));
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err("bytes after the last device".into());
+    }
+    Ok(out)
+}
+
+/// Little-endian u64 at `o`, if `b` holds it.
+pub(crate) fn u64_at(b: &[u8], o: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
+}
+
 /// Whether a device has a vIOMMU, and which design.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ViommuMode {

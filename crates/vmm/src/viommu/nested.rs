@@ -8,6 +8,7 @@
 //! `IOMMU_HWPT_INVALIDATE`, one entry per descriptor.
 
 use super::{area, ID, ID_VALUE, IQA, IQERR, IQH, IQT, MODE};
+use crate::dirty::CpuDirty;
 use crate::mmio::MmioDevice;
 use iommu::nested::inv_queue::{Descriptor, InvQueue, Pages};
 use iommu::Stage1Kind;
@@ -20,17 +21,20 @@ pub(crate) struct NestedViommu {
     fd: Arc<IommuFd>,
     nested: u32,
     mem: Arc<GuestMemoryMmap>,
+    /// Where the status writes of wait descriptors are logged for migration.
+    dirty: Arc<CpuDirty>,
     queue: Mutex<InvQueue>,
     /// Non-zero once the queue stopped on an error (cleared by an IQA write).
     error: AtomicU32,
 }
 
 impl NestedViommu {
-    pub fn new(fd: Arc<IommuFd>, nested: u32, mem: Arc<GuestMemoryMmap>) -> Self {
+    pub fn new(fd: Arc<IommuFd>, nested: u32, mem: Arc<GuestMemoryMmap>, dirty: Arc<CpuDirty>) -> Self {
         Self {
             fd,
             nested,
             mem,
+            dirty,
             queue: Mutex::new(InvQueue::default()),
             error: AtomicU32::new(0),
         }
@@ -56,7 +60,12 @@ impl NestedViommu {
     fn run_queue(&self, iqt: u64) {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let mut read = |gpa: u64, buf: &mut [u8]| self.mem.read_slice(buf, GuestAddress(gpa)).is_ok();
-        let mut write = |gpa: u64, buf: &[u8]| self.mem.write_slice(buf, GuestAddress(gpa)).is_ok();
+        // A wait's status write is the IOMMU writing guest memory: logged like a device's.
+        let mut write = |gpa: u64, buf: &[u8]| {
+            let ok = self.mem.write_slice(buf, GuestAddress(gpa)).is_ok();
+            self.dirty.mark_host_write(gpa, buf.len() as u64);
+            ok
+        };
         let mut apply = |d: &Descriptor| {
             let Descriptor::PasidIotlb { pages, .. } = *d else {
                 return;
@@ -95,6 +104,35 @@ impl NestedViommu {
             tracing::warn!("vIOMMU: invalidation queue stopped: {e}");
             self.error.store(1, Ordering::Release);
         }
+    }
+}
+
+impl super::ViommuState for NestedViommu {
+    fn save(&self) -> Vec<u8> {
+        let (iqa, head, tail, stopped) = self.queue.lock().unwrap_or_else(|e| e.into_inner()).save();
+        let stopped = stopped || self.error.load(Ordering::Acquire) != 0;
+        let mut b = Vec::with_capacity(25);
+        for v in [iqa, head, tail] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.push(stopped as u8);
+        b
+    }
+    fn restore(&self, b: &[u8]) -> Result<(), String> {
+        let (Some(iqa), Some(head), Some(tail), Some(&stopped), 25) = (
+            super::u64_at(b, 0),
+            super::u64_at(b, 8),
+            super::u64_at(b, 16),
+            b.get(24),
+            b.len(),
+        ) else {
+            return Err(format!("nested vIOMMU state of {} bytes (25 expected)", b.len()));
+        };
+        let q = InvQueue::restore(iqa, head, tail, stopped == 1)
+            .ok_or_else(|| format!("invalidation queue head {head} or tail {tail} outside the queue"))?;
+        *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = q;
+        self.error.store((stopped == 1) as u32, Ordering::Release);
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@
 
 use super::virtio::*;
 use super::{DmaSpace, Mapping, UnmapLog, ID, ID_VALUE, MODE, REQ, REQ_STATUS};
+use crate::dirty::CpuDirty;
 use crate::layout::{VIOMMU_IOVA, VIOMMU_IOVA_SIZE};
 use crate::mmio::MmioDevice;
 use iommufd::{IoasMap, IoasUnmap, IoasUnmapDirty, IommuFd, IOMMU_IOAS_MAP_FIXED_IOVA};
@@ -22,10 +23,12 @@ pub(crate) struct ShadowViommu {
     fd: Arc<IommuFd>,
     ioas: u32,
     mem: Arc<GuestMemoryMmap>,
+    /// Where the status bytes written into the guest's requests are logged for migration.
+    dirty: Arc<CpuDirty>,
     /// Guest RAM as registered user memory: (gpa, size, user va).
     ram: Vec<(u64, u64, u64)>,
-    /// IOVA → (length, GPA) of every mapping the guest made.
-    map: Mutex<BTreeMap<u64, (u64, u64)>>,
+    /// IOVA → (length, GPA, virtio MAP flags) of every mapping the guest made.
+    map: Mutex<BTreeMap<u64, (u64, u64, u32)>>,
     logging: Mutex<Option<UnmapLog>>,
     pending: Mutex<Vec<u64>>,
     last_status: AtomicU32,
@@ -36,11 +39,18 @@ pub(crate) struct ShadowViommu {
 }
 
 impl ShadowViommu {
-    pub fn new(fd: Arc<IommuFd>, ioas: u32, mem: Arc<GuestMemoryMmap>, ram: Vec<(u64, u64, u64)>) -> Self {
+    pub fn new(
+        fd: Arc<IommuFd>,
+        ioas: u32,
+        mem: Arc<GuestMemoryMmap>,
+        ram: Vec<(u64, u64, u64)>,
+        dirty: Arc<CpuDirty>,
+    ) -> Self {
         Self {
             fd,
             ioas,
             mem,
+            dirty,
             ram,
             map: Mutex::new(BTreeMap::new()),
             logging: Mutex::new(None),
@@ -101,7 +111,9 @@ impl ShadowViommu {
             self.unmap(Self::u64_at(&b, 8), Self::u64_at(&b, 16))
         };
         self.last_status.store(status as u32, Ordering::Release);
-        let _ = self.mem.write_slice(&[status], GuestAddress(gpa + status_at as u64));
+        let at = gpa + status_at as u64;
+        let _ = self.mem.write_slice(&[status], GuestAddress(at));
+        self.dirty.mark_host_write(at, 1);
     }
 
     fn map(&self, start: u64, end: u64, phys: u64, flags: u32) -> u8 {
@@ -142,7 +154,7 @@ impl ShadowViommu {
         };
         match self.fd.ioas_map(&mut m) {
             Ok(()) => {
-                table.insert(start, (len, phys));
+                table.insert(start, (len, phys, flags));
                 S_OK
             }
             Err(e) if e.code() == iommu::errno::EEXIST || e.code() == iommu::errno::EINVAL => S_INVAL,
@@ -157,8 +169,8 @@ impl ShadowViommu {
         let mut table = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let removed: Vec<(u64, u64, u64)> = table
             .range(..=end)
-            .filter(|(&i, &(l, _))| i + l > start)
-            .map(|(&i, &(l, g))| (i, l, g))
+            .filter(|(&i, &(l, _, _))| i + l > start)
+            .map(|(&i, &(l, g, _))| (i, l, g))
             .collect();
         if removed.is_empty() {
             return S_OK; // nothing mapped there
@@ -233,6 +245,47 @@ impl ShadowViommu {
     }
 }
 
+impl super::ViommuState for ShadowViommu {
+    fn save(&self) -> Vec<u8> {
+        let table = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = (table.len() as u32).to_le_bytes().to_vec();
+        for (&i, &(l, g, f)) in table.iter() {
+            for v in [i, l, g] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            b.extend_from_slice(&f.to_le_bytes());
+        }
+        b
+    }
+    fn restore(&self, b: &[u8]) -> Result<(), String> {
+        let n = b
+            .get(..4)
+            .map(|h| u32::from_le_bytes(h.try_into().expect("4 bytes")) as usize)
+            .ok_or("shadow vIOMMU state shorter than its count")?;
+        if b.len() != 4 + n * 28 {
+            return Err(format!("shadow vIOMMU state of {} bytes for {n} mappings", b.len()));
+        }
+        for k in 0..n {
+            let e = &b[4 + k * 28..4 + (k + 1) * 28];
+            let at = |o| super::u64_at(e, o).expect("in bounds");
+            let (iova, len, gpa) = (at(0), at(8), at(16));
+            let flags = u32::from_le_bytes(e[24..28].try_into().expect("4 bytes"));
+            let end = iova
+                .checked_add(len)
+                .and_then(|e| e.checked_sub(1))
+                .ok_or("mapping wraps")?;
+            // The same checks as the guest's own MAP: a bad entry is refused, not mapped.
+            let st = self.map(iova, end, gpa, flags);
+            if st != S_OK {
+                return Err(format!(
+                    "mapping {iova:#x}+{len:#x} -> {gpa:#x}: virtio-iommu status {st}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl MmioDevice for ShadowViommu {
     fn read(&self, offset: u64, data: &mut [u8]) {
         let v: u64 = match offset {
@@ -262,7 +315,7 @@ impl DmaSpace for ShadowViommu {
         let untranslated = self.skip_translation.load(Ordering::Relaxed);
         let v: Vec<Mapping> = table
             .iter()
-            .map(|(&i, &(l, g))| (i, l, if untranslated { i } else { g }))
+            .map(|(&i, &(l, g, _))| (i, l, if untranslated { i } else { g }))
             .collect();
         f(&v);
     }

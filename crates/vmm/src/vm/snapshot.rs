@@ -23,6 +23,46 @@ impl Snapshots<'_> {
     pub fn restore(&self, snap: &VmSnapshot) -> Result<(), VmError> {
         self.0.restore(snap)
     }
+    /// The platform state that migrates beside the vCPUs: each device's vIOMMU registers and
+    /// (shadow) mapping table, as bytes (the vCPUs must be paused, so the guest changes none).
+    pub fn save_platform(&self) -> Vec<u8> {
+        let mut b = vec![self.0.devices.len() as u8];
+        for d in &self.0.devices {
+            let st = d.viommu_state.as_ref().map(|v| v.save()).unwrap_or_default();
+            b.push(d.viommu.register() as u8);
+            b.extend_from_slice(&(st.len() as u32).to_le_bytes());
+            b.extend_from_slice(&st);
+        }
+        b
+    }
+    /// Loads what `save_platform` saved into this never-run VM; refuses a state of another
+    /// device list or vIOMMU design.
+    pub fn restore_platform(&self, b: &[u8]) -> Result<(), VmError> {
+        let bad = |why: String| VmError::Config(format!("platform state: {why}"));
+        let devices = &self.0.devices;
+        let parts = crate::viommu::parse_platform(b).map_err(bad)?;
+        if parts.len() != devices.len() {
+            return Err(bad(format!(
+                "for {} devices, this VM has {}",
+                parts.len(),
+                devices.len()
+            )));
+        }
+        for (d, (mode, st)) in devices.iter().zip(parts) {
+            if mode != d.viommu.register() as u8 {
+                return Err(bad(format!(
+                    "{}: a vIOMMU mode {mode} where this VM has {}",
+                    d.name, d.viommu
+                )));
+            }
+            match &d.viommu_state {
+                Some(v) => v.restore(st).map_err(|e| bad(format!("{}: {e}", d.name)))?,
+                None if st.is_empty() => {}
+                None => return Err(bad(format!("{}: state for a device without a vIOMMU", d.name))),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Vm {
