@@ -299,7 +299,7 @@ pub(crate) fn throughput(i: &MigrationInfo) -> f64 {
     i.ram.precopy_bytes as f64 / 1048576.0 / (i.livemig.precopy_ms / 1e3).max(1e-6)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     match v.len() {
         0 => 0.0,

@@ -140,6 +140,7 @@ use vm_memory::Bytes;
 fn the_guest_remaps_and_checks_every_job_through_both_designs() {
     need_kvm!();
     for (mode, by) in [
+        (ViommuMode::Off, By::Iommu),
         (ViommuMode::Nested, By::Iommu),
         (ViommuMode::Shadow, By::Iommu),
         (ViommuMode::Shadow, By::DeviceLog),
@@ -157,7 +158,9 @@ fn the_guest_remaps_and_checks_every_job_through_both_designs() {
             .memory()
             .read_obj::<u64>(vm_memory::GuestAddress(layout::ctrl_page(0) + programs::ctrl::K_REMAPS))
             .unwrap();
-        assert!(remaps > 50, "{mode}, {by:?}: remaps {remaps}");
+        if mode != ViommuMode::Off {
+            assert!(remaps > 50, "{mode}, {by:?}: remaps {remaps}");
+        }
         assert_eq!(missed, 0, "{mode}, {by:?}: pool pages the harvests missed");
     }
 }
@@ -172,10 +175,7 @@ fn a_device_log_behind_a_nested_viommu_is_refused() {
     assert!(e.contains("stage-1"), "{e}");
     let vm = vm_only(ViommuMode::Off);
     assert!(!vm.devices()[0].space.log_ranges().unwrap().is_empty());
-    // The accel-client (IOVA = GPA) is refused on a device behind a vIOMMU, and the vIOMMU
-    // client on one without.
-    let e = vm.programs().load(0, &Program::viommu_client(0, 1)).unwrap_err();
-    assert!(e.to_string().contains("has a vIOMMU"), "{e}");
+    // The accel-client (IOVA = GPA) is refused on a device behind a vIOMMU.
     let vm = vm_only(ViommuMode::Shadow);
     let mut p = Program::dirtier(layout::WORKSET_BASE, 16, 1.0, Pattern::Sequential);
     p.accel_queue = Some(1);

@@ -105,8 +105,8 @@ pub struct Program {
     pub content: Content,
     /// The accel-client's DMA writer, if any (needs `accel_queue`).
     pub dma: Option<DmaLoad>,
-    /// Run the vIOMMU client instead of the accel-client on `accel_queue` (the device must
-    /// have a vIOMMU; no dirtier, no DMA writer).
+    /// Run the vIOMMU client instead of the accel-client on `accel_queue` (no dirtier, no DMA
+    /// writer; on a device without a vIOMMU it maps nothing and uses IOVA = GPA).
     pub viommu_client: bool,
 }
 

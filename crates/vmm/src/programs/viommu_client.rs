@@ -43,6 +43,10 @@ const S1_LEAF_RW: u64 = 0x8000_0000_0000_0007;
 /// Which vIOMMU the client drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
+    /// No vIOMMU: the VMM mapped all RAM at IOVA = GPA, so a map or unmap is nothing and a
+    /// buffer's IOVA is its guest-physical address. The same jobs and checks, the baseline
+    /// `livemig bench viommu` compares the two designs with.
+    Off,
     Nested,
     Shadow,
 }
@@ -50,6 +54,7 @@ pub enum Mode {
 /// map_page: rdi = IOVA, rsi = GPA. Clobbers rax, rcx.
 fn emit_map(a: &mut CodeAssembler, mode: Mode) -> Result<(), IcedError> {
     match mode {
+        Mode::Off => {}
         Mode::Nested => {
             a.mov(rax, rdi)?;
             a.shr(rax, 12u32)?;
@@ -74,6 +79,7 @@ fn emit_map(a: &mut CodeAssembler, mode: Mode) -> Result<(), IcedError> {
 /// unmap_page: rdi = IOVA. Clobbers rax, rcx, rdx.
 fn emit_unmap(a: &mut CodeAssembler, mode: Mode) -> Result<(), IcedError> {
     match mode {
+        Mode::Off => return Ok(()),
         Mode::Nested => {
             let mut ok = a.create_label();
             a.mov(rax, rdi)?;
@@ -155,12 +161,16 @@ pub fn assemble(at: u64, mode: Mode) -> Result<Vec<u8>, IcedError> {
     }
     // The rings at the first two pages of the window, then their contexts, then READY.
     for (page, ring, cmd) in [(0u64, A_SQ, MB_SQC), (1, A_CQ, MB_CQC)] {
-        a.mov(rdi, qword_ptr(r15 + C_VIOMMU_IOVA))?;
-        a.add(rdi, (page * 4096) as i32)?;
-        a.lea(rsi, ptr(rbp + ring))?;
-        emit_map(&mut a, mode)?;
-        a.mov(rax, qword_ptr(r15 + C_VIOMMU_IOVA))?;
-        a.add(rax, (page * 4096) as i32)?;
+        if mode == Mode::Off {
+            a.lea(rax, ptr(rbp + ring))?;
+        } else {
+            a.mov(rdi, qword_ptr(r15 + C_VIOMMU_IOVA))?;
+            a.add(rdi, (page * 4096) as i32)?;
+            a.lea(rsi, ptr(rbp + ring))?;
+            emit_map(&mut a, mode)?;
+            a.mov(rax, qword_ptr(r15 + C_VIOMMU_IOVA))?;
+            a.add(rax, (page * 4096) as i32)?;
+        }
         a.mov(dword_ptr(r13 + MB_DATA_LO), eax)?;
         a.shr(rax, 32u32)?;
         a.mov(dword_ptr(r13 + MB_DATA_HI), eax)?;
@@ -252,6 +262,9 @@ pub fn assemble(at: u64, mode: Mode) -> Result<Vec<u8>, IcedError> {
     a.inc(qword_ptr(r9 + 24))?;
     a.mov(rdi, r10)?;
     emit_map(&mut a, mode)?;
+    if mode == Mode::Off {
+        a.mov(r10, rsi)?; // the buffer's address is its guest-physical one
+    }
     // The pattern: (tag & 0x7f) | 1 in every byte.
     a.mov(rax, rbx)?;
     a.and(eax, 0x7fi32)?;

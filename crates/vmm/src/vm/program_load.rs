@@ -98,10 +98,8 @@ impl Vm {
             .get(dev as usize)
             .map_or(crate::ViommuMode::Off, |d| d.viommu);
         if prog.viommu_client {
-            if prog.accel_queue.is_none() || viommu == crate::ViommuMode::Off {
-                return Err(VmError::Config(
-                    "the vIOMMU client needs a queue of a device that has a vIOMMU".into(),
-                ));
+            if prog.accel_queue.is_none() {
+                return Err(VmError::Config("the vIOMMU client needs an accelerator queue".into()));
             }
             if prog.dirtier || prog.dma.is_some() {
                 return Err(VmError::Config(
@@ -127,8 +125,9 @@ impl Vm {
         };
         let text = if prog.viommu_client {
             let mode = match viommu {
+                crate::ViommuMode::Off => viommu_client::Mode::Off,
                 crate::ViommuMode::Nested => viommu_client::Mode::Nested,
-                _ => viommu_client::Mode::Shadow,
+                crate::ViommuMode::Shadow => viommu_client::Mode::Shadow,
             };
             viommu_client::assemble(code(vcpu), mode)
         } else {
