@@ -90,14 +90,18 @@ impl DeviceDirty {
             let space = d.space.clone();
             let tracker = match mode {
                 DeviceTracking::Iommu => {
+                    // Unmaps keep their dirt from before tracking starts: no unmap can fall
+                    // between the two and take a bit with it.
+                    space.set_unmap_log(Some(UnmapLog::Hwpt));
                     let cmd = HwptSetDirtyTracking {
                         flags: IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
                         hwpt_id: d.hwpt,
                         __reserved: 0,
                     };
-                    d.fd.hwpt_set_dirty_tracking(&cmd)
-                        .map_err(io("IOMMU_HWPT_SET_DIRTY_TRACKING"))?;
-                    space.set_unmap_log(Some(UnmapLog::Hwpt));
+                    if let Err(e) = d.fd.hwpt_set_dirty_tracking(&cmd) {
+                        space.set_unmap_log(None);
+                        return Err(io("IOMMU_HWPT_SET_DIRTY_TRACKING")(e));
+                    }
                     Tracker::Iommu {
                         fd: d.fd.clone(),
                         hwpt: d.hwpt,
@@ -111,8 +115,11 @@ impl DeviceDirty {
                         .into_iter()
                         .map(|(iova, length)| LogRange { iova, length })
                         .collect();
-                    dev.dma_logging_start(&ranges, 4096).map_err(io("DMA_LOGGING_START"))?;
                     space.set_unmap_log(Some(UnmapLog::Device(dev.clone())));
+                    if let Err(e) = dev.dma_logging_start(&ranges, 4096) {
+                        space.set_unmap_log(None);
+                        return Err(io("DMA_LOGGING_START")(e));
+                    }
                     Tracker::DeviceLog(dev)
                 }
                 DeviceTracking::None => {

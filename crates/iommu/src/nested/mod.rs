@@ -9,6 +9,8 @@
 //! 2. Setting A (and D on a write) in a stage-1 entry is a write to guest memory, so its
 //!    stage-2 translation is a write: stage 2 marks the stage-1 table page dirty. That is why
 //!    the guest's page tables migrate as ordinary RAM with nothing rebuilt but the IOTLB.
+//!    (VT-d 3.8.1: the update needs read and write permission in stage 2; the walk has read
+//!    the entry through a read translation first, and the update asks for a write one.)
 //! 3. The stage-1 leaf's output address goes through stage 2 with the access's direction;
 //!    stage 2 sets its own A/D there, so the parent's dirty bitmap is indexed by
 //!    guest-physical address, the same index as KVM's log, however the guest remaps.
