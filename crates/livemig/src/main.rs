@@ -339,6 +339,10 @@ enum BenchCmd {
         /// The dirtier's rate on vCPU 0, MiB/s (0: none).
         #[arg(long, default_value_t = 32.0, value_parser = vmopts::parse_rate)]
         rate: f64,
+        /// The vIOMMU client's jobs per second, the same in every design; behind a vIOMMU each
+        /// is one unmap and one map (0: as fast as each design lets it).
+        #[arg(long, default_value_t = 2000.0, value_parser = vmopts::parse_rate)]
+        remap_rate: f64,
         /// Runs per design, interleaved; medians are reported.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
@@ -930,11 +934,13 @@ fn bench_cmd(what: BenchCmd) -> Result<()> {
             BenchCmd::Viommu {
                 memory_mib,
                 rate,
+                remap_rate,
                 runs,
                 warmup_ms,
             } => bench_viommu::run(&bench_viommu::Args {
                 memory_mib,
                 rate,
+                remap_rate,
                 runs: runs as usize,
                 warmup_ms,
             }),

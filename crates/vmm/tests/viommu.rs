@@ -205,3 +205,26 @@ fn shadow_sabotages_lose_device_writes() {
     assert_eq!(c.errors, 0);
     assert!(missed > 0, "untranslated IOVA bits must lose pages");
 }
+
+/// The client's pace: asked 400 jobs (remaps) a second, it does about that many, in each design.
+#[test]
+fn the_client_keeps_the_remap_rate_it_is_asked() {
+    need_kvm!();
+    for mode in ViommuMode::ALL {
+        let vm = vm_only(mode);
+        let mut p = Program::viommu_client(0, 1);
+        p.remap_rate = 400.0;
+        vm.programs().load(0, &p).unwrap();
+        vm.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let (c0, t0) = (vm.programs().counters(0), Instant::now());
+        std::thread::sleep(Duration::from_millis(1000));
+        let c1 = vm.programs().counters(0);
+        let rate = (c1.jobs_completed - c0.jobs_completed) as f64 / t0.elapsed().as_secs_f64();
+        assert!(
+            (300.0..=480.0).contains(&rate),
+            "{mode}: {rate:.0} jobs/s for 400 asked"
+        );
+        assert_eq!(c1.errors, 0);
+    }
+}

@@ -36,6 +36,8 @@ pub const C_DMA_QN: u64 = 0x0a0;
 pub const C_VIOMMU_MMIO: u64 = 0x0a8;
 pub const C_VIOMMU_AREA: u64 = 0x0b0;
 pub const C_VIOMMU_IOVA: u64 = 0x0b8;
+/// The vIOMMU client's pace: TSC ticks per job (each job is one remap); 0 = as fast as it can.
+pub const C_VIOMMU_TICKS: u64 = 0x0c0;
 
 /// Counters (guest → host).
 pub const K_PAGES: u64 = 0x800;

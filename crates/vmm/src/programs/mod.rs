@@ -108,6 +108,8 @@ pub struct Program {
     /// Run the vIOMMU client instead of the accel-client on `accel_queue` (no dirtier, no DMA
     /// writer; on a device without a vIOMMU it maps nothing and uses IOVA = GPA).
     pub viommu_client: bool,
+    /// The vIOMMU client's jobs (each one remap) per second; 0 = as fast as it can.
+    pub remap_rate: f64,
 }
 
 impl Program {
@@ -125,6 +127,7 @@ impl Program {
             content: Content::Stamp,
             dma: None,
             viommu_client: false,
+            remap_rate: 0.0,
         }
     }
 

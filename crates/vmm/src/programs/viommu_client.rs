@@ -12,6 +12,9 @@
 //!    unmap its IOVA (when it was mapped before), map the same IOVA to another page of the
 //!    pool, and submit a FILL job of that page with a pattern derived from the tag.
 //!
+//! With a pace (`C_VIOMMU_TICKS`), step 2 waits until the job is due: jobs (and so remaps)
+//! `due = (tsc - start) / ticks`, as the dirtier paces pages.
+//!
 //! So an IOVA is reused for different guest pages, and a buffer is unmapped while the jobs on
 //! the other slots are in flight. Each slot cycles through its own pages of the pool, so no
 //! two jobs in flight share a page.
@@ -26,6 +29,7 @@
 //! r12 vIOMMU MMIO, rbx next tag, r11 invalidation-queue tail (nested).
 
 use super::ctrl::*;
+use super::workload::read_tsc;
 use crate::viommu::{area, virtio, IQA, IQT, REQ};
 use accel::regs::{
     doorbell, DB_CQ, DB_SQ, DOORBELL, MB_CMD, MB_CQC, MB_DATA_HI, MB_DATA_LO, MB_DEPTH, MB_SQC, VF_STATE,
@@ -154,6 +158,8 @@ pub fn assemble(at: u64, mode: Mode) -> Result<Vec<u8>, IcedError> {
     a.mov(r12, qword_ptr(r15 + C_VIOMMU_MMIO))?;
     a.xor(ebx, ebx)?;
     a.xor(r11d, r11d)?;
+    read_tsc(&mut a)?;
+    a.mov(qword_ptr(r15 + K_TSC_START), rax)?;
     if mode == Mode::Nested {
         // The invalidation queue: one page of 128-bit descriptors (QS = 0, DW = 0).
         a.lea(rax, ptr(r14 + area::IQ))?;
@@ -231,6 +237,18 @@ pub fn assemble(at: u64, mode: Mode) -> Result<Vec<u8>, IcedError> {
     a.or(rax, rcx)?;
     a.mov(qword_ptr(r13 + DOORBELL), rax)?;
     a.set_label(&mut no_cq_bell)?;
+
+    // -- paced: is the next job due? --
+    let mut due = a.create_label();
+    a.cmp(qword_ptr(r15 + C_VIOMMU_TICKS), 0i32)?;
+    a.je(due)?;
+    read_tsc(&mut a)?;
+    a.sub(rax, qword_ptr(r15 + K_TSC_START))?;
+    a.xor(edx, edx)?;
+    a.div(qword_ptr(r15 + C_VIOMMU_TICKS))?;
+    a.cmp(rbx, rax)?;
+    a.jae(main)?;
+    a.set_label(&mut due)?;
 
     // -- the next tag's slot: r9 its state, r10 its IOVA --
     a.mov(r9, rbx)?;

@@ -71,7 +71,7 @@ fn xorshift(a: &mut CodeAssembler) -> Result<(), IcedError> {
 }
 
 /// rax = TSC (clobbers rdx).
-fn read_tsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
+pub(super) fn read_tsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.rdtsc()?;
     a.shl(rdx, 32u32)?;
     a.or(rax, rdx)?;

@@ -101,6 +101,11 @@ impl Vm {
             if prog.accel_queue.is_none() {
                 return Err(VmError::Config("the vIOMMU client needs an accelerator queue".into()));
             }
+            if !(0.0..=1e6).contains(&prog.remap_rate) {
+                return Err(VmError::Config(
+                    "the remap rate must be between 0 and 1e6 per second".into(),
+                ));
+            }
             if prog.dirtier || prog.dma.is_some() {
                 return Err(VmError::Config(
                     "the vIOMMU client runs alone on its vCPU: no dirtier, no DMA writer".into(),
@@ -185,6 +190,14 @@ impl Vm {
             (C_VIOMMU_MMIO, viommu_mmio(dev)),
             (C_VIOMMU_AREA, viommu_area(dev)),
             (C_VIOMMU_IOVA, VIOMMU_IOVA),
+            (
+                C_VIOMMU_TICKS,
+                if prog.remap_rate > 0.0 {
+                    ((self.tsc_khz as f64 * 1000.0) / prog.remap_rate).round().max(1.0) as u64
+                } else {
+                    0
+                },
+            ),
         ] {
             w(off, v).map_err(merr)?;
         }
