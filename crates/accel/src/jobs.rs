@@ -16,8 +16,14 @@ impl DeviceDma<'_> {
         self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.dma.read(iova, buf)
     }
+    /// Logged twice, as a device that logs at issue and again at completion. After: a report
+    /// that read and cleared the bit while the write was in flight sees it set again once the
+    /// data has landed. Before: a VMM that unmaps the IOVA (which waits for the write) and
+    /// then reports the range finds it, even if the write has not been logged after yet; the
+    /// late second bit then marks a page spuriously, never misses one.
     pub fn write(&self, iova: u64, buf: &[u8]) -> Result<(), iommu::DmaError> {
         self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.log.record(iova, buf.len() as u64);
         self.dma.write(iova, buf)?;
         self.log.record(iova, buf.len() as u64);
         Ok(())

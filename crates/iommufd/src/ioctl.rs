@@ -284,36 +284,28 @@ impl IommuFd {
             }
             IOMMU_HWPT_INVALIDATE => {
                 let (uptr, entry_len, entry_num) = (a.u64(8), a.u32(20), a.u32(24));
+                // Entries are copied one by one, as Linux does: the array ends at the first one
+                // the pointer does not back, and the typed call fails there (EFAULT) after
+                // handling the ones before.
+                let mut data = Vec::new();
+                if uptr != 0 && entry_len != 0 {
+                    for i in 0..entry_num as u64 {
+                        let at = uptr.checked_add(i * entry_len as u64);
+                        match at.map(|at| self.read_user(at, entry_len as usize)) {
+                            Some(Ok(e)) => data.extend_from_slice(&e),
+                            _ => break,
+                        }
+                    }
+                }
                 let mut c = HwptInvalidate {
                     hwpt_id: a.u32(4),
                     data_type: a.u32(16),
-                    entry_len,
+                    // A null array is refused where Linux refuses it (EINVAL, before the lookup).
+                    entry_len: if uptr == 0 { 0 } else { entry_len },
                     entry_num,
                     __reserved: a.u32(28),
-                    data: &[],
+                    data: &data,
                 };
-                let bytes = (entry_len as u64).saturating_mul(entry_num as u64);
-                let data = if entry_num != 0 && uptr != 0 && entry_len != 0 {
-                    match usize::try_from(bytes)
-                        .map_err(|_| ())
-                        .and_then(|n| self.read_user(uptr, n).map_err(|_| ()))
-                    {
-                        Ok(d) => Some(d),
-                        Err(()) => {
-                            // Linux copies entries only after its checks on the struct and
-                            // the object: run those (a probe), then fail the copy.
-                            c.entry_num = 0;
-                            let r = self.hwpt_invalidate(&mut c);
-                            a.set_u32(24, 0);
-                            r?;
-                            return err(EFAULT, "bad user pointer");
-                        }
-                    }
-                } else {
-                    None
-                };
-                let data = data.unwrap_or_default();
-                c.data = &data;
                 let r = self.hwpt_invalidate(&mut c);
                 a.set_u32(24, c.entry_num);
                 r

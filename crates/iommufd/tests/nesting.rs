@@ -142,6 +142,12 @@ fn nested_allocation_checks_in_linux_order() {
         ..Default::default()
     };
     assert_eq!(fx.fd.hwpt_alloc(&mut h), Err(e(libc::EFAULT)), "unbacked data pointer");
+    h.data_len = 16;
+    assert_eq!(
+        fx.fd.hwpt_alloc(&mut h),
+        Err(e(libc::EINVAL)),
+        "too short, before the copy"
+    );
 
     // A nested HWPT is not a paging HWPT: the dirty ioctls do not know it.
     let nested = alloc(&fx, 0, parent, IOMMU_HWPT_DATA_VTD_S1, &data).unwrap();

@@ -30,12 +30,12 @@ pub fn page_hash(page: &[u8]) -> u32 {
     XxHash3_64::oneshot(page) as u32
 }
 
-/// The hash of a page of zeros.
 /// The hash of the platform state (`vmm::Snapshots::save_platform`), as of any byte string.
 pub fn platform_hash(state: &[u8]) -> u32 {
     XxHash3_64::oneshot(state) as u32
 }
 
+/// The hash of a page of zeros.
 pub fn zero_page_hash() -> u32 {
     static Z: OnceLock<u32> = OnceLock::new();
     *Z.get_or_init(|| page_hash(&[0u8; PAGE as usize]))

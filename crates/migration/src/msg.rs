@@ -4,7 +4,7 @@
 use crate::error::WireError;
 
 /// 3: the VM configuration carries a list of devices instead of one accelerator.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Capability bits of `Hello`.
 pub const CAP_LZ4: u64 = 1;
 pub const CAP_VERIFY: u64 = 2;
@@ -328,7 +328,7 @@ impl PagesHead {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Digest {
     pub vcpus: u32,
-    /// CRC32C of the platform state (`vmm::Snapshots::save_platform`).
+    /// Hash of the platform state (`digest::platform_hash` of `vmm::Snapshots::save_platform`).
     pub platform: u32,
     pub devices: Vec<u32>,
     pub pages: Vec<u32>,

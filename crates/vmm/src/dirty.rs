@@ -215,9 +215,10 @@ impl CpuDirty {
         if len == 0 {
             return;
         }
+        let Some(last) = gpa.checked_add(len - 1) else { return };
         let mut w = self.host_writes.lock().unwrap_or_else(|e| e.into_inner());
         let first = gpa / 4096;
-        w.set_range(first, (gpa + len - 1) / 4096 - first + 1);
+        w.set_range(first, last / 4096 - first + 1);
     }
 
     /// Harvests so far that reported every page because a ring overrun lost its log.

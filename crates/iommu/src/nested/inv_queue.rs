@@ -97,7 +97,8 @@ pub fn decode(qw0: u64, qw1: u64) -> Result<Descriptor, QiError> {
                 GRAN_PASID => Pages::All,
                 GRAN_PAGES => {
                     let am = qw1 & 0x3f;
-                    if am > 52 {
+                    // 2^36 pages already cover the 48-bit input range.
+                    if am > 36 {
                         return Err(QiError::Reserved);
                     }
                     let npages = 1u64 << am;
@@ -245,7 +246,10 @@ impl InvQueue {
         }
         let mut ran = 0;
         while self.head != self.tail {
-            let at = self.base() + (self.head << self.shift());
+            let Some(at) = self.base().checked_add(self.head << self.shift()) else {
+                self.error = Some(QiError::Fetch(self.base()));
+                return Err(QiError::Fetch(self.base()));
+            };
             let mut b = [0u8; 16];
             if !read(at, &mut b) {
                 self.error = Some(QiError::Fetch(at));
@@ -339,6 +343,9 @@ mod tests {
         assert_eq!(decode(0x16, 0), Err(QiError::Granularity(1)));
         assert_eq!(decode(0x26 | 1 << 12, 0), Err(QiError::Reserved));
         assert_eq!(decode(0x36, 1 << 8), Err(QiError::Reserved));
+        assert_eq!(decode(0x36, 37), Err(QiError::Reserved), "AM beyond the 48-bit space");
+        assert_eq!(decode(0x36, 52), Err(QiError::Reserved));
+        assert!(decode(0x36, 36).is_ok());
         assert_eq!(decode(0x2, 0), Err(QiError::UnknownType(2)));
         assert_eq!(decode(0x6 | 1 << 9, 0), Err(QiError::UnknownType(0x16)));
         assert_eq!(decode(w[0], 0x9002), Err(QiError::Reserved));
@@ -415,5 +422,9 @@ mod tests {
             "stays stopped"
         );
         assert_eq!(run(&mut q, &mut mem, 300, &mut log), Err(QiError::Tail(300, 256)));
+        // A ring whose end is past the top of the address space stops, it does not wrap.
+        let mut q = InvQueue::restore(0xffff_ffff_ffff_f000 | 7, 1000, 1001, false).unwrap();
+        let r = q.write_iqt(1001 << 4, &mut |_, _| true, &mut |_, _| true, &mut |_| {});
+        assert!(matches!(r, Err(QiError::Fetch(_))), "{r:?}");
     }
 }

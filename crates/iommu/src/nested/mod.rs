@@ -79,6 +79,9 @@ struct NestedImpl<S: Stage1> {
     _s: PhantomData<fn() -> S>,
 }
 
+/// Walks that found an entry changed under them before the access gives up.
+const MAX_RESTARTS: u32 = 1024;
+
 /// Index of `iova`'s entry in a table at `level`, as a byte offset.
 fn entry_offset(iova: u64, level: usize) -> u64 {
     ((iova >> level_shift(level)) & 511) * 8
@@ -102,7 +105,14 @@ impl<S: Stage1> NestedImpl<S> {
 
     /// The two-stage walk of one access; returns the combined IOTLB entry.
     fn walk(&self, iova: u64, write: bool) -> Result<IotlbEntry, FaultReason> {
+        let mut restarts = 0u32;
         'restart: loop {
+            // A guest that rewrites an entry under every walk would stall the device (and a
+            // drain waiting for it) for ever: after enough tries the access faults.
+            restarts += 1;
+            if restarts > MAX_RESTARTS {
+                return Err(FaultReason::NotPresent);
+            }
             let mut table = self.s.root.load(Ordering::Acquire);
             let mut writable = true;
             let mut level = LEVELS - 1;

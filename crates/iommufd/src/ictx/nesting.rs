@@ -53,6 +53,10 @@ impl IommuFd {
             LIVEMIG_HWPT_DATA_ARM_S1 => Stage1Kind::ArmLpaeS1,
             _ => return err(EOPNOTSUPP, "unknown stage-1 data type"),
         };
+        // `iommu_copy_struct_from_user` checks the length before it copies anything.
+        if (cmd.data_len as usize) < IOMMU_HWPT_VTD_S1_LEN {
+            return err(EINVAL, "stage-1 data shorter than struct iommu_hwpt_vtd_s1");
+        }
         let s1 = parse_s1(&data?)?;
         let domain = NestedDomain::new(&parent.domain, NestedConfig::new(stage1, s1.pgtbl_addr))?;
         cmd.out_hwpt_id = st.add(Obj::Nested(NestedHwpt {
@@ -107,7 +111,9 @@ impl IommuFd {
         if cmd.__reserved != 0 {
             return err(EOPNOTSUPP, "reserved field set");
         }
-        if asked != 0 && (cmd.data.is_empty() || cmd.entry_len == 0) {
+        // (The raw ABI turns a null `data_uptr` into `entry_len` 0 here, so both cases get
+        // Linux's EINVAL in its place.)
+        if asked != 0 && cmd.entry_len == 0 {
             return err(EINVAL, "entries without an array or an entry length");
         }
         let domain = {

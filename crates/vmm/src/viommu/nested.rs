@@ -63,7 +63,9 @@ impl NestedViommu {
         // A wait's status write is the IOMMU writing guest memory: logged like a device's.
         let mut write = |gpa: u64, buf: &[u8]| {
             let ok = self.mem.write_slice(buf, GuestAddress(gpa)).is_ok();
-            self.dirty.mark_host_write(gpa, buf.len() as u64);
+            if ok {
+                self.dirty.mark_host_write(gpa, buf.len() as u64);
+            }
             ok
         };
         let mut apply = |d: &Descriptor| {
@@ -128,6 +130,9 @@ impl super::ViommuState for NestedViommu {
         ) else {
             return Err(format!("nested vIOMMU state of {} bytes (25 expected)", b.len()));
         };
+        if stopped > 1 {
+            return Err(format!("invalidation queue state {stopped} (0 running, 1 stopped)"));
+        }
         let q = InvQueue::restore(iqa, head, tail, stopped == 1)
             .ok_or_else(|| format!("invalidation queue head {head} or tail {tail} outside the queue"))?;
         *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = q;

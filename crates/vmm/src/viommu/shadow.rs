@@ -111,9 +111,12 @@ impl ShadowViommu {
             self.unmap(Self::u64_at(&b, 8), Self::u64_at(&b, 16))
         };
         self.last_status.store(status as u32, Ordering::Release);
-        let at = gpa + status_at as u64;
-        let _ = self.mem.write_slice(&[status], GuestAddress(at));
-        self.dirty.mark_host_write(at, 1);
+        let Some(at) = gpa.checked_add(status_at as u64) else {
+            return;
+        };
+        if self.mem.write_slice(&[status], GuestAddress(at)).is_ok() {
+            self.dirty.mark_host_write(at, 1);
+        }
     }
 
     fn map(&self, start: u64, end: u64, phys: u64, flags: u32) -> u8 {
@@ -126,11 +129,11 @@ impl ShadowViommu {
         let Some(len) = end.checked_sub(start).and_then(|l| l.checked_add(1)) else {
             return S_INVAL;
         };
-        if !start.is_multiple_of(4096)
-            || !len.is_multiple_of(4096)
-            || !phys.is_multiple_of(4096)
-            || start >> iommu::format::IOVA_BITS != 0
-        {
+        // The vIOMMU's input range is the client's window (virtio-iommu's `input_range`): a
+        // device log over the window sees every mapping, and the table stays within 512
+        // mappings (the IOAS refuses overlaps).
+        let in_window = start >= VIOMMU_IOVA && end < VIOMMU_IOVA + VIOMMU_IOVA_SIZE;
+        if !start.is_multiple_of(4096) || !len.is_multiple_of(4096) || !phys.is_multiple_of(4096) || !in_window {
             return S_RANGE;
         }
         let Some(va) = self.user_va(phys, len) else {
@@ -163,9 +166,9 @@ impl ShadowViommu {
     }
 
     fn unmap(&self, start: u64, end: u64) -> u8 {
-        let Some(len) = end.checked_sub(start).and_then(|l| l.checked_add(1)) else {
+        if end < start {
             return S_INVAL;
-        };
+        }
         let mut table = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let removed: Vec<(u64, u64, u64)> = table
             .range(..=end)
@@ -183,64 +186,63 @@ impl ShadowViommu {
         } else {
             self.logging.lock().unwrap_or_else(|e| e.into_inner()).clone()
         };
-        let mut bits = vec![0u8; (len / 4096).div_ceil(8) as usize];
-        let r = match log {
-            Some(UnmapLog::Hwpt) => {
-                let mut cmd = IoasUnmapDirty {
+        // One mapping at a time: the work is bounded by what is mapped (at most the window),
+        // never by the range the guest names.
+        let mut pending = Vec::new();
+        let mut failed = None;
+        for &(iova, len, gpa) in &removed {
+            let mut bits = vec![0u8; (len / 4096).div_ceil(8) as usize];
+            let unmap = |fd: &IommuFd| {
+                fd.ioas_unmap(&mut IoasUnmap {
+                    ioas_id: self.ioas,
+                    iova,
+                    length: len,
+                })
+            };
+            let r = match log {
+                Some(UnmapLog::Hwpt) => self.fd.ioas_unmap_dirty(&mut IoasUnmapDirty {
                     ioas_id: self.ioas,
                     flags: 0,
                     __reserved: 0,
-                    iova: start,
+                    iova,
                     length: len,
                     page_size: 4096,
                     data: &mut bits,
-                };
-                self.fd.ioas_unmap_dirty(&mut cmd)
-            }
-            Some(UnmapLog::Device(ref dev)) => {
+                }),
                 // The unmap drains the device's accesses through the range first: after it,
-                // the log holds every write the range will ever see.
-                let mut cmd = IoasUnmap {
-                    ioas_id: self.ioas,
-                    iova: start,
-                    length: len,
-                };
-                self.fd
-                    .ioas_unmap(&mut cmd)
-                    .and_then(|_| dev.dma_logging_report(start, len, 4096, &mut bits))
-            }
-            None => {
-                let mut cmd = IoasUnmap {
-                    ioas_id: self.ioas,
-                    iova: start,
-                    length: len,
-                };
-                self.fd.ioas_unmap(&mut cmd)
-            }
-        };
-        if r.is_ok() && log.is_some() {
-            // Translate while the table still knows where each IOVA led.
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            for n in 0..len / 4096 {
-                if bits[(n / 8) as usize] >> (n % 8) & 1 != 0 {
-                    let iova = start + n * 4096;
-                    if let Some(&(i, _, g)) = removed.iter().find(|&&(i, l, _)| i <= iova && iova < i + l) {
-                        pending.push((g + (iova - i)) / 4096);
+                // the log holds every write the range saw (the device logs before and after
+                // each write, `accel::jobs`).
+                Some(UnmapLog::Device(ref dev)) => unmap(&self.fd).map(|()| {
+                    if dev.dma_logging_report(iova, len, 4096, &mut bits).is_err() {
+                        // The translation is gone and its log unread: every page counts.
+                        bits.fill(0xff);
                     }
+                }),
+                None => unmap(&self.fd),
+            };
+            match r {
+                Ok(()) => {
+                    table.remove(&iova);
+                    if log.is_some() {
+                        // Translated while this mapping still says where each IOVA led.
+                        for n in 0..len / 4096 {
+                            if bits[(n / 8) as usize] >> (n % 8) & 1 != 0 {
+                                pending.push(gpa / 4096 + n);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("vIOMMU: unmap of {iova:#x}+{len:#x} failed: {e}");
+                    failed = Some(e);
                 }
             }
         }
-        match r {
-            Ok(()) => {
-                for (i, _, _) in removed {
-                    table.remove(&i);
-                }
-                S_OK
-            }
-            Err(e) => {
-                tracing::warn!("vIOMMU: unmap of {start:#x}..={end:#x} failed: {e}");
-                S_DEVERR
-            }
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).extend(pending);
+        if failed.is_some() {
+            S_DEVERR
+        } else {
+            S_OK
         }
     }
 }
@@ -332,5 +334,136 @@ impl DmaSpace for ShadowViommu {
     }
     fn take_unmapped_dirty(&self) -> Vec<u64> {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dirty::{DirtyLogMode, Slot};
+    use iommu::HostMemory;
+    use iommufd::*;
+
+    const RAM: u64 = 16 << 20;
+    const REQ_AT: u64 = 0x1000;
+
+    /// A shadow vIOMMU over 16 MiB of guest RAM, without KVM: the request path alone.
+    fn shadow() -> (Arc<GuestMemoryMmap>, ShadowViommu) {
+        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
+        let fd = Arc::new(IommuFd::new());
+        let mut a = IoasAlloc::default();
+        fd.ioas_alloc(&mut a).unwrap();
+        let dev = fd.bind_device(DeviceSpec::new("d", iommu::FormatKind::VtdSs));
+        let mut h = HwptAlloc {
+            flags: IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+            dev_id: dev,
+            pt_id: a.out_ioas_id,
+            ..Default::default()
+        };
+        fd.hwpt_alloc(&mut h).unwrap();
+        fd.attach(dev, h.out_hwpt_id).unwrap();
+        let region = iommu::mem::GuestRamRegion::new(mem.clone(), 0).unwrap();
+        let va = fd.register_user_memory(Arc::new(region) as Arc<dyn HostMemory>);
+        let slots = vec![Slot {
+            slot: 0,
+            gpa: 0,
+            size: RAM,
+        }];
+        let dirty = Arc::new(CpuDirty::new(DirtyLogMode::Bitmap, slots, RAM / 4096));
+        let s = ShadowViommu::new(fd, a.out_ioas_id, mem.clone(), vec![(0, RAM, va)], dirty);
+        (mem, s)
+    }
+
+    fn map(mem: &GuestMemoryMmap, s: &ShadowViommu, start: u64, end: u64, phys: u64, flags: u32) -> u8 {
+        let mut b = [0u8; MAP_LEN];
+        b[0] = T_MAP;
+        b[8..16].copy_from_slice(&start.to_le_bytes());
+        b[16..24].copy_from_slice(&end.to_le_bytes());
+        b[24..32].copy_from_slice(&phys.to_le_bytes());
+        b[32..36].copy_from_slice(&flags.to_le_bytes());
+        b[MAP_STATUS] = 0xff;
+        mem.write_slice(&b, GuestAddress(REQ_AT)).unwrap();
+        s.write(REQ, &REQ_AT.to_le_bytes());
+        mem.read_obj::<u8>(GuestAddress(REQ_AT + MAP_STATUS as u64)).unwrap()
+    }
+
+    fn unmap(mem: &GuestMemoryMmap, s: &ShadowViommu, start: u64, end: u64) -> u8 {
+        let mut b = [0u8; UNMAP_LEN];
+        b[0] = T_UNMAP;
+        b[8..16].copy_from_slice(&start.to_le_bytes());
+        b[16..24].copy_from_slice(&end.to_le_bytes());
+        b[UNMAP_STATUS] = 0xff;
+        mem.write_slice(&b, GuestAddress(REQ_AT)).unwrap();
+        s.write(REQ, &REQ_AT.to_le_bytes());
+        mem.read_obj::<u8>(GuestAddress(REQ_AT + UNMAP_STATUS as u64)).unwrap()
+    }
+
+    /// Each virtio-iommu status the requests can get, and the guest's worst ranges handled
+    /// by what is mapped, not by what the guest names.
+    #[test]
+    fn requests_get_the_virtio_iommu_statuses() {
+        let (mem, s) = shadow();
+        let w = VIOMMU_IOVA;
+        let rw = MAP_READ | MAP_WRITE;
+        assert_eq!(map(&mem, &s, w, w + 0xfff, 0x20_0000, rw), S_OK);
+        assert_eq!(map(&mem, &s, w, w + 0xfff, 0x30_0000, rw), S_INVAL, "overlap");
+        assert_eq!(
+            map(&mem, &s, w + 0x1000, w + 0x1fff, 0x20_0000, 0),
+            S_INVAL,
+            "no permission"
+        );
+        assert_eq!(
+            map(&mem, &s, w + 0x1000, w + 0x1fff, 0x20_0000, 8),
+            S_INVAL,
+            "unknown flag"
+        );
+        assert_eq!(
+            map(&mem, &s, w + 0x1000, w + 0x1fff, 0x20_0000, MAP_MMIO | rw),
+            S_UNSUPP
+        );
+        assert_eq!(map(&mem, &s, w + 0x1000, w + 0x1fff, RAM, rw), S_INVAL, "not RAM");
+        assert_eq!(
+            map(&mem, &s, 0x1000, 0x1fff, 0x20_0000, rw),
+            S_RANGE,
+            "outside the window"
+        );
+        assert_eq!(
+            map(
+                &mem,
+                &s,
+                w + VIOMMU_IOVA_SIZE - 0x1000,
+                w + VIOMMU_IOVA_SIZE,
+                0x20_0000,
+                rw
+            ),
+            S_RANGE,
+            "across the window's end"
+        );
+        assert_eq!(
+            map(&mem, &s, w + 0x1800, w + 0x27ff, 0x20_0000, rw),
+            S_RANGE,
+            "unaligned"
+        );
+        assert_eq!(map(&mem, &s, w + 0x2000, w + 0x3fff, 0x40_0000, rw), S_OK);
+        assert_eq!(
+            unmap(&mem, &s, w + 0x2000, w + 0x2fff),
+            S_RANGE,
+            "it would split a mapping"
+        );
+        assert_eq!(s.map.lock().unwrap().len(), 2, "nothing removed");
+        assert_eq!(unmap(&mem, &s, w + 0x10_0000, w + 0x10_0fff), S_OK, "nothing there");
+        assert_eq!(unmap(&mem, &s, 5, 4), S_INVAL);
+        // The whole 64-bit space at once: bounded by the two mappings it removes.
+        s.set_unmap_log(Some(UnmapLog::Hwpt));
+        let t = std::time::Instant::now();
+        assert_eq!(unmap(&mem, &s, 0, u64::MAX - 1), S_OK);
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        assert!(s.map.lock().unwrap().is_empty());
+        // A request beyond guest RAM, or whose status would wrap, is refused without a panic.
+        s.write(REQ, &u64::MAX.to_le_bytes());
+        s.write(REQ, &(RAM - 1).to_le_bytes());
+        let mut st = [0u8; 4];
+        s.read(REQ_STATUS, &mut st);
+        assert_ne!(st[0], S_OK);
     }
 }
