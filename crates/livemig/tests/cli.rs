@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn help_documents_every_command_and_option() {
-    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let out = Command::new(BIN).arg("--help").output_within(LIMIT);
     let s = String::from_utf8_lossy(&out.stdout);
     for c in ["demo", "run", "migrate", "receive", "bench"] {
         assert!(s.contains(c), "--help lists {c}");
     }
-    let out = Command::new(BIN).args(["demo", "--help"]).output().unwrap();
+    let out = Command::new(BIN).args(["demo", "--help"]).output_within(LIMIT);
     let s = String::from_utf8_lossy(&out.stdout);
     for o in [
         "--memory-mib",
@@ -33,13 +33,12 @@ fn help_documents_every_command_and_option() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
-    let out = Command::new(BIN).args(["demo", "--mode", "fast"]).output().unwrap();
+    let out = Command::new(BIN).args(["demo", "--mode", "fast"]).output_within(LIMIT);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'fast'"));
     let out = Command::new(BIN)
         .args(["migrate", "--control", "/nonexistent/x.sock", "--to", "127.0.0.1:1"])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to the control socket /nonexistent/x.sock"));
     // Numbers: overflow, limits that match the VM's, and NaN are refused up front.
@@ -83,7 +82,7 @@ fn bad_input_gets_a_clear_error() {
             "--peer-timeout",
         ),
     ] {
-        let out = Command::new(BIN).args(&args).output().unwrap();
+        let out = Command::new(BIN).args(&args).output_within(LIMIT);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?} is a usage error: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
@@ -106,8 +105,7 @@ fn verified_demo(extra: &[&str]) -> Value {
         ])
         .args(["--warmup-ms", "300"])
         .args(extra)
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "completed");
@@ -163,8 +161,7 @@ fn bench_viommu_prints_its_table() {
             "--warmup-ms",
             "200",
         ])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for row in ["| off |", "| nested |", "| shadow |"] {
@@ -216,8 +213,7 @@ fn demo_with_a_dma_writer_reports_the_rate_it_achieved() {
 fn a_dma_rate_without_a_device_is_refused() {
     let out = Command::new(BIN)
         .args(["demo", "--devices", "0", "--dma-rate", "10"])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--dma-rate needs an accelerator"), "{err}");
@@ -331,8 +327,7 @@ fn a_tiny_sweep_writes_its_csv_json_and_charts() {
             "1",
         ])
         .args(["--ws-mib", "32", "--dma-mib", "8", "--warmup-ms", "100"])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("[5/5]"), "progress for every migration: {err}");
@@ -372,4 +367,12 @@ fn a_tiny_sweep_writes_its_csv_json_and_charts() {
         .unwrap()
         .contains("÷ raw TCP"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The bound on the processes these tests run: one that does not exit in time is killed and
+/// the test fails saying so, rather than hanging CI.
+#[test]
+#[should_panic(expected = "did not exit within")]
+fn a_child_that_outlives_its_bound_fails_the_test() {
+    Command::new("sleep").arg("30").output_within(Duration::from_millis(300));
 }

@@ -111,8 +111,7 @@ fn the_control_load_benchmark_compares_with_and_without_clients() {
             "--warmup-ms",
             "200",
         ])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(s.lines().any(|l| l.starts_with("| 0 | ")), "{s}");

@@ -56,8 +56,7 @@ fn the_control_path_is_never_stolen_or_clobbered() {
     std::fs::write(&f, b"precious").unwrap();
     let out = std::process::Command::new(BIN)
         .args(["run", "--memory-mib", "64", "--control", &f])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"));
     assert_eq!(std::fs::read(&f).unwrap(), b"precious");
@@ -73,8 +72,7 @@ fn the_control_path_is_never_stolen_or_clobbered() {
     let mut ctl = Ctl::connect(&s);
     let out = std::process::Command::new(BIN)
         .args(["run", "--memory-mib", "64", "--control", &s])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("another livemig VM owns the control socket"),

@@ -2,14 +2,17 @@
 //! `livemig faults`, and the same checks shown to fail against a destination that breaks the
 //! protocol on purpose.
 
+mod common;
+use common::{OutputWithin, BIN};
 use std::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+use std::time::Duration;
 
 #[test]
 fn every_cell_keeps_every_promise() {
     vmm::need_kvm!();
-    let out = Command::new(BIN).args(["faults", "--trials", "1"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["faults", "--trials", "1"])
+        .output_within(Duration::from_secs(1200));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
@@ -44,8 +47,7 @@ fn a_destination_that_does_not_wait_for_the_commit_is_caught() {
             "to-source",
             "--sabotage-resume-before-commit",
         ])
-        .output()
-        .unwrap();
+        .output_within(Duration::from_secs(1200));
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(out.status.code(), Some(1));

@@ -95,17 +95,16 @@ fn rust_log_warn_suppresses_info_lines() {
 
 #[test]
 fn help_documents_the_log_format_and_rust_log() {
-    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let out = Command::new(BIN).arg("--help").output_within(LIMIT);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("--log-format"), "{s}");
     assert!(s.contains("RUST_LOG"), "{s}");
     // A global option: every command takes it.
-    let out = Command::new(BIN).args(["demo", "--help"]).output().unwrap();
+    let out = Command::new(BIN).args(["demo", "--help"]).output_within(LIMIT);
     assert!(String::from_utf8_lossy(&out.stdout).contains("--log-format"));
     let out = Command::new(BIN)
         .args(["receive", "--listen", "127.0.0.1:0", "--log-format", "xml"])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'xml'"));
 }

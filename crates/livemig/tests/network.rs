@@ -265,8 +265,7 @@ fn bad_links_are_refused_up_front() {
     ] {
         let out = Command::new(BIN)
             .args(["bench", "net", "--links", link])
-            .output()
-            .unwrap();
+            .output_within(LIMIT);
         assert_eq!(out.status.code(), Some(1), "{link}");
         assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{link}");
     }

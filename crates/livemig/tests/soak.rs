@@ -138,8 +138,7 @@ fn an_incoming_process_owns_the_guest_from_the_moment_it_runs() {
 fn run_takes_transport_options_only_with_incoming() {
     let out = Command::new(BIN)
         .args(["run", "--psk-file", "/nonexistent", "--control", &sock("opts")])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("for --incoming"));
 }
@@ -149,8 +148,7 @@ fn soak(extra: &[&str]) -> (Option<i32>, Value) {
         .args(["soak", "--json", "--migrations", "5", "--memory-mib", "256"])
         .args(["--ws-mib", "128", "--rate", "64", "--dwell-ms", "300"])
         .args(extra)
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     let v =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     (out.status.code(), v)

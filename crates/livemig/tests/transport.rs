@@ -149,7 +149,7 @@ fn bad_transport_options_are_refused_up_front() {
             "more than the 1048576 bytes",
         ),
     ] {
-        let out = Command::new(BIN).args(&args).output().unwrap();
+        let out = Command::new(BIN).args(&args).output_within(LIMIT);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
@@ -195,8 +195,7 @@ fn migrate_over_tls_through_the_control_socket() {
                 "3",
             ])
             .args(sec)
-            .output()
-            .unwrap()
+            .output_within(LIMIT)
     };
     let (_dest, addr) = receive_with(&dest_args);
     for (sec, says) in [
@@ -245,8 +244,7 @@ fn migrate_over_tls_through_the_control_socket() {
             "livemig-ca.pem",
         ])
         .args(["--tls-hostname", "localhost"])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["livemig"]["transport"], "tls");
@@ -269,8 +267,7 @@ fn the_transport_benchmarks_compare_against_plain_tcp() {
             "--channels",
             "1,2",
         ])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for row in ["| tcp | 1 |", "| tls | 1 |", "| psk | 1 |", "| tls | 2 |"] {
@@ -294,8 +291,7 @@ fn the_transport_benchmarks_compare_against_plain_tcp() {
         ])
         .args(["--modes", "iommu", "--verify", "off", "--transport", "tcp,tls,psk"])
         .args(["--no-compress", "--fill", "--warmup-ms", "100", "--channels", "2"])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(s.contains("no compression; RAM past the working set filled"), "{s}");

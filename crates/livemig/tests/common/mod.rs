@@ -143,3 +143,54 @@ impl Ctl {
         }
     }
 }
+
+/// How long a test waits for a `livemig` it runs to exit (a demo takes seconds here).
+pub const LIMIT: Duration = Duration::from_secs(300);
+
+/// `Command::output`, bounded: a child that outlives `d` is killed (its own children, which
+/// watch their parent, follow it) and the test fails saying so, instead of hanging CI.
+pub trait OutputWithin {
+    fn output_within(&mut self, d: Duration) -> std::process::Output;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, d: Duration) -> std::process::Output {
+        use std::io::Read;
+        let mut c = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = r.read_to_end(&mut v);
+                v
+            })
+        };
+        let out = drain(Box::new(c.stdout.take().unwrap()));
+        let err = drain(Box::new(c.stderr.take().unwrap()));
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                break s;
+            }
+            if t.elapsed() > d {
+                let _ = c.kill();
+                let _ = c.wait();
+                let e = err.join().unwrap_or_default();
+                panic!(
+                    "{self:?} did not exit within {d:?}; its stderr:\n{}",
+                    String::from_utf8_lossy(&e)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::process::Output {
+            status,
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+        }
+    }
+}
