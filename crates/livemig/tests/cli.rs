@@ -374,5 +374,7 @@ fn a_tiny_sweep_writes_its_csv_json_and_charts() {
 #[test]
 #[should_panic(expected = "did not exit within")]
 fn a_child_that_outlives_its_bound_fails_the_test() {
-    Command::new("sleep").arg("30").output_within(Duration::from_millis(300));
+    Command::new("sleep")
+        .arg("30")
+        .output_within(Duration::from_millis(300));
 }
