@@ -26,6 +26,44 @@ pub struct Dma {
     _not_sync: PhantomData<Cell<()>>,
 }
 
+/// The devices attached to a domain or nested domain: one flag each, which every DMA handle of
+/// the device checks, so that a detach fails the handles already given out.
+#[derive(Default)]
+pub(crate) struct Attached(std::sync::Mutex<std::collections::HashMap<u32, Arc<AtomicBool>>>);
+
+impl Attached {
+    /// The device's flag, set (attaching again reuses it).
+    pub fn attach(&self, device: u32) -> Arc<AtomicBool> {
+        let flag = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(device)
+            .or_insert_with(|| Arc::new(AtomicBool::new(true)))
+            .clone();
+        flag.store(true, Ordering::SeqCst);
+        flag
+    }
+    /// Clears and forgets the device's flag; the caller then drains its accesses.
+    pub fn detach(&self, device: u32) {
+        if let Some(f) = self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&device) {
+            f.store(false, Ordering::SeqCst);
+        }
+    }
+    /// The attached devices, sorted.
+    pub fn list(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
 /// What a handle translates through: one page table, or a guest's stage 1 on top of one.
 #[derive(Clone)]
 pub(crate) enum Target {

@@ -14,7 +14,7 @@ use crate::format::{
 use crate::iotlb::{InFlight, Iotlb, IotlbEntry};
 use crate::mem::{table_at, HostMemory};
 use crate::walker::{self, DirtyBitmap, HarvestParallelism, IotlbGather, LeafOpts, Tables};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -96,7 +96,7 @@ struct Shared {
     inflight: InFlight,
     faults: FaultLog,
     state: Mutex<State>,
-    devices: Mutex<HashMap<u32, Arc<AtomicBool>>>,
+    devices: crate::dma::Attached,
     /// IOTLBs of the nested domains on top of this one. Their entries combine both stages, so
     /// every invalidation here invalidates them too (a stage-2 invalidation by domain id does
     /// the same on VT-d): otherwise a cached write-ready bit would outlive a harvest of stage 2.
@@ -215,7 +215,7 @@ impl<F: Format> DomainImpl<F> {
                     records: BTreeMap::new(),
                     harvest: cfg.harvest,
                 }),
-                devices: Mutex::new(HashMap::new()),
+                devices: Default::default(),
                 nested: Mutex::new(Vec::new()),
                 keep_nested: AtomicBool::new(false),
                 cfg,
@@ -667,45 +667,20 @@ impl Domain {
     /// Attaches `device` and returns its DMA handle. Attaching again returns another handle
     /// for the same device.
     pub fn attach(&self, device: u32) -> crate::dma::Dma {
-        let flag = {
-            let mut d = self.0.shared().devices.lock().unwrap_or_else(|e| e.into_inner());
-            d.entry(device)
-                .or_insert_with(|| Arc::new(AtomicBool::new(true)))
-                .clone()
-        };
-        flag.store(true, Ordering::SeqCst);
+        let flag = self.0.shared().devices.attach(device);
         crate::dma::Dma::new(crate::dma::Target::Paging(self.clone()), device, flag)
     }
 
     /// Detaches `device`: its handles fail from now on, and no access of it is still running
     /// when this returns.
     pub fn detach(&self, device: u32) {
-        let flag = self
-            .0
-            .shared()
-            .devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&device);
-        if let Some(f) = flag {
-            f.store(false, Ordering::SeqCst);
-        }
+        self.0.shared().devices.detach(device);
         self.flush_iotlb_all();
     }
 
     /// Devices currently attached.
     pub fn attached_devices(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self
-            .0
-            .shared()
-            .devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
-            .collect();
-        v.sort_unstable();
-        v
+        self.0.shared().devices.list()
     }
 
     /// Fault records kept and the total number of faults ever logged.

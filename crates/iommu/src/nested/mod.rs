@@ -31,10 +31,9 @@ use crate::format::{level_shift, ArmLpaeS1, FaultReason, Perm, Pte, IOVA_BITS, L
 use crate::iotlb::{Iotlb, IotlbEntry};
 use crate::mem::atomic_at;
 use stage1::{Stage1, Stage1Kind, VtdFs};
-use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// How a nested domain is created (the driver-specific data of a nested `IOMMU_HWPT_ALLOC`).
 #[derive(Clone, Debug)]
@@ -65,7 +64,7 @@ struct NestedShared {
     root: AtomicU64,
     iotlb: Arc<Iotlb>,
     faults: FaultLog,
-    devices: Mutex<HashMap<u32, Arc<AtomicBool>>>,
+    devices: crate::dma::Attached,
     invalidations: AtomicU64,
 }
 
@@ -211,7 +210,7 @@ impl NestedDomain {
             parent: parent.clone(),
             root: AtomicU64::new(cfg.root),
             faults: FaultLog::new(cfg.fault_log_entries.max(1)),
-            devices: Mutex::new(HashMap::new()),
+            devices: Default::default(),
             invalidations: AtomicU64::new(0),
             iotlb,
             cfg,
@@ -274,29 +273,14 @@ impl NestedDomain {
 
     /// Attaches `device` and returns its DMA handle.
     pub fn attach(&self, device: u32) -> crate::dma::Dma {
-        let flag = {
-            let mut d = self.0.shared().devices.lock().unwrap_or_else(|e| e.into_inner());
-            d.entry(device)
-                .or_insert_with(|| Arc::new(AtomicBool::new(true)))
-                .clone()
-        };
-        flag.store(true, Ordering::SeqCst);
+        let flag = self.0.shared().devices.attach(device);
         crate::dma::Dma::new(crate::dma::Target::Nested(self.clone()), device, flag)
     }
 
     /// Detaches `device`: its handles fail from now on, and no access of it is still running
     /// when this returns.
     pub fn detach(&self, device: u32) {
-        let flag = self
-            .0
-            .shared()
-            .devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&device);
-        if let Some(f) = flag {
-            f.store(false, Ordering::SeqCst);
-        }
+        self.0.shared().devices.detach(device);
         self.invalidate_all();
     }
 
