@@ -498,19 +498,7 @@ impl IommuFd {
         let mut st = self.lock();
         let ioas = st.ioas(cmd.ioas_id)?;
         let hit = areas_to_unmap(ioas, cmd.iova, cmd.length, true)?;
-        let domains = st.domains(ioas);
-        let mut unmapped = 0;
-        for &(k, len) in &hit {
-            for d in &domains {
-                d.unmap(k, len)?;
-            }
-            unmapped += len;
-        }
-        let ioas = st.ioas_mut(cmd.ioas_id)?;
-        for (k, _) in hit {
-            ioas.areas.remove(&k);
-        }
-        cmd.length = unmapped;
+        cmd.length = unmap_areas(&mut st, cmd.ioas_id, &hit, |d, _, k, len| d.unmap(k, len).map(|_| ()))?;
         Ok(())
     }
 
@@ -860,6 +848,36 @@ impl IommuFd {
 }
 
 use iommu::format::Format as _;
+
+/// Unmaps `hit` (whole areas of IOAS `ioas_id`, from `areas_to_unmap`) from every HWPT of the
+/// IOAS and forgets them. `unmap` takes one area out of one domain, told whether that HWPT
+/// tracks dirty pages now. Returns the bytes unmapped.
+fn unmap_areas(
+    st: &mut State,
+    ioas_id: u32,
+    hit: &[(u64, u64)],
+    mut unmap: impl FnMut(&Domain, bool, u64, u64) -> Result<(), iommu::IommuError>,
+) -> Result<u64, Errno> {
+    let targets: Vec<(Domain, bool)> = st
+        .ioas(ioas_id)?
+        .hwpts
+        .iter()
+        .filter_map(|h| st.hwpt(*h).ok())
+        .map(|h| (h.domain.clone(), h.dirty_ops && h.tracking))
+        .collect();
+    let mut unmapped = 0;
+    for &(k, len) in hit {
+        for (d, tracking) in &targets {
+            unmap(d, *tracking, k, len)?;
+        }
+        unmapped += len;
+    }
+    let ioas = st.ioas_mut(ioas_id)?;
+    for (k, _) in hit {
+        ioas.areas.remove(k);
+    }
+    Ok(unmapped)
+}
 
 /// The areas an unmap of `[iova, iova + length)` removes: whole areas only (`ENOENT` if the
 /// range bisects one or holds none), checked before anything changes. With `allow_all`,

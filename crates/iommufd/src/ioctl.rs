@@ -105,6 +105,18 @@ impl IommuFd {
         }
     }
 
+    /// The caller's bitmap for `length` bytes of IOVA at `page_size` a bit, or nothing if the
+    /// range is not sane or the pointer unbacked: the copy is sized from the range only once
+    /// the range is known to be sane, and the typed call makes every check in Linux's order
+    /// (a short or missing buffer is its `EFAULT`).
+    fn read_bitmap(&self, ptr: u64, length: u64, page_size: u64) -> Vec<u8> {
+        if !page_size.is_power_of_two() || length == 0 || length == u64::MAX {
+            return Vec::new();
+        }
+        let bytes = (((length - 1) / page_size) + 1).div_ceil(8) as usize;
+        self.read_user(ptr, bytes).unwrap_or_default()
+    }
+
     pub(crate) fn write_user(&self, va: u64, data: &[u8]) -> Result<(), Errno> {
         // copy_to_user of nothing succeeds whatever the pointer.
         if data.is_empty() {
@@ -255,18 +267,7 @@ impl IommuFd {
             }),
             IOMMU_HWPT_GET_DIRTY_BITMAP => {
                 let (iova, length, page_size, ptr) = (a.u64(16), a.u64(24), a.u64(32), a.u64(40));
-                // Size the copy from the range only once the range is known to be sane; the
-                // typed call repeats every check in Linux's order.
-                let bytes = if page_size.is_power_of_two() && length > 0 && length != u64::MAX {
-                    (((length - 1) / page_size) + 1).div_ceil(8) as usize
-                } else {
-                    0
-                };
-                let mut data = if bytes > 0 {
-                    self.read_user(ptr, bytes).unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
+                let mut data = self.read_bitmap(ptr, length, page_size);
                 let mut c = HwptGetDirtyBitmap {
                     hwpt_id: a.u32(4),
                     flags: a.u32(8),
@@ -312,16 +313,7 @@ impl IommuFd {
             }
             LIVEMIG_IOAS_UNMAP_DIRTY => {
                 let (iova, length, page_size, ptr) = (a.u64(16), a.u64(24), a.u64(32), a.u64(40));
-                let bytes = if page_size.is_power_of_two() && length > 0 && length != u64::MAX {
-                    (length / page_size).div_ceil(8) as usize
-                } else {
-                    0
-                };
-                let mut data = if bytes > 0 {
-                    self.read_user(ptr, bytes).unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
+                let mut data = self.read_bitmap(ptr, length, page_size);
                 let mut c = IoasUnmapDirty {
                     ioas_id: a.u32(4),
                     flags: a.u32(8),

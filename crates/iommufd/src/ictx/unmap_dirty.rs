@@ -5,7 +5,7 @@
 //! DMA buffer during migration needs it: reading the bitmap first and unmapping after leaves
 //! a window in which the device's writes are lost.
 
-use super::{areas_to_unmap, IommuFd};
+use super::{areas_to_unmap, unmap_areas, IommuFd};
 use crate::bitmap::set_bits;
 use crate::errno::{err, Errno};
 use crate::uapi::*;
@@ -38,31 +38,17 @@ impl IommuFd {
         if (cmd.data.len() as u64) < (cmd.length / ps).div_ceil(8) {
             return err(EFAULT, "bitmap shorter than the range");
         }
-        let targets: Vec<(iommu::Domain, bool)> = ioas
-            .hwpts
-            .iter()
-            .filter_map(|h| st.hwpt(*h).ok())
-            .map(|h| (h.domain.clone(), h.dirty_ops && h.tracking))
-            .collect();
         let (base, data) = (cmd.iova, &mut *cmd.data);
-        let mut unmapped = 0;
-        for &(k, len) in &hit {
-            for (d, tracking) in &targets {
-                if *tracking {
-                    d.unmap_read_dirty(k, len, &mut |a, l| {
-                        set_bits(data, (a - base) / ps, (a + l - 1 - base) / ps);
-                    })?;
-                } else {
-                    d.unmap(k, len)?;
-                }
+        cmd.length = unmap_areas(&mut st, cmd.ioas_id, &hit, |d, tracking, k, len| {
+            if tracking {
+                d.unmap_read_dirty(k, len, &mut |a, l| {
+                    set_bits(data, (a - base) / ps, (a + l - 1 - base) / ps);
+                })
+            } else {
+                d.unmap(k, len)
             }
-            unmapped += len;
-        }
-        let ioas = st.ioas_mut(cmd.ioas_id)?;
-        for (k, _) in hit {
-            ioas.areas.remove(&k);
-        }
-        cmd.length = unmapped;
+            .map(|_| ())
+        })?;
         Ok(())
     }
 }
