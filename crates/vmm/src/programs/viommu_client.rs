@@ -29,11 +29,9 @@
 //! r12 vIOMMU MMIO, rbx next tag, r11 invalidation-queue tail (nested).
 
 use super::ctrl::*;
-use super::workload::read_tsc;
+use super::workload::{advance_cq_head, read_tsc, ring_doorbell};
 use crate::viommu::{area, virtio, IQA, IQT, REQ};
-use accel::regs::{
-    doorbell, DB_CQ, DB_SQ, DOORBELL, MB_CMD, MB_CQC, MB_DATA_HI, MB_DATA_LO, MB_DEPTH, MB_SQC, VF_STATE,
-};
+use accel::regs::{DB_CQ, DB_SQ, MB_CMD, MB_CQC, MB_DATA_HI, MB_DATA_LO, MB_DEPTH, MB_SQC, VF_STATE};
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
@@ -147,7 +145,6 @@ pub fn assemble(at: u64, mode: Mode) -> Result<Vec<u8>, IcedError> {
     let mut reap_done = a.create_label();
     let mut bad = a.create_label();
     let mut checked = a.create_label();
-    let mut no_wrap = a.create_label();
     let mut no_cq_bell = a.create_label();
     let mut fresh = a.create_label();
 
@@ -219,23 +216,12 @@ pub fn assemble(at: u64, mode: Mode) -> Result<Vec<u8>, IcedError> {
     a.mov(qword_ptr(r9 + 16), 0i32)?; // free
     a.inc(qword_ptr(r15 + K_COMPLETED))?;
     a.inc(r8)?;
-    a.mov(rax, qword_ptr(rbp + A_HEAD))?;
-    a.inc(rax)?;
-    a.and(rax, (A_DEPTH - 1) as i32)?;
-    a.mov(qword_ptr(rbp + A_HEAD), rax)?;
-    a.jnz(no_wrap)?;
-    a.xor(qword_ptr(rbp + A_PHASE), 1i32)?;
-    a.set_label(&mut no_wrap)?;
+    advance_cq_head(&mut a, A_HEAD, A_PHASE)?;
     a.jmp(reap)?;
     a.set_label(&mut reap_done)?;
     a.test(r8, r8)?;
     a.jz(no_cq_bell)?;
-    a.mov(rax, qword_ptr(rbp + A_HEAD))?;
-    a.shl(rax, 32u32)?;
-    a.or(rax, qword_ptr(r15 + C_QN))?;
-    a.mov(rcx, doorbell(0, DB_CQ, 0))?;
-    a.or(rax, rcx)?;
-    a.mov(qword_ptr(r13 + DOORBELL), rax)?;
+    ring_doorbell(&mut a, r13, C_QN, DB_CQ, A_HEAD)?;
     a.set_label(&mut no_cq_bell)?;
 
     // -- paced: is the next job due? --
@@ -306,11 +292,7 @@ pub fn assemble(at: u64, mode: Mode) -> Result<Vec<u8>, IcedError> {
     a.inc(rax)?;
     a.and(rax, (A_DEPTH - 1) as i32)?;
     a.mov(qword_ptr(rbp + A_TAIL), rax)?;
-    a.shl(rax, 32u32)?;
-    a.or(rax, qword_ptr(r15 + C_QN))?;
-    a.mov(rcx, doorbell(0, DB_SQ, 0))?;
-    a.or(rax, rcx)?;
-    a.mov(qword_ptr(r13 + DOORBELL), rax)?;
+    ring_doorbell(&mut a, r13, C_QN, DB_SQ, A_TAIL)?;
     // Counted after the doorbell: a count the device has not been told of would never finish.
     a.inc(qword_ptr(r15 + K_SUBMITTED))?;
     a.inc(rbx)?;

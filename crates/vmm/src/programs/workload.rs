@@ -249,7 +249,6 @@ fn emit_accel_step(a: &mut CodeAssembler, dma: bool) -> Result<(), IcedError> {
     let mut checked = a.create_label();
     let mut kind1 = a.create_label();
     let mut kind2 = a.create_label();
-    let mut no_wrap = a.create_label();
     let mut no_cq_bell = a.create_label();
     let mut submit = a.create_label();
     let mut submit_done = a.create_label();
@@ -343,24 +342,13 @@ fn emit_accel_step(a: &mut CodeAssembler, dma: bool) -> Result<(), IcedError> {
     a.set_label(&mut checked)?;
     a.inc(qword_ptr(r15 + K_COMPLETED))?;
     a.inc(r11)?;
-    a.mov(rax, qword_ptr(rbp + A_HEAD))?;
-    a.inc(rax)?;
-    a.and(rax, (A_DEPTH - 1) as i32)?;
-    a.mov(qword_ptr(rbp + A_HEAD), rax)?;
-    a.jnz(no_wrap)?;
-    a.xor(qword_ptr(rbp + A_PHASE), 1i32)?;
-    a.set_label(&mut no_wrap)?;
+    advance_cq_head(a, A_HEAD, A_PHASE)?;
     a.jmp(reap)?;
     a.set_label(&mut reap_done)?;
     a.test(r11, r11)?;
     a.jz(no_cq_bell)?;
     a.mov(rsi, qword_ptr(r15 + C_MMIO))?;
-    a.mov(rax, qword_ptr(rbp + A_HEAD))?;
-    a.shl(rax, 32u32)?;
-    a.or(rax, qword_ptr(r15 + C_QN))?;
-    a.mov(rcx, doorbell(0, DB_CQ, 0))?;
-    a.or(rax, rcx)?;
-    a.mov(qword_ptr(rsi + DOORBELL), rax)?;
+    ring_doorbell(a, rsi, C_QN, DB_CQ, A_HEAD)?;
     a.set_label(&mut no_cq_bell)?;
 
     // -- submit while fewer than DEPTH - 1 are outstanding --
@@ -439,12 +427,7 @@ fn emit_accel_step(a: &mut CodeAssembler, dma: bool) -> Result<(), IcedError> {
     a.test(r11, r11)?;
     a.jz(no_sq_bell)?;
     a.mov(rsi, qword_ptr(r15 + C_MMIO))?;
-    a.mov(rax, qword_ptr(rbp + A_TAIL))?;
-    a.shl(rax, 32u32)?;
-    a.or(rax, qword_ptr(r15 + C_QN))?;
-    a.mov(rcx, doorbell(0, DB_SQ, 0))?;
-    a.or(rax, rcx)?;
-    a.mov(qword_ptr(rsi + DOORBELL), rax)?;
+    ring_doorbell(a, rsi, C_QN, DB_SQ, A_TAIL)?;
     a.set_label(&mut no_sq_bell)?;
     if dma {
         emit_dma_step(a)?;
@@ -455,15 +438,40 @@ fn emit_accel_step(a: &mut CodeAssembler, dma: bool) -> Result<(), IcedError> {
     Ok(())
 }
 
+/// Rings doorbell `cmd` of the queue numbered at `[r15 + qn]` with the index at
+/// `[rbp + index]`, on the register block at `mmio` (clobbers rax, rcx).
+pub(super) fn ring_doorbell(
+    a: &mut CodeAssembler,
+    mmio: AsmRegister64,
+    qn: u64,
+    cmd: u64,
+    index: u64,
+) -> Result<(), IcedError> {
+    a.mov(rax, qword_ptr(rbp + index))?;
+    a.shl(rax, 32u32)?;
+    a.or(rax, qword_ptr(r15 + qn))?;
+    a.mov(rcx, doorbell(0, cmd, 0))?;
+    a.or(rax, rcx)?;
+    a.mov(qword_ptr(mmio + DOORBELL), rax)
+}
+
+/// Moves a completion-queue head at `[rbp + head]` on by one, flipping the expected phase at
+/// `[rbp + phase]` when it wraps (clobbers rax).
+pub(super) fn advance_cq_head(a: &mut CodeAssembler, head: u64, phase: u64) -> Result<(), IcedError> {
+    let mut no_wrap = a.create_label();
+    a.mov(rax, qword_ptr(rbp + head))?;
+    a.inc(rax)?;
+    a.and(rax, (A_DEPTH - 1) as i32)?;
+    a.mov(qword_ptr(rbp + head), rax)?;
+    a.jnz(no_wrap)?;
+    a.xor(qword_ptr(rbp + phase), 1i32)?;
+    a.set_label(&mut no_wrap)
+}
+
 /// Rings doorbell `cmd` of queue `C_DMA_QN` with the index at `[rbp + index]`.
 fn dma_doorbell(a: &mut CodeAssembler, cmd: u64, index: u64) -> Result<(), IcedError> {
     a.mov(rsi, qword_ptr(r15 + C_MMIO))?;
-    a.mov(rax, qword_ptr(rbp + index))?;
-    a.shl(rax, 32u32)?;
-    a.or(rax, qword_ptr(r15 + C_DMA_QN))?;
-    a.mov(rcx, doorbell(0, cmd, 0))?;
-    a.or(rax, rcx)?;
-    a.mov(qword_ptr(rsi + DOORBELL), rax)
+    ring_doorbell(a, rsi, C_DMA_QN, cmd, index)
 }
 
 /// The DMA writer's step (inside the accel step: rbp is the area, r8–r11 are free). Reap its
@@ -476,7 +484,6 @@ fn emit_dma_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut reap = a.create_label();
     let mut reap_done = a.create_label();
     let mut ok = a.create_label();
-    let mut no_wrap = a.create_label();
     let mut no_cq_bell = a.create_label();
     let mut no_debt = a.create_label();
     let mut submit = a.create_label();
@@ -499,13 +506,7 @@ fn emit_dma_step(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.set_label(&mut ok)?;
     a.inc(qword_ptr(r15 + K_DMA_DONE))?;
     a.inc(r11)?;
-    a.mov(rax, qword_ptr(rbp + A_DMA_HEAD))?;
-    a.inc(rax)?;
-    a.and(rax, (A_DEPTH - 1) as i32)?;
-    a.mov(qword_ptr(rbp + A_DMA_HEAD), rax)?;
-    a.jnz(no_wrap)?;
-    a.xor(qword_ptr(rbp + A_DMA_PHASE), 1i32)?;
-    a.set_label(&mut no_wrap)?;
+    advance_cq_head(a, A_DMA_HEAD, A_DMA_PHASE)?;
     a.jmp(reap)?;
     a.set_label(&mut reap_done)?;
     a.test(r11, r11)?;
