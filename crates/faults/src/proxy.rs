@@ -33,7 +33,8 @@ pub enum Step {
     Switchover,
     /// The first frame after the final pages (device state).
     AfterPages,
-    /// The vCPU state, after the device state.
+    /// The platform (vIOMMU) state, the first frame after the device state; the vCPU state
+    /// follows it.
     AfterDevice,
     /// `Complete`, after the vCPU state.
     AfterVcpu,
@@ -356,9 +357,10 @@ fn track(f: &[u8], dir: Dir, control: bool, sh: &Shared) {
             sh.switched.store(true, Ordering::Release);
             step == Step::Switchover
         }
+        (Dir::ToDest, Some(Kind::PlatformState)) if control => step == Step::AfterDevice,
         (Dir::ToDest, Some(Kind::VcpuState)) if control => {
             sh.vcpu_seen.store(true, Ordering::Release);
-            step == Step::AfterDevice
+            false
         }
         (Dir::ToDest, Some(Kind::Complete)) if control && sh.vcpu_seen.load(Ordering::Acquire) => {
             step == Step::AfterVcpu
