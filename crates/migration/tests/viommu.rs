@@ -132,3 +132,22 @@ fn the_shadow_sabotages_fail_verification() {
         assert!(vm.running(), "{what}: rolled back, the source runs on");
     }
 }
+
+/// The platform state is in the digest: a nested vIOMMU's queue head moved by one on the wire
+/// loads at the destination without complaint, and the gate refuses it.
+#[test]
+fn a_corrupted_platform_state_fails_verification() {
+    need_kvm!();
+    let vm = viommu_vm(ViommuMode::Nested);
+    let (addr, dest) = spawn_dest(DestOptions::default());
+    let o = SourceOptions {
+        sabotage: Some(Sabotage::CorruptPlatformState),
+        ..opts(DeviceTracking::Iommu)
+    };
+    let e = migrate(&vm, &addr, &o, &MigrationControl::default())
+        .expect_err("a sabotaged migration must fail")
+        .chain();
+    assert!(e.contains("platform (vIOMMU) state differs"), "{e}");
+    assert!(matches!(dest.join().unwrap(), Err(MigError::Verification(_))));
+    assert!(vm.running(), "rolled back, the source runs on");
+}

@@ -105,8 +105,12 @@ pub(super) fn switch_over(
     unchanged_since_saved(link, &pre.devp)?;
     let t_devsent = mono_ns();
     // The vIOMMU's registers and shadow mappings: the guest is paused, so it changes none.
-    let platform = vm.snapshots().save_platform();
+    let mut platform = vm.snapshots().save_platform();
     let platform_digest = crate::digest::platform_hash(&platform);
+    // Device count, the first device's mode and length (6 bytes), then its state.
+    if opts.sabotage == Some(Sabotage::CorruptPlatformState) && platform.len() > 14 {
+        platform[14] ^= 1;
+    }
     link.control_frame(Kind::PlatformState, platform)?;
     let vcpus = vm.snapshots().save_vcpus()?;
     let vcpu_digest = vmm::state::digest(&vcpus);

@@ -77,6 +77,10 @@ pub enum Sabotage {
     /// The devices stop one at a time in index order, without the P2P step, while the vCPUs
     /// still run: a device's peers go on writing to its window after its state was saved.
     SkipP2p,
+    /// The low bit of the first device's saved platform state, after its 8-byte leading
+    /// field, is flipped on the wire: for a nested vIOMMU, the invalidation queue's head moves
+    /// by one, a state the destination loads without complaint.
+    CorruptPlatformState,
 }
 
 /// The VM's shape as the destination must rebuild it.
