@@ -40,6 +40,8 @@ fn expected(s: Sabotage) -> &'static str {
         Sabotage::FlipDeviceByte => "device state differs",
         Sabotage::CorruptVcpuRegister => "vCPU state differs",
         Sabotage::SkipP2p => "changed after it was saved",
+        // Needs a vIOMMU to have anything to change (tests/viommu.rs).
+        Sabotage::CorruptPlatformState => "platform (vIOMMU) state differs",
     }
 }
 
